@@ -1,0 +1,47 @@
+"""ia3fuse: fuse IA3 ((IA)^3) adapters trained with Hugging Face PEFT.
+
+Example:
+    >>> import ia3fuse
+    >>> "ties" in [m.name for m in ia3fuse.methods()]
+    True
+"""
+
+from .adapter import IA3Adapter, load_adapter
+from .errors import (
+    AdapterFormatError,
+    IA3FuseError,
+    IncompatibleAdaptersError,
+    InvalidParameterError,
+    InvalidWeightsError,
+    MethodInputError,
+    OutputPathError,
+    RecipeError,
+    UnknownMethodError,
+)
+from .merge import IA3FuseWarning, merge
+from .methods import get_method, methods
+from .peft import adapter_from_peft, add_weighted_adapter
+from .weights import WeightSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IA3Adapter",
+    "load_adapter",
+    "merge",
+    "methods",
+    "get_method",
+    "add_weighted_adapter",
+    "adapter_from_peft",
+    "WeightSchedule",
+    "IA3FuseWarning",
+    "IA3FuseError",
+    "AdapterFormatError",
+    "IncompatibleAdaptersError",
+    "InvalidParameterError",
+    "InvalidWeightsError",
+    "MethodInputError",
+    "OutputPathError",
+    "RecipeError",
+    "UnknownMethodError",
+]

@@ -1,0 +1,164 @@
+"""The ``ia3fuse`` command: thin subcommands over the Python API.
+
+User errors print one line and exit 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _param_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per method parameter name, typed from the registry (the methods' schema)."""
+    from .methods import methods
+
+    seen: dict[str, Any] = {}
+    for m in methods():
+        for p in m.params:
+            seen.setdefault(p.name, (p, []))[1].append(m.name)
+    group = parser.add_argument_group("method parameters (each applies to the methods listed)")
+    for name, (p, owners) in seen.items():
+        ann = p.annotation
+        if typing.get_origin(ann) is typing.Annotated:
+            ann = typing.get_args(ann)[0]
+        args = typing.get_args(ann)
+        flag = "--" + name.replace("_", "-")
+        help_ = f"{p.description}. Methods: {', '.join(owners)}"
+        if ann is bool:
+            group.add_argument(flag, dest=f"param_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(ann) is typing.Literal:
+            group.add_argument(flag, dest=f"param_{name}", choices=list(args), default=None, help=help_)
+        else:
+            base = next((a for a in args if a is not type(None)), ann) if args else ann
+            group.add_argument(flag, dest=f"param_{name}", type=base, default=None, metavar=base.__name__.upper(), help=help_)
+    return list(seen)
+
+
+def _weight(text: str) -> Any:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"weight {text!r} is not a number or a comma-separated depth gradient such as 0,0.5,1"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    parser = argparse.ArgumentParser(prog="ia3fuse", description="Fuse IA3 adapters trained with Hugging Face PEFT.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mp = sub.add_parser(
+        "merge",
+        help="fuse adapters (from a YAML recipe or flags)",
+        description="ia3fuse merge recipe.yaml [-o OUT]  or  ia3fuse merge A B --weights 0.3 0.7 --method ties --density 0.5 -o OUT",
+    )
+    mp.add_argument("inputs", nargs="+", help="one recipe .yaml file, or adapter directories")
+    mp.add_argument("-o", "--output", help="output directory (must not exist unless --force)")
+    mp.add_argument("--weights", nargs="+", type=_weight, help="one weight per adapter; a comma list is a depth gradient")
+    mp.add_argument("--method", default=None, help="fusion method (see 'ia3fuse methods'); default task_arithmetic")
+    mp.add_argument("--missing", choices=["identity", "zero"], default=None, help="how a module an adapter lacks counts")
+    mp.add_argument("--extras", choices=["error", "first", "drop"], default=None, help="non-IA3 tensors that differ")
+    mp.add_argument("--name", default=None, help="name of the fused adapter (model card)")
+    mp.add_argument("--strict", action="store_true", default=None, help="refuse adapters of different base models")
+    mp.add_argument("--force", action="store_true", help="replace an existing output directory")
+    mp.add_argument("--allow-pickle", action="store_true", help="read legacy adapter_model.bin (weights_only=True)")
+    param_names = _param_flags(mp)
+
+    ip = sub.add_parser("inspect", help="print a table of an adapter's modules")
+    ip.add_argument("adapter", help="adapter directory")
+    ip.add_argument("--allow-pickle", action="store_true", help="read legacy adapter_model.bin (weights_only=True)")
+
+    sub.add_parser("methods", help="list the fusion methods")
+
+    dp = sub.add_parser("demo", help="build a tiny model and adapters, fuse with every method, check in PEFT")
+    dp.add_argument("--workdir", default="ia3fuse-demo", help="folder for the demo files (default ./ia3fuse-demo)")
+    dp.add_argument("--arch", default="llama", help="tiny architecture: llama, gpt2, t5 or bert")
+    return parser, param_names
+
+
+def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
+    from .errors import RecipeError
+    from .recipe import load_recipe, parse_recipe, run_recipe
+
+    params = {n: getattr(args, f"param_{n}") for n in param_names if getattr(args, f"param_{n}") is not None}
+    flag_fields = {
+        "weights": args.weights, "method": args.method, "missing": args.missing, "extras": args.extras,
+        "name": args.name, "strict": args.strict,
+    }
+    given = {k: v for k, v in flag_fields.items() if v is not None}
+    first = Path(args.inputs[0])
+    if len(args.inputs) == 1 and first.suffix in (".yaml", ".yml") and not first.is_dir():
+        if given or params:
+            raise RecipeError(
+                f"options {', '.join('--' + k for k in [*given, *params])} conflict with the recipe "
+                f"{args.inputs[0]!r}; put them in the recipe, or pass adapter directories instead of a recipe"
+            )
+        recipe = load_recipe(first)
+    else:
+        data: dict[str, Any] = {"adapters": list(args.inputs), **given}
+        if params:
+            data["parameters"] = params
+        recipe = parse_recipe(data, source="the options")
+    if args.output is None and recipe.output is None:
+        raise RecipeError("no output directory; pass -o DIR (or 'output:' in the recipe)")
+    out = run_recipe(recipe, output=args.output, overwrite=args.force, allow_pickle=args.allow_pickle)
+    print(f"wrote {out} ({recipe.method}, {len(recipe.adapters)} adapters)")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .adapter import load_adapter
+    from .report import adapter_table
+
+    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    print(adapter_table(adapter))
+    return 0
+
+
+def _cmd_methods() -> int:
+    from .report import methods_table
+
+    print(methods_table())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    print(run_demo(Path(args.workdir), arch=args.arch))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``ia3fuse`` command; returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # ia3fuse never downloads anything
+    parser, param_names = _build_parser()
+    args = parser.parse_args(argv)
+    from .errors import IA3FuseError
+
+    try:
+        if args.command == "merge":
+            return _cmd_merge(args, param_names)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
+        if args.command == "methods":
+            return _cmd_methods()
+        return _cmd_demo(args)
+    except IA3FuseError as exc:
+        if args.debug:
+            raise
+        print(f"ia3fuse: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

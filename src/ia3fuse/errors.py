@@ -1,0 +1,55 @@
+"""Exception types raised by ia3fuse.
+
+Every message names what was wrong, the offending value and the fix. The CLI turns any
+`IA3FuseError` into a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IA3FuseError",
+    "AdapterFormatError",
+    "IncompatibleAdaptersError",
+    "InvalidWeightsError",
+    "UnknownMethodError",
+    "InvalidParameterError",
+    "MethodInputError",
+    "OutputPathError",
+    "RecipeError",
+]
+
+
+class IA3FuseError(Exception):
+    """Base class of every error ia3fuse raises on bad input."""
+
+
+class AdapterFormatError(IA3FuseError):
+    """An adapter directory or file is not a readable PEFT IA3 adapter."""
+
+
+class IncompatibleAdaptersError(IA3FuseError):
+    """Adapters cannot be fused together (shapes, feed-forward flags, bases)."""
+
+
+class InvalidWeightsError(IA3FuseError):
+    """Fusion weights do not fit the adapters (count, names, NaN/Inf, schedule form)."""
+
+
+class UnknownMethodError(IA3FuseError):
+    """A fusion method name is not registered."""
+
+
+class InvalidParameterError(IA3FuseError):
+    """A fusion method parameter is unknown or out of range."""
+
+
+class MethodInputError(IA3FuseError):
+    """A fusion method cannot handle the vectors it was given (e.g. geometric with l <= 0)."""
+
+
+class OutputPathError(IA3FuseError):
+    """An output path exists, is an input, or cannot be written."""
+
+
+class RecipeError(IA3FuseError):
+    """A YAML recipe is malformed."""

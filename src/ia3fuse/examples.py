@@ -1,0 +1,91 @@
+"""Tiny built-in models and IA3 adapters, built from transformers configs (no downloads).
+
+Used by ``ia3fuse demo``, the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model", "save_tiny_model", "random_ia3_adapter"]
+
+TINY_ARCHS = ("llama", "gpt2", "t5", "bert")
+
+
+def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
+    """A transformers config of a few thousand parameters for ``arch``."""
+    import transformers as tf
+
+    common = dict(vocab_size=128)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **common,
+        )
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **common)
+    elif arch == "t5":
+        cfg = tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
+                          decoder_start_token_id=0, **common)
+    elif arch == "bert":
+        cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=64, **common)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised tiny model in eval mode (causal LM, seq2seq LM or BERT encoder)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **overrides)
+    cls = {"llama": tf.LlamaForCausalLM, "gpt2": tf.GPT2LMHeadModel, "t5": tf.T5ForConditionalGeneration,
+           "bert": tf.BertModel}[arch]
+    return cls(cfg).eval()
+
+
+def save_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Save a tiny model to ``path`` and return it."""
+    model = tiny_model(arch, seed)
+    model.save_pretrained(str(path))
+    return Path(path)
+
+
+def random_ia3_adapter(
+    model: Any,
+    path: Path,
+    *,
+    seed: int,
+    target_modules: Optional[list[str]] = None,
+    feedforward_modules: Optional[list[str]] = None,
+    spread: float = 0.3,
+    base_name: str = "tiny",
+) -> Path:
+    """Wrap ``model`` with PEFT IA3, set random vectors ``1 + spread * N(0, 1)``, save to ``path``.
+
+    The base ``model`` is left unchanged (PEFT is applied to a deep copy).
+    """
+    import copy
+
+    from peft import IA3Config, get_peft_model
+
+    kwargs: dict[str, Any] = {"init_ia3_weights": True}
+    if target_modules is not None:
+        kwargs["target_modules"] = target_modules
+        kwargs["feedforward_modules"] = feedforward_modules or []
+    peft_model = get_peft_model(copy.deepcopy(model), IA3Config(**kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + spread * torch.randn(param.shape, generator=gen))
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    peft_model.save_pretrained(str(path), save_embedding_layers=False)
+    return Path(path)

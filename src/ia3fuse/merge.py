@@ -1,0 +1,275 @@
+"""Offline fusion: adapters -> adapter. Plans the modules (union, identity fill, checks) and
+calls one registered method per module. No base model is needed."""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .adapter import IA3Adapter, PathLike, _targets_module, as_adapters, is_feedforward_module
+from .errors import IncompatibleAdaptersError, InvalidParameterError, MethodInputError
+from .methods import get_method
+from .weights import WeightSchedule, WeightsArg, layer_positions, plan_weights
+
+__all__ = ["merge", "plan_modules", "ModulePlan", "IA3FuseWarning"]
+
+Missing = Literal["identity", "zero"]
+Extras = Literal["error", "first", "drop"]
+AdaptersArg = Union[Sequence[Union[IA3Adapter, PathLike]], Mapping[str, Union[IA3Adapter, PathLike]]]
+
+
+class IA3FuseWarning(UserWarning):
+    """A suspicious but legal input (e.g. adapters trained on different bases)."""
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One module of the fused adapter: its path, side, shape and which adapters have it."""
+
+    path: str
+    feedforward: bool
+    shape: tuple[int, ...]
+    present: tuple[bool, ...]
+
+    @property
+    def kind(self) -> str:
+        return "feedforward" if self.feedforward else "attention"
+
+
+def plan_modules(adapters: Sequence[IA3Adapter]) -> list[ModulePlan]:
+    """The union of the adapters' modules, in first-seen order, with conflicts checked.
+
+    Raises:
+        IncompatibleAdaptersError: listing every module whose shape or feed-forward flag differs.
+    """
+    order: list[str] = []
+    seen: set[str] = set()
+    for a in adapters:
+        for p in a.vectors:
+            if p not in seen:
+                seen.add(p)
+                order.append(p)
+    problems = []
+    plans = []
+    for p in order:
+        owners = [a for a in adapters if p in a.vectors]
+        shapes = {tuple(a.vectors[p].shape) for a in owners}
+        flags = {a.feedforward[p] for a in owners}
+        if len(flags) > 1:
+            desc = ", ".join(f"{a.name!r}: {'feed-forward' if a.feedforward[p] else 'output-side'}" for a in owners)
+            problems.append(f"{p!r} is feed-forward in one adapter and not in another ({desc})")
+        elif len(shapes) > 1:
+            desc = ", ".join(f"{a.name!r}: {tuple(a.vectors[p].shape)}" for a in owners)
+            problems.append(f"{p!r} has different shapes ({desc})")
+        plans.append(ModulePlan(p, owners[0].feedforward[p], tuple(owners[0].vectors[p].shape), tuple(p in a.vectors for a in adapters)))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise IncompatibleAdaptersError(
+            f"the adapters do not fit one base model: {shown}; fuse only adapters trained on the same base "
+            "with the same feedforward_modules"
+        )
+    return plans
+
+
+def _check_bases(adapters: Sequence[IA3Adapter], strict: bool) -> None:
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1:
+        desc = ", ".join(f"{a.name!r}: {a.base_model!r}" for a in adapters)
+        msg = f"the adapters name different base models ({desc}); fusing them is only meaningful on one base"
+        if strict:
+            raise IncompatibleAdaptersError(msg + "; pass strict=False to fuse anyway")
+        warnings.warn(msg, IA3FuseWarning, stacklevel=3)
+
+
+def _module_seed(seed: int, path: str) -> int:
+    # A stable per-module seed, so two modules never share a drop mask and reruns are identical.
+    return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
+
+
+def _compute_dtype(adapters: Sequence[IA3Adapter]) -> torch.dtype:
+    dtypes = {v.dtype for a in adapters for v in a.vectors.values()}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _output_dtype(adapters: Sequence[IA3Adapter]) -> torch.dtype:
+    dtypes = {v.dtype for a in adapters for v in a.vectors.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _merge_extras(adapters: Sequence[IA3Adapter], policy: str) -> dict[str, Tensor]:
+    having = [a for a in adapters if a.extras]
+    if not having or policy == "drop":
+        return {}
+    first = having[0]
+    if policy == "first":
+        return dict(first.extras)
+    for other in having[1:]:
+        same = set(other.extras) == set(first.extras) and all(
+            torch.equal(other.extras[k], first.extras[k]) for k in first.extras
+        )
+        if not same:
+            key = sorted(set(first.extras) ^ set(other.extras) or first.extras)[0]
+            raise IncompatibleAdaptersError(
+                f"adapters {first.name!r} and {other.name!r} carry different non-IA3 tensors (modules_to_save, "
+                f"e.g. {key!r}); ia3fuse fuses IA3 vectors only: pass extras='first' to keep {first.name!r}'s "
+                "or extras='drop' to leave them out"
+            )
+    return dict(first.extras)
+
+
+def fused_config(adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan]) -> dict[str, Any]:
+    """An adapter_config.json for the fused modules that PEFT maps back onto exactly those modules."""
+    config = dict(adapters[0].config)
+    targets = [a.config.get("target_modules") for a in adapters]
+    ffs = [a.config.get("feedforward_modules") for a in adapters]
+    target_modules: Any = None
+    ff_modules: Any = None
+    if all(isinstance(t, list) for t in targets) and all(f is None or isinstance(f, list) for f in ffs):
+        target_modules = sorted({n for t in targets for n in t})
+        ff_modules = sorted({n for f in ffs if f for n in f})
+        fits = all(
+            _targets_module(target_modules, m.path) and is_feedforward_module(ff_modules, m.path) == m.feedforward
+            for m in plans
+        )
+        if not fits:
+            target_modules = None
+    if target_modules is None:
+        # Name every module exactly: always correct, whatever form the inputs used.
+        target_modules = [m.path for m in plans]
+        ff_modules = [m.path for m in plans if m.feedforward]
+    config.update(
+        peft_type="IA3",
+        target_modules=target_modules,
+        feedforward_modules=ff_modules,
+        init_ia3_weights=True,
+        inference_mode=True,
+    )
+    return config
+
+
+def merge(
+    adapters: AdaptersArg,
+    weights: WeightsArg = None,
+    method: str = "task_arithmetic",
+    *,
+    missing: Missing = "identity",
+    strict: bool = False,
+    extras: Extras = "error",
+    name: str = "fused",
+    allow_pickle: bool = False,
+    **params: Any,
+) -> IA3Adapter:
+    """Fuse IA3 adapters into one, offline (no base model).
+
+    Args:
+        adapters: IA3Adapter objects or adapter directories, as a list or a mapping
+            name -> adapter.
+        weights: one weight per adapter (list, or mapping name -> weight); a weight may be a
+            list of numbers, a depth gradient over the layers; or a `WeightSchedule` / dict with
+            ``default``, ``kinds`` (``attention`` / ``feedforward``) and regex ``overrides``.
+            None means 1/k each.
+        method: a registered fusion method (see `ia3fuse.methods()`).
+        missing: how a module that an adapter lacks counts: ``"identity"`` (l = 1, tau = 0,
+            the default) or ``"zero"`` (l = 0, PEFT's add_weighted_adapter behaviour).
+        strict: raise instead of warning when the adapters name different base models.
+        extras: non-IA3 tensors (modules_to_save) that differ between adapters: ``"error"``,
+            keep the ``"first"`` adapter's, or ``"drop"`` them.
+        name: the fused adapter's name.
+        allow_pickle: let paths with only ``adapter_model.bin`` load (``weights_only=True``).
+        **params: the method's parameters (e.g. ``density``, ``majority_sign_method``, ``lam``,
+            ``svd_rank``, ``seed``).
+
+    Returns:
+        The fused adapter; its ``recipe`` records the inputs. Inputs are not modified.
+
+    Raises:
+        UnknownMethodError, InvalidParameterError, InvalidWeightsError,
+        IncompatibleAdaptersError, AdapterFormatError, MethodInputError.
+
+    Example:
+        >>> fused = ia3fuse.merge(["a", "b"], [0.3, 0.7], method="ties", density=0.5)  # doctest: +SKIP
+        >>> fused.save("fused")  # doctest: +SKIP
+    """
+    spec = get_method(method)
+    params = spec.validate(params)
+    if missing not in ("identity", "zero"):
+        raise InvalidParameterError(f"missing={missing!r} is not a fill rule; pass 'identity' or 'zero'")
+    if extras not in ("error", "first", "drop"):
+        raise InvalidParameterError(f"extras={extras!r} is not a policy; pass 'error', 'first' or 'drop'")
+    loaded = as_adapters(adapters, allow_pickle=allow_pickle)
+    if not loaded:
+        raise IncompatibleAdaptersError("no adapters given; pass at least one adapter")
+    names = [a.name for a in loaded]
+    plan = plan_weights(weights, names)
+    _check_bases(loaded, strict)
+    modules = plan_modules(loaded)
+    depths = layer_positions([m.path for m in modules])
+    compute, out_dtype = _compute_dtype(loaded), _output_dtype(loaded)
+    fill = 1.0 if missing == "identity" else 0.0
+    vectors: dict[str, Tensor] = {}
+    for m in modules:
+        stack = torch.stack(
+            [
+                a.vectors[m.path].detach().to("cpu", compute) if m.path in a.vectors else torch.full(m.shape, fill, dtype=compute)
+                for a in loaded
+            ]
+        )
+        w = plan.for_module(m.path, m.kind, depths[m.path])
+        call = dict(params)
+        if spec.randomized:
+            call["seed"] = _module_seed(params["seed"], m.path)
+        try:
+            fused = spec.fn(stack, w, **call)
+        except MethodInputError as exc:
+            who = getattr(exc, "adapter_index", None)
+            where = f"module {m.path!r}" + (f", adapter {names[who]!r}" if who is not None else "")
+            raise MethodInputError(f"{method}: {where}: {exc}") from None
+        if not torch.isfinite(fused).all():
+            raise MethodInputError(
+                f"{method}: module {m.path!r} fused to non-finite values with weights {w.tolist()}; "
+                "use smaller weights or another method"
+            )
+        vectors[m.path] = fused.to(out_dtype)
+    recipe = {
+        "method": method,
+        "parameters": params,
+        "weights": weights_to_plain(weights),
+        "missing": missing,
+        "adapters": [{"name": a.name, **({"path": a.source} if a.source else {})} for a in loaded],
+    }
+    return IA3Adapter(
+        vectors=vectors,
+        feedforward={m.path: m.feedforward for m in modules},
+        config=fused_config(loaded, modules),
+        name=name,
+        extras=_merge_extras(loaded, extras),
+        recipe=recipe,
+    )
+
+
+def weights_to_plain(weights: WeightsArg) -> Any:
+    """Weights as plain YAML/JSON data, for recipes and model cards."""
+    if weights is None:
+        return None
+    if isinstance(weights, WeightSchedule):
+        out: dict[str, Any] = {}
+        if weights.default is not None:
+            out["default"] = weights_to_plain(weights.default)
+        if weights.kinds:
+            out["kinds"] = {k: weights_to_plain(v) for k, v in weights.kinds.items()}
+        if weights.overrides:
+            out["overrides"] = [{"filter": f, "weights": weights_to_plain(w)} for f, w in weights.overrides]
+        return out
+    if isinstance(weights, Mapping):
+        return {str(k): weights_to_plain(v) for k, v in weights.items()}
+    if isinstance(weights, (list, tuple)):
+        return [weights_to_plain(v) for v in weights]
+    if isinstance(weights, Tensor):
+        return weights.tolist()
+    return float(weights) if isinstance(weights, (int, float)) else weights

@@ -1,0 +1,151 @@
+"""The registry of fusion methods: name -> pure function, summary, paper, parameter schema.
+
+A method is a function ``fn(vectors, weights, **params) -> Tensor`` where ``vectors`` is the
+stack ``(k, *shape)`` of the k adapters' IA3 vectors for one module (identity = 1) and
+``weights`` is a float64 tensor ``(k,)``. It returns the fused vector of shape ``shape``.
+Its keyword-only parameters, with their type hints (``Annotated[..., Field(...)]`` for
+ranges) and defaults, are its schema: validation, CLI flags and docs all read them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pydantic
+from torch import Tensor
+
+from ..errors import InvalidParameterError, UnknownMethodError
+
+__all__ = ["MethodSpec", "ParamSpec", "register", "get_method", "methods", "method_names"]
+
+MethodFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One keyword parameter of a method."""
+
+    name: str
+    annotation: Any
+    default: Any
+    description: str
+
+    @property
+    def type_name(self) -> str:
+        base = typing.get_args(self.annotation)[0] if typing.get_origin(self.annotation) is typing.Annotated else self.annotation
+        if typing.get_origin(base) is typing.Literal:
+            return "|".join(str(a) for a in typing.get_args(base))
+        if typing.get_origin(base) in (typing.Union, types.UnionType):
+            return "|".join(getattr(a, "__name__", str(a)) for a in typing.get_args(base))
+        return getattr(base, "__name__", str(base))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered fusion method."""
+
+    name: str
+    fn: MethodFn
+    summary: str
+    paper: str
+    params: tuple[ParamSpec, ...]
+    randomized: bool
+    _model: type[pydantic.BaseModel]
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Check parameter names, types and ranges; return them with defaults filled in.
+
+        Raises:
+            InvalidParameterError: naming every bad parameter and the valid ones.
+        """
+        valid = [p.name for p in self.params]
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            listing = ", ".join(valid) if valid else "none"
+            raise InvalidParameterError(
+                f"method {self.name!r} has no parameter {', '.join(repr(u) for u in unknown)}; "
+                f"its parameters are: {listing}"
+            )
+        try:
+            model = self._model(**params)
+        except pydantic.ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else "?"
+                spec = next(p for p in self.params if p.name == name)
+                problems.append(
+                    f"{name}={params.get(name)!r} is invalid ({err['msg']}); {spec.description}"
+                )
+            raise InvalidParameterError(f"method {self.name!r}: " + "; ".join(problems)) from None
+        return {p.name: getattr(model, p.name) for p in self.params}
+
+    def __call__(self, vectors: Tensor, weights: Tensor, **params: Any) -> Tensor:
+        return self.fn(vectors, weights, **self.validate(params))
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(
+    name: str, *, summary: str, paper: str, randomized: bool = False
+) -> Callable[[MethodFn], MethodFn]:
+    """Register a pure fusion function under ``name``; its keyword-only parameters are its schema."""
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise RuntimeError(f"fusion method {name!r} is registered twice")
+        hints = typing.get_type_hints(fn, include_extras=True)
+        fields: dict[str, Any] = {}
+        params = []
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            ann = hints[p.name]
+            description = ""
+            if typing.get_origin(ann) is typing.Annotated:
+                for meta in typing.get_args(ann)[1:]:
+                    if isinstance(meta, pydantic.fields.FieldInfo) and meta.description:
+                        description = meta.description
+            fields[p.name] = (ann, p.default)
+            params.append(ParamSpec(p.name, ann, p.default, description))
+        model = pydantic.create_model(
+            f"{name}_params", __config__=pydantic.ConfigDict(strict=False, extra="forbid"), **fields
+        )
+        _REGISTRY[name] = MethodSpec(name, fn, summary, paper, tuple(params), randomized, model)
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> MethodSpec:
+    """Return the registered method ``name``.
+
+    Raises:
+        UnknownMethodError: listing the valid names.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown fusion method {name!r}; valid methods are: {', '.join(method_names())}"
+        ) from None
+
+
+def method_names() -> list[str]:
+    """Names of all registered methods, in registration order."""
+    return list(_REGISTRY)
+
+
+def methods() -> list[MethodSpec]:
+    """All registered methods with their summary, paper and parameters.
+
+    Example:
+        >>> import ia3fuse
+        >>> [m.name for m in ia3fuse.methods()][:3]
+        ['linear', 'task_arithmetic', 'geometric']
+    """
+    return list(_REGISTRY.values())

@@ -1,0 +1,187 @@
+"""The YAML recipe: one frozen pydantic schema for a fusion (also the source of CLI options).
+
+Example recipe::
+
+    adapters:
+      - {path: adapters/math, name: math}
+      - adapters/code
+    method: ties
+    weights: {math: 0.6, code: 0.4}
+    parameters: {density: 0.5}
+    output: fused
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import IA3FuseError, RecipeError
+from .methods import get_method
+from .weights import plan_weights
+
+__all__ = ["Recipe", "AdapterRef", "load_recipe"]
+
+WeightValue = Union[float, list[float]]
+PerAdapter = Union[list[WeightValue], dict[str, WeightValue]]
+
+
+class AdapterRef(BaseModel):
+    """One input adapter: a directory and an optional name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    name: Optional[str] = None
+
+
+class Override(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    filter: str
+    weights: PerAdapter
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    default: Optional[PerAdapter] = None
+    kinds: dict[str, PerAdapter] = Field(default_factory=dict)
+    overrides: list[Override] = Field(default_factory=list)
+
+
+class Recipe(BaseModel):
+    """A complete fusion: inputs, weights, method and parameters, output.
+
+    Cross-field checks (method, parameters, weights against the adapter names) run in one
+    validator and report every problem together.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    adapters: list[Union[str, AdapterRef]] = Field(min_length=1)
+    method: str = "task_arithmetic"
+    weights: Optional[Union[Schedule, PerAdapter]] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    missing: Literal["identity", "zero"] = "identity"
+    strict: bool = False
+    extras: Literal["error", "first", "drop"] = "error"
+    name: str = "fused"
+    output: Optional[str] = None
+
+    @property
+    def refs(self) -> list[AdapterRef]:
+        return [a if isinstance(a, AdapterRef) else AdapterRef(path=a) for a in self.adapters]
+
+    def adapter_names(self) -> list[str]:
+        names = [r.name or Path(r.path).name for r in self.refs]
+        return names
+
+    def weights_arg(self) -> Any:
+        """The weights in the form `ia3fuse.merge` takes."""
+        w = self.weights
+        if isinstance(w, Schedule):
+            return {
+                "default": w.default,
+                "kinds": w.kinds,
+                "overrides": [{"filter": o.filter, "weights": o.weights} for o in w.overrides],
+            }
+        return w
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        problems = []
+        try:
+            get_method(self.method).validate(self.parameters)
+        except IA3FuseError as exc:
+            problems.append(str(exc))
+        names = self.adapter_names()
+        if len(set(names)) != len(names) and isinstance(self.weights, dict):
+            problems.append(f"adapter names repeat ({', '.join(names)}); give each adapter a distinct name")
+        else:
+            try:
+                plan_weights(self.weights_arg(), names)
+            except IA3FuseError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def resolved(self, base: Path) -> "Recipe":
+        """The same recipe with relative adapter and output paths made relative to ``base``."""
+        refs = [AdapterRef(path=str((base / r.path) if not Path(r.path).is_absolute() else r.path), name=r.name) for r in self.refs]
+        out = None if self.output is None else str(base / self.output if not Path(self.output).is_absolute() else self.output)
+        return self.model_copy(update={"adapters": refs, "output": out})
+
+
+def _format(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(dict.fromkeys(parts))
+
+
+def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
+    """Validate already-parsed recipe data.
+
+    Raises:
+        RecipeError: listing every problem found.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source} holds a {type(data).__name__}, not a mapping; see docs/recipes.md for the format")
+    try:
+        return Recipe.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise RecipeError(f"{source} is invalid: {_format(exc)}") from None
+
+
+def load_recipe(path: Union[str, Path]) -> Recipe:
+    """Read and validate a YAML recipe; relative paths in it are relative to its folder.
+
+    Raises:
+        RecipeError: unreadable file, malformed YAML, or invalid fields (all listed together).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe {str(path)!r} cannot be read ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    return parse_recipe(data, source=f"recipe {str(path)!r}").resolved(p.parent)
+
+
+def run_recipe(recipe: Recipe, *, output: Optional[Union[str, Path]] = None, overwrite: bool = False, allow_pickle: bool = False) -> Path:
+    """Fuse as ``recipe`` says and save to its output (or ``output``), atomically.
+
+    The output is checked (exists, is an input, is a symlink) before any adapter is read.
+
+    Returns:
+        The absolute output directory.
+    """
+    from ._io import check_output_path
+    from .merge import merge
+
+    target = output if output is not None else recipe.output
+    if target is None:
+        raise RecipeError("the recipe has no output; add 'output: DIR' to it or pass -o DIR")
+    inputs = [Path(r.path) for r in recipe.refs]
+    check_output_path(Path(target), inputs, overwrite=overwrite)
+    fused = merge(
+        {name: ref.path for name, ref in zip(recipe.adapter_names(), recipe.refs)}
+        if len(set(recipe.adapter_names())) == len(recipe.refs)
+        else [ref.path for ref in recipe.refs],
+        recipe.weights_arg(),
+        recipe.method,
+        missing=recipe.missing,
+        strict=recipe.strict,
+        extras=recipe.extras,
+        name=recipe.name,
+        allow_pickle=allow_pickle,
+        **recipe.parameters,
+    )
+    return fused.save(target, overwrite=overwrite)

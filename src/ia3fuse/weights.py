@@ -1,0 +1,202 @@
+"""Fusion weight schedules: per adapter, per module kind, per module (regex), over depth.
+
+A *per-adapter list* has one value per adapter (or is a mapping adapter name -> value). A
+value is a number, or a list of numbers: a depth gradient, interpolated linearly over the
+layer index as mergekit does (first value at the first layer, last value at the last).
+A `WeightSchedule` picks the list for each module: the first ``overrides`` entry whose regex
+matches the module path (``re.search``), else the list for the module's kind
+(``attention`` / ``feedforward``), else ``default``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidWeightsError
+
+__all__ = ["WeightSchedule", "WeightPlan", "plan_weights", "layer_positions", "KINDS"]
+
+KINDS = ("attention", "feedforward")
+WeightValue = Union[float, Sequence[float]]
+PerAdapter = Union[Sequence[WeightValue], Mapping[str, WeightValue]]
+_SCHEDULE_KEYS = {"default", "kinds", "overrides"}
+
+
+@dataclass(frozen=True)
+class WeightSchedule:
+    """Weights that vary by module: ``default``, per-kind lists and regex overrides.
+
+    Example:
+        >>> WeightSchedule(default=[0.5, 0.5], kinds={"feedforward": [1.0, 0.0]},
+        ...                overrides=[(r"layers\\.0\\.", [0.0, 1.0])])  # doctest: +ELLIPSIS
+        WeightSchedule(...)
+    """
+
+    default: Optional[PerAdapter] = None
+    kinds: Mapping[str, PerAdapter] = field(default_factory=dict)
+    overrides: Sequence[tuple[str, PerAdapter]] = ()
+
+
+WeightsArg = Union[None, PerAdapter, WeightSchedule, Mapping[str, Any]]
+
+
+def layer_positions(paths: Sequence[str]) -> dict[str, Optional[float]]:
+    """Relative depth t in [0, 1] of each module, from the first numeric component of its path.
+
+    Layers are counted per stack (the path before the number), so an encoder and a decoder each
+    run from 0 to 1. Modules outside numbered layers get None.
+    """
+    found: dict[str, tuple[str, int]] = {}
+    for p in paths:
+        parts = p.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                found[p] = (".".join(parts[:i]), int(part))
+                break
+    depth: dict[str, int] = {}
+    for stack, idx in found.values():
+        depth[stack] = max(depth.get(stack, 0), idx)
+    out: dict[str, Optional[float]] = {}
+    for p in paths:
+        if p in found:
+            stack, idx = found[p]
+            out[p] = idx / depth[stack] if depth[stack] else 0.0
+        else:
+            out[p] = None
+    return out
+
+
+def _interp(anchors: Sequence[float], t: Optional[float]) -> float:
+    if len(anchors) == 1 or t is None or t <= 0:
+        return float(anchors[0])
+    pos = t * (len(anchors) - 1)
+    lo = min(int(math.floor(pos)), len(anchors) - 2)
+    frac = pos - lo
+    return float(anchors[lo]) * (1 - frac) + float(anchors[lo + 1]) * frac
+
+
+def _check_value(value: Any, where: str) -> Union[float, tuple[float, ...]]:
+    if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
+        raise InvalidWeightsError(
+            f"{where} is {value!r}; a weight is a number or a list of numbers (a depth gradient)"
+        )
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidWeightsError(f"{where} is an empty list; a depth gradient needs at least one number")
+        return tuple(float(_check_value(v, where)) for v in value)  # type: ignore[arg-type]
+    if not math.isfinite(value):
+        raise InvalidWeightsError(f"{where} is {value!r}; weights must be finite numbers")
+    return float(value)
+
+
+def _per_adapter(values: PerAdapter, names: Sequence[str], where: str) -> tuple[Union[float, tuple[float, ...]], ...]:
+    k = len(names)
+    if isinstance(values, Mapping):
+        unknown = [n for n in values if n not in names]
+        missing = [n for n in names if n not in values]
+        if unknown or missing:
+            parts = []
+            if unknown:
+                parts.append(f"names no adapter {', '.join(map(repr, unknown))}")
+            if missing:
+                parts.append(f"lacks {', '.join(map(repr, missing))}")
+            raise InvalidWeightsError(
+                f"{where} {' and '.join(parts)}; give one weight for each adapter: {', '.join(map(repr, names))}"
+            )
+        return tuple(_check_value(values[n], f"{where}[{n!r}]") for n in names)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise InvalidWeightsError(
+            f"{where} is {values!r}; pass one weight per adapter as a list, or a mapping adapter name -> weight"
+        )
+    if len(values) != k:
+        raise InvalidWeightsError(
+            f"{where} has {len(values)} value{'s' if len(values) != 1 else ''} for {k} adapter{'s' if k != 1 else ''}; "
+            "pass one weight per adapter or a mapping"
+        )
+    return tuple(_check_value(v, f"{where}[{i}]") for i, v in enumerate(values))
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """A checked weight schedule for a fixed list of adapter names."""
+
+    default: tuple[Union[float, tuple[float, ...]], ...]
+    kinds: Mapping[str, tuple[Union[float, tuple[float, ...]], ...]]
+    overrides: tuple[tuple[re.Pattern[str], tuple[Union[float, tuple[float, ...]], ...]], ...]
+
+    def for_module(self, path: str, kind: str, depth: Optional[float]) -> Tensor:
+        """The weights ``(k,)`` (float64) that apply to module ``path``."""
+        chosen = self.kinds.get(kind, self.default)
+        for pattern, values in self.overrides:
+            if pattern.search(path):
+                chosen = values
+                break
+        return torch.tensor(
+            [v if isinstance(v, float) else _interp(v, depth) for v in chosen], dtype=torch.float64
+        )
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every module gets the same scalar weights."""
+        return not self.kinds and not self.overrides and all(isinstance(v, float) for v in self.default)
+
+
+def plan_weights(weights: WeightsArg, names: Sequence[str]) -> WeightPlan:
+    """Check ``weights`` against the adapter ``names`` and return a plan.
+
+    ``None`` means the mean: 1/k for every adapter.
+
+    Raises:
+        InvalidWeightsError: wrong count, unknown names, NaN/Inf, bad regex or kind.
+    """
+    k = len(names)
+    if weights is None:
+        return WeightPlan(tuple(1.0 / k for _ in names), {}, ())
+    if isinstance(weights, Mapping) and weights and set(weights) <= _SCHEDULE_KEYS and not set(weights) & set(names):
+        weights = WeightSchedule(
+            default=weights.get("default"), kinds=weights.get("kinds") or {}, overrides=_pairs(weights.get("overrides") or ())
+        )
+    if not isinstance(weights, WeightSchedule):
+        return WeightPlan(_per_adapter(weights, names, "weights"), {}, ())
+    default = (
+        _per_adapter(weights.default, names, "weights.default")
+        if weights.default is not None
+        else tuple(1.0 / k for _ in names)
+    )
+    if not isinstance(weights.kinds, Mapping):
+        raise InvalidWeightsError(f"weights.kinds is {weights.kinds!r}; pass a mapping kind -> weights, kinds are {', '.join(KINDS)}")
+    kinds = {}
+    for kind, values in weights.kinds.items():
+        if kind not in KINDS:
+            raise InvalidWeightsError(f"weights.kinds has unknown kind {kind!r}; valid kinds are {', '.join(KINDS)}")
+        kinds[kind] = _per_adapter(values, names, f"weights.kinds[{kind!r}]")
+    overrides = []
+    for i, (pattern, values) in enumerate(_pairs(weights.overrides)):
+        try:
+            compiled = re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise InvalidWeightsError(
+                f"weights.overrides[{i}] filter {pattern!r} is not a valid regular expression ({exc}); fix the pattern"
+            ) from None
+        overrides.append((compiled, _per_adapter(values, names, f"weights.overrides[{i}] ({pattern!r})")))
+    return WeightPlan(default, kinds, tuple(overrides))
+
+
+def _pairs(overrides: Any) -> list[tuple[str, PerAdapter]]:
+    out = []
+    for i, item in enumerate(overrides):
+        if isinstance(item, Mapping) and set(item) == {"filter", "weights"}:
+            out.append((item["filter"], item["weights"]))
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+            out.append((item[0], item[1]))
+        else:
+            raise InvalidWeightsError(
+                f"weights.overrides[{i}] is {item!r}; each override is {{filter: REGEX, weights: [...]}} or a (regex, weights) pair"
+            )
+    return out
