@@ -40,7 +40,7 @@ class ParamSpec:
         if typing.get_origin(base) is typing.Literal:
             return "|".join(str(a) for a in typing.get_args(base))
         if typing.get_origin(base) in (typing.Union, types.UnionType):
-            return "|".join(getattr(a, "__name__", str(a)) for a in typing.get_args(base))
+            return "|".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(base))
         return getattr(base, "__name__", str(base))
 
 
