@@ -147,8 +147,6 @@ def add_weighted_adapter(
 
 
 def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, template: str, adapter_name: str) -> None:
-    from peft.tuners.tuners_utils import _freeze_adapter  # type: ignore[attr-defined]
-
     active = list(tuner.active_adapters)
     if adapter_name in tuner.peft_config:
         peft_model.delete_adapter(adapter_name)
@@ -160,7 +158,6 @@ def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, template: str, adap
     )
     tuner.peft_config[adapter_name] = config
     tuner.inject_adapter(tuner.model, adapter_name)
-    _freeze_adapter(tuner.model, adapter_name)
     layers = ia3_layers(peft_model)
     stray = [p for p in fused.vectors if p not in layers or adapter_name not in layers[p].ia3_l]
     if stray:
@@ -169,6 +166,7 @@ def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, template: str, adap
         for path, layer in layers.items():
             if adapter_name in layer.ia3_l:
                 param = layer.ia3_l[adapter_name]
+                param.requires_grad_(False)  # a fused adapter is not trained further, as in PEFT
                 vec = fused.vectors.get(path)
                 if vec is None:
                     param.fill_(1.0)
