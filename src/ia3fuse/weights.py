@@ -89,6 +89,9 @@ def _check_value(value: Any, where: str) -> Union[float, tuple[float, ...]]:
     if isinstance(value, (list, tuple)):
         if not value:
             raise InvalidWeightsError(f"{where} is an empty list; a depth gradient needs at least one number")
+        for v in value:
+            if isinstance(v, (list, tuple)):
+                raise InvalidWeightsError(f"{where} holds the list {v!r}; a depth gradient is a flat list of numbers")
         return tuple(float(_check_value(v, where)) for v in value)  # type: ignore[arg-type]
     if not math.isfinite(value):
         raise InvalidWeightsError(f"{where} is {value!r}; weights must be finite numbers")

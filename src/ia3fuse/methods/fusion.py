@@ -125,15 +125,20 @@ def magnitude_prune(vectors: Tensor, weights: Tensor, *, density: Density = 0.5,
     return (1 + lam * _weighted_sum(pruned, weights)).reshape(vectors.shape[1:])
 
 
-@register("breadcrumbs", summary="Model Breadcrumbs: drop the largest gamma and smallest entries of each task vector, keep density, weighted sum", paper="https://arxiv.org/abs/2312.06795")
-def breadcrumbs(
-    vectors: Tensor, weights: Tensor, *, density: Density = 0.9, gamma: Gamma = 0.01, lam: Lam = 1.0
-) -> Tensor:
+def _check_band(params: dict) -> None:
+    density, gamma = params["density"], params["gamma"]
     if density + gamma > 1 + 1e-12:
         raise InvalidParameterError(
             f"method 'breadcrumbs': density={density} plus gamma={gamma} exceeds 1; "
             "the kept band is the next density fraction after the top gamma, so pass density + gamma <= 1"
         )
+
+
+@register("breadcrumbs", summary="Model Breadcrumbs: drop the largest gamma and smallest entries of each task vector, keep density, weighted sum", paper="https://arxiv.org/abs/2312.06795", check=_check_band)
+def breadcrumbs(
+    vectors: Tensor, weights: Tensor, *, density: Density = 0.9, gamma: Gamma = 0.01, lam: Lam = 1.0
+) -> Tensor:
+    _check_band({"density": density, "gamma": gamma})
     taus = _flat(vectors) - 1
     pruned = taus * _masks.band_mask(taus, density, gamma)
     return (1 + lam * _weighted_sum(pruned, weights)).reshape(vectors.shape[1:])

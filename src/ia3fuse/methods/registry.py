@@ -13,7 +13,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pydantic
 from torch import Tensor
@@ -55,6 +55,7 @@ class MethodSpec:
     params: tuple[ParamSpec, ...]
     randomized: bool
     _model: type[pydantic.BaseModel]
+    _check: Optional[Callable[[dict[str, Any]], None]] = None
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Check parameter names, types and ranges; return them with defaults filled in.
@@ -81,7 +82,10 @@ class MethodSpec:
                     f"{name}={params.get(name)!r} is invalid ({err['msg']}); {spec.description}"
                 )
             raise InvalidParameterError(f"method {self.name!r}: " + "; ".join(problems)) from None
-        return {p.name: getattr(model, p.name) for p in self.params}
+        values = {p.name: getattr(model, p.name) for p in self.params}
+        if self._check is not None:
+            self._check(values)
+        return values
 
     def __call__(self, vectors: Tensor, weights: Tensor, **params: Any) -> Tensor:
         return self.fn(vectors, weights, **self.validate(params))
@@ -91,9 +95,18 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(
-    name: str, *, summary: str, paper: str, randomized: bool = False
+    name: str,
+    *,
+    summary: str,
+    paper: str,
+    randomized: bool = False,
+    check: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register a pure fusion function under ``name``; its keyword-only parameters are its schema."""
+    """Register a pure fusion function under ``name``; its keyword-only parameters are its schema.
+
+    ``check`` validates combinations of parameters (raising InvalidParameterError) before any
+    work starts; single-parameter ranges belong in the type hints.
+    """
 
     def decorate(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
@@ -115,7 +128,7 @@ def register(
         model = pydantic.create_model(
             f"{name}_params", __config__=pydantic.ConfigDict(strict=False, extra="forbid"), **fields
         )
-        _REGISTRY[name] = MethodSpec(name, fn, summary, paper, tuple(params), randomized, model)
+        _REGISTRY[name] = MethodSpec(name, fn, summary, paper, tuple(params), randomized, model, check)
         return fn
 
     return decorate
