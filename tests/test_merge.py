@@ -243,7 +243,7 @@ def test_failed_save_leaves_nothing(tmp_path, two, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("ia3fuse.adapter.save_file", boom)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputPathError, match=r"writing output '.*out' failed \(No space left on device\); nothing was written"):
         fused.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
@@ -307,3 +307,16 @@ def test_loader_rejects_bad_vectors(tmp_path):
         ia3fuse.load_adapter(d)
     with pytest.raises(AdapterFormatError, match="does not exist; pass a PEFT adapter directory"):
         ia3fuse.load_adapter(tmp_path / "nowhere")
+
+
+def test_schedule_in_a_recipe_with_an_adapter_named_default(tmp_path, two):
+    a, b = two
+    a.save(tmp_path / "default")
+    b.save(tmp_path / "b")
+    recipe = parse_recipe(
+        {"adapters": [str(tmp_path / "default"), str(tmp_path / "b")],
+         "weights": {"default": [1.0, 0.0], "overrides": [{"filter": "v_proj", "weights": [0.0, 1.0]}]}}
+    )
+    out = ia3fuse.load_adapter(run_recipe(recipe, output=tmp_path / "out"))
+    torch.testing.assert_close(out.vectors[K], a.vectors[K])
+    torch.testing.assert_close(out.vectors[V], b.vectors[V])

@@ -34,6 +34,15 @@ def check_output_path(out: Path, inputs: Sequence[Path] = (), *, overwrite: bool
             raise OutputPathError(
                 f"output {str(out)!r} lies inside the input {str(inp)!r}; pass a directory outside every input"
             )
+        if resolved in inp_r.parents:
+            raise OutputPathError(
+                f"output {str(out)!r} contains the input {str(inp)!r}, which writing it would delete; "
+                "pass a directory that holds no input"
+            )
+    if not resolved.parent.is_dir():
+        raise OutputPathError(
+            f"the folder {str(resolved.parent)!r} of output {str(out)!r} does not exist or is not a directory; create it first"
+        )
     if out.exists() and not overwrite:
         raise OutputPathError(
             f"output {str(out)!r} already exists; pass another path, or overwrite=True (--force on the command line)"
@@ -52,13 +61,21 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     parent = out.parent
-    if not parent.exists():
+    if not parent.is_dir():
         raise OutputPathError(
             f"the folder {str(parent)!r} of output {str(out)!r} does not exist; create it first"
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
-        yield tmp
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise OutputPathError(f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder") from None
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            raise OutputPathError(
+                f"writing output {str(out)!r} failed ({exc.strerror or exc}); nothing was written"
+            ) from exc
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -107,7 +107,7 @@ def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
         data: dict[str, Any] = {"adapters": list(args.inputs), **given}
         if params:
             data["parameters"] = params
-        recipe = parse_recipe(data, source="the options")
+        recipe = parse_recipe(data, source="the command line")
     if args.output is None and recipe.output is None:
         raise RecipeError("no output directory; pass -o DIR (or 'output:' in the recipe)")
     out = run_recipe(recipe, output=args.output, overwrite=args.force, allow_pickle=args.allow_pickle)

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .examples import random_ia3_adapter, tiny_model
+from .errors import IA3FuseError
+from .examples import TINY_ARCHS, random_ia3_adapter, tiny_model
 from .report import format_table
 
 __all__ = ["run_demo"]
@@ -39,6 +40,8 @@ def run_demo(workdir: Path, *, arch: str = "llama") -> str:
         A report: one row per method with its parameters, the time the merge took, whether
         PEFT loaded the result, and how far the fused model's outputs move from the base's.
     """
+    if arch not in TINY_ARCHS:
+        raise IA3FuseError(f"--arch {arch!r} is not a built-in tiny model; choose one of {', '.join(TINY_ARCHS)}")
     from peft import PeftModel
 
     from . import merge, methods

@@ -148,14 +148,15 @@ def add_weighted_adapter(
 
 def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, template: str, adapter_name: str) -> None:
     active = list(tuner.active_adapters)
-    if adapter_name in tuner.peft_config:
-        peft_model.delete_adapter(adapter_name)
+    # Build the config before deleting anything: the template may be the adapter being replaced.
     config = dataclasses.replace(
         tuner.peft_config[template],
         target_modules=fused.config["target_modules"],
         feedforward_modules=fused.config["feedforward_modules"],
         init_ia3_weights=True,
     )
+    if adapter_name in tuner.peft_config:
+        peft_model.delete_adapter(adapter_name)
     tuner.peft_config[adapter_name] = config
     tuner.inject_adapter(tuner.model, adapter_name)
     layers = ia3_layers(peft_model)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import IA3FuseError, RecipeError
 from .methods import get_method
-from .weights import plan_weights
+from .weights import WeightSchedule, plan_weights
 
 __all__ = ["Recipe", "AdapterRef", "load_recipe"]
 
@@ -81,11 +81,9 @@ class Recipe(BaseModel):
         """The weights in the form `ia3fuse.merge` takes."""
         w = self.weights
         if isinstance(w, Schedule):
-            return {
-                "default": w.default,
-                "kinds": w.kinds,
-                "overrides": [{"filter": o.filter, "weights": o.weights} for o in w.overrides],
-            }
+            return WeightSchedule(
+                default=w.default, kinds=w.kinds, overrides=[(o.filter, o.weights) for o in w.overrides]
+            )
         return w
 
     @pydantic.model_validator(mode="after")
