@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -144,6 +145,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser, param_names = _build_parser()
     args = parser.parse_args(argv)
     from .errors import IA3FuseError
+    from .merge import IA3FuseWarning
+
+    def show(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+        if issubclass(category, IA3FuseWarning):
+            print(f"ia3fuse: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *rest, **kw)
+
+    shown = warnings.showwarning
+    warnings.showwarning = show
 
     try:
         if args.command == "merge":
