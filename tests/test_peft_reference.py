@@ -347,3 +347,21 @@ def test_overwrite_the_first_input_adapter(tmp_path):
     assert sorted(model.peft_config) == ["a", "b"]
     live = ia3fuse.adapter_from_peft(model, "a").vectors
     assert all(torch.equal(live[p], v) and torch.equal(fused.vectors[p], v) for p, v in offline.vectors.items())
+
+
+def test_live_fused_vectors_keep_the_adapters_dtype_on_a_bf16_base(tmp_path):
+    """PEFT would store the new vectors in the base layer's bf16; we keep the inputs' float32."""
+    from peft import PeftModel
+
+    from ia3fuse.examples import random_ia3_adapter, tiny_model
+
+    base = tiny_model("llama")
+    a = random_ia3_adapter(base, tmp_path / "a", seed=1)
+    b = random_ia3_adapter(base, tmp_path / "b", seed=2)
+    model = PeftModel.from_pretrained(base.to(torch.bfloat16), str(a), adapter_name="a")
+    model.load_adapter(str(b), adapter_name="b")
+    ia3fuse.add_weighted_adapter(model, ["a", "b"], [0.3, 0.7], "fused")
+    live = ia3fuse.adapter_from_peft(model, "fused").vectors
+    offline = ia3fuse.merge([a, b], [0.3, 0.7]).vectors
+    assert {v.dtype for v in live.values()} == {torch.float32}
+    assert all(torch.equal(live[p], v) for p, v in offline.items())

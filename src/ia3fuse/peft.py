@@ -172,7 +172,8 @@ def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, template: str, adap
                 if vec is None:
                     param.fill_(1.0)
                 else:
-                    param.copy_(vec.reshape(param.shape))
+                    # Keep the inputs' dtype: PEFT would give the new vector the base layer's (e.g. bf16).
+                    param.data = vec.reshape(param.shape).to(device=param.device, dtype=vec.dtype)
     kept = [a for a in active if a in tuner.peft_config]
     if kept and list(tuner.active_adapters) != kept:
         tuner.set_adapter(kept if len(kept) > 1 else kept[0])
