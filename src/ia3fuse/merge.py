@@ -7,7 +7,6 @@ import contextlib
 import warnings
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch

@@ -10,7 +10,6 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import nn
 
 from .adapter import IA3Adapter
 from .errors import IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
@@ -33,7 +32,7 @@ def _tuner(peft_model: Any) -> Any:
     return tuner
 
 
-def ia3_layers(peft_model: Any) -> dict[str, nn.Module]:
+def ia3_layers(peft_model: Any) -> dict[str, Any]:
     """Every IA3 layer of the model by module path (relative to the base model)."""
     from peft.tuners.ia3 import IA3Layer
 
