@@ -9,6 +9,7 @@ Example:
 from .adapter import IA3Adapter, load_adapter
 from .errors import (
     AdapterFormatError,
+    FoldError,
     IA3FuseError,
     IncompatibleAdaptersError,
     InvalidParameterError,
@@ -18,6 +19,7 @@ from .errors import (
     RecipeError,
     UnknownMethodError,
 )
+from .fold import FoldReport, fold, unfold
 from .merge import IA3FuseWarning, merge
 from .methods import get_method, methods
 from .peft import adapter_from_peft, add_weighted_adapter
@@ -34,6 +36,10 @@ __all__ = [
     "add_weighted_adapter",
     "adapter_from_peft",
     "WeightSchedule",
+    "fold",
+    "unfold",
+    "FoldReport",
+    "FoldError",
     "IA3FuseWarning",
     "IA3FuseError",
     "AdapterFormatError",

@@ -16,6 +16,7 @@ __all__ = [
     "MethodInputError",
     "OutputPathError",
     "RecipeError",
+    "FoldError",
 ]
 
 
@@ -53,3 +54,7 @@ class OutputPathError(IA3FuseError):
 
 class RecipeError(IA3FuseError):
     """A YAML recipe is malformed."""
+
+
+class FoldError(IA3FuseError):
+    """An adapter cannot be folded into a model as asked (absent modules, lossy under exact="require")."""

@@ -12,7 +12,7 @@ import torch
 
 __all__ = ["TINY_ARCHS", "tiny_config", "tiny_model", "save_tiny_model", "random_ia3_adapter"]
 
-TINY_ARCHS = ("llama", "gpt2", "t5", "bert")
+TINY_ARCHS = ("llama", "gpt2", "t5", "bert", "opt")
 
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
@@ -33,6 +33,9 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     elif arch == "bert":
         cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=64, **common)
+    elif arch == "opt":
+        cfg = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=32, max_position_embeddings=64, **common)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     for k, v in overrides.items():
@@ -47,7 +50,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> Any:
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **overrides)
     cls = {"llama": tf.LlamaForCausalLM, "gpt2": tf.GPT2LMHeadModel, "t5": tf.T5ForConditionalGeneration,
-           "bert": tf.BertModel}[arch]
+           "bert": tf.BertModel, "opt": tf.OPTForCausalLM}[arch]
     return cls(cfg).eval()
 
 

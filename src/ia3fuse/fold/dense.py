@@ -1,0 +1,124 @@
+"""Full-precision layers (fp32/fp16/bf16 nn.Linear, GPT-2's Conv1D, Conv2d/Conv3d).
+
+Rows and columns both fold exactly: the scale is applied in float32 and rounded once to the
+weight's dtype, the same rounding the unmerged IA3 forward does to its activations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import FoldOptions, Snapshot, register_backend
+
+__all__ = ["DenseBackend"]
+
+
+def _conv1d_type() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+class DenseBackend:
+    """nn.Linear, transformers' Conv1D (weight stored (in, out)) and nn.Conv2d/Conv3d."""
+
+    name = "dense"
+
+    def handles(self, module: nn.Module) -> bool:
+        conv1d = _conv1d_type()
+        types: tuple[type, ...] = (nn.Linear, nn.Conv2d, nn.Conv3d) + ((conv1d,) if conv1d else ())
+        weight = getattr(module, "weight", None)
+        return (
+            isinstance(module, types)
+            and isinstance(weight, Tensor)
+            and type(weight) in (Tensor, nn.Parameter)  # not a quantized subclass
+            and weight.is_floating_point()
+        )
+
+    def _is_conv1d(self, module: nn.Module) -> bool:
+        conv1d = _conv1d_type()
+        return conv1d is not None and isinstance(module, conv1d)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            return module.out_channels, module.in_channels
+        if self._is_conv1d(module):
+            return module.weight.shape[1], module.weight.shape[0]
+        return module.out_features, module.in_features
+
+    def exact_rows(self, module: nn.Module) -> Optional[str]:
+        return None
+
+    def exact_cols(self, module: nn.Module) -> Optional[str]:
+        return None
+
+    def snapshot(self, module: nn.Module, *, weights: bool) -> Snapshot:
+        snap: Snapshot = {}
+        if weights:
+            snap["weight"] = module.weight.detach().clone()
+            if module.bias is not None:
+                snap["bias"] = module.bias.detach().clone()
+        return snap
+
+    def restore(self, module: nn.Module, snap: Snapshot) -> None:
+        with torch.no_grad():
+            module.weight.copy_(snap["weight"])
+            if "bias" in snap:
+                module.bias.copy_(snap["bias"])
+
+    def _row_shape(self, module: nn.Module) -> tuple[int, ...]:
+        w = module.weight
+        if self._is_conv1d(module):
+            return (1, -1)
+        return (-1,) + (1,) * (w.dim() - 1)
+
+    def _col_scale(self, module: nn.Module, cols: Tensor) -> Tensor:
+        w = module.weight
+        if self._is_conv1d(module):
+            return cols.reshape(-1, 1)
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            groups = module.groups
+            out_pg, in_pg = module.out_channels // groups, module.in_channels // groups
+            # weight[o, j] reads input channel (o // out_pg) * in_pg + j
+            scale = cols.reshape(groups, 1, in_pg).expand(groups, out_pg, in_pg).reshape(module.out_channels, in_pg)
+            return scale.reshape(scale.shape + (1,) * (w.dim() - 2))
+        return cols.reshape(1, -1)
+
+    def _apply(self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor]) -> None:
+        with torch.no_grad():
+            w = module.weight
+            new = w.float()
+            if rows is not None:
+                new = new * rows.to(new.device, torch.float32).reshape(self._row_shape(module))
+            if cols is not None:
+                new = new * self._col_scale(module, cols.to(new.device, torch.float32))
+            w.copy_(new.to(w.dtype))
+            if rows is not None and module.bias is not None:
+                b = module.bias
+                b.copy_((b.float() * rows.to(b.device, torch.float32)).to(b.dtype))
+
+    def scale_rows(self, module: nn.Module, rows: Tensor, *, options: FoldOptions) -> str:
+        self._apply(module, rows, None)
+        return "dense"
+
+    def scale_cols(self, module: nn.Module, cols: Tensor, *, options: FoldOptions) -> str:
+        self._apply(module, None, cols)
+        return "dense"
+
+    def requantize(self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor], *, options: FoldOptions) -> str:
+        self._apply(module, rows, cols)  # nothing to requantize: exact in full precision
+        return "dense"
+
+    def dequantize(self, module: nn.Module) -> Tensor:
+        w = module.weight.detach().to(torch.float32, copy=True)
+        if self._is_conv1d(module):
+            return w.t()
+        return w.reshape(w.shape[0], -1)
+
+
+register_backend(DenseBackend())

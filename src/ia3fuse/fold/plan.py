@@ -1,0 +1,189 @@
+"""Which weight takes which scale: IA3 module paths -> row/column scales per weight module.
+
+Output-side vectors scale their own module's rows. Input-side (feed-forward) vectors scale
+their own module's columns when its format allows that exactly (full precision); otherwise
+they move to a neighbour whose *rows* produce that input, where the math allows it exactly:
+
+* gated MLP ``down(act(gate x) * up x)``: scaling down's inputs = scaling up's output rows
+  (Llama, Mistral, Qwen, Gemma, Mixtral's w1/w2/w3, Phi-3's fused ``gate_up_proj``);
+* ReLU MLP ``fc2(relu(fc1 x + b))`` with every l > 0: relu(z) * l = relu(z * l), so fc1's rows
+  and bias take l (OPT).
+
+Anything else needs the lossy dequantize-scale-requantize fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import FoldError
+from .base import FoldBackend, backend_for
+
+__all__ = ["Work", "plan_fold"]
+
+# down-projection name -> (name of the module whose rows feed it, name of the gate beside it)
+_GATED = {"down_proj": ("up_proj", "gate_proj"), "w2": ("w3", "w1")}
+_RELU_PAIRS = {"fc2": "fc1"}
+_RELU_NAMES = {"relu"}
+
+
+@dataclass
+class Work:
+    """Everything that happens to one weight module."""
+
+    path: str
+    module: nn.Module
+    backend: FoldBackend
+    rows: Optional[Tensor] = None
+    cols: Optional[Tensor] = None
+    sources: list[str] = field(default_factory=list)
+    how: list[str] = field(default_factory=list)
+    lossy: Optional[str] = None
+
+    def add_rows(self, scale: Tensor) -> None:
+        self.rows = scale if self.rows is None else self.rows * scale
+
+    def add_cols(self, scale: Tensor) -> None:
+        self.cols = scale if self.cols is None else self.cols * scale
+
+
+def _module(model: nn.Module, path: str, model_type: str) -> nn.Module:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise FoldError(
+            f"the adapter's module {path!r} is absent from the model (model type {model_type!r}); "
+            "the adapter was trained on another base model"
+        ) from None
+    while isinstance(getattr(module, "base_layer", None), nn.Module):  # a PEFT wrapper: fold into its base layer
+        module = module.base_layer
+    return module
+
+
+def _activation(model: nn.Module) -> Optional[str]:
+    cfg = getattr(model, "config", None)
+    for key in ("activation_function", "hidden_act", "hidden_activation"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _neighbour(model: nn.Module, path: str, l: Tensor) -> tuple[Optional[tuple[str, Optional[slice]]], str]:
+    """The module whose output rows feed ``path``'s input exactly, or None with the reason."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    prefix = f"{parent_path}." if parent_path else ""
+    if name in _GATED:
+        up, gate = _GATED[name]
+        if isinstance(getattr(parent, up, None), nn.Module) and isinstance(getattr(parent, gate, None), nn.Module):
+            return (prefix + up, None), f"gated MLP: {up} rows"
+    if name == "down_proj" and isinstance(getattr(parent, "gate_up_proj", None), nn.Module):
+        n = l.numel()
+        return (prefix + "gate_up_proj", slice(n, 2 * n)), "gated MLP: up half of gate_up_proj rows"
+    if name in _RELU_PAIRS and isinstance(getattr(parent, _RELU_PAIRS[name], None), nn.Module):
+        act = _activation(model)
+        if act not in _RELU_NAMES:
+            return None, f"{_RELU_PAIRS[name]} -> {name} has activation {act!r}, not ReLU"
+        if not bool((l > 0).all()):
+            return None, "the ReLU rewrite needs every l > 0"
+        return (prefix + _RELU_PAIRS[name], None), "ReLU MLP: fc1 rows and bias"
+    return None, "no exact rewrite for this module's input (not a gated or ReLU MLP)"
+
+
+def plan_fold(model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[str, bool]) -> list[Work]:
+    """Decide, for every IA3 vector, which weight module takes it and how; check shapes.
+
+    Raises:
+        FoldError: a module the model lacks, an unsupported layer type, or a length mismatch,
+            listing every problem before anything is changed.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    works: dict[str, Work] = {}
+    problems: list[str] = []
+
+    def work(path: str) -> Optional[Work]:
+        if path not in works:
+            module = _module(model, path, model_type)
+            backend = backend_for(module)
+            if backend is None:
+                problems.append(
+                    f"{path!r} is a {type(module).__name__} (model type {model_type!r}); ia3fuse folds into "
+                    "nn.Linear, Conv1D, Conv2d/Conv3d and bitsandbytes Linear8bitLt/Linear4bit"
+                )
+                return None
+            works[path] = Work(path, module, backend)
+        return works[path]
+
+    for path, vec in vectors.items():
+        try:
+            w = work(path)
+        except FoldError as exc:
+            problems.append(str(exc))
+            continue
+        if w is None:
+            continue
+        l = vec.detach().reshape(-1).to("cpu", torch.float32)
+        out_f, in_f = w.backend.features(w.module)
+        want = in_f if feedforward[path] else out_f
+        if l.numel() != want:
+            side = "input" if feedforward[path] else "output"
+            problems.append(
+                f"{path!r} has {want} {side} features but the adapter's vector has {l.numel()}; "
+                f"the adapter was trained on another base model (model type {model_type!r})"
+            )
+            continue
+        if not feedforward[path]:
+            w.add_rows(l)
+            w.sources.append(path)
+            w.how.append("rows")
+            continue
+        if w.backend.exact_cols(w.module) is None:
+            w.add_cols(l)
+            w.sources.append(path)
+            w.how.append("cols")
+            continue
+        target, why = _neighbour(model, path, l)
+        nbr = None
+        if target is not None:
+            try:
+                nbr = work(target[0])
+            except FoldError:
+                nbr = None
+        if nbr is not None and nbr.backend.exact_rows(nbr.module) is None:
+            n_out = nbr.backend.features(nbr.module)[0]
+            scale = torch.ones(n_out)
+            sl = target[1] if target[1] is not None else slice(0, n_out)
+            if scale[sl].numel() != l.numel():
+                problems.append(f"{target[0]!r} has {n_out} output rows, which do not match {path!r}'s {l.numel()} inputs")
+                continue
+            scale[sl] = l
+            nbr.add_rows(scale)
+            nbr.sources.append(path)
+            nbr.how.append(f"neighbour ({why})")
+            continue
+        reason = w.backend.exact_cols(w.module) or ""
+        if target is None:
+            reason = f"{reason}; {why}"
+        w.add_cols(l)
+        w.sources.append(path)
+        w.how.append("cols")
+        w.lossy = reason
+    for w in works.values():
+        if w.rows is not None and w.lossy is None:
+            reason = w.backend.exact_rows(w.module)
+            if reason is not None:
+                w.lossy = reason
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise FoldError(f"cannot fold the adapter into this model: {shown}")
+    return [w for w in works.values() if w.rows is not None or w.cols is not None]
+
+
+def describe(work: Work) -> str:
+    """The plan of one weight module in words (for reports)."""
+    return ", ".join(h if s == work.path else f"{h} for {s}" for s, h in zip(work.sources, work.how))
