@@ -13,5 +13,5 @@ def load() -> None:
     if _loaded:
         return
     _loaded = True
-    if importlib.util.find_spec("bitsandbytes") is not None and importlib.util.find_spec(__package__ + ".bnb"):
+    if importlib.util.find_spec("bitsandbytes") is not None:
         from . import bnb  # noqa: F401  (registers the bitsandbytes backends)
