@@ -20,6 +20,7 @@ from .errors import (
     UnknownMethodError,
 )
 from .fold import FoldReport, fold, unfold
+from .fold.checkpoint import fold_checkpoint
 from .merge import IA3FuseWarning, merge
 from .methods import get_method, methods
 from .peft import adapter_from_peft, add_weighted_adapter
@@ -38,6 +39,7 @@ __all__ = [
     "WeightSchedule",
     "fold",
     "unfold",
+    "fold_checkpoint",
     "FoldReport",
     "FoldError",
     "IA3FuseWarning",

@@ -80,6 +80,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
     sub.add_parser("methods", help="list the fusion methods")
 
+    fp = sub.add_parser(
+        "fold",
+        help="fold an adapter into a safetensors checkpoint on disk, one tensor at a time",
+        description="ia3fuse fold --base MODEL_DIR --adapter ADAPTER_DIR -o OUT [--dtype bfloat16] [--max-shard-size 5GB]",
+    )
+    fp.add_argument("--base", required=True, help="base model directory (config.json + safetensors)")
+    fp.add_argument("--adapter", required=True, help="IA3 adapter directory trained on that base")
+    fp.add_argument("-o", "--output", required=True, help="output model directory (must not exist unless --force)")
+    fp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="convert float tensors to this dtype (default: keep each tensor's dtype)")
+    fp.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
+    fp.add_argument("--force", action="store_true", help="replace an existing output directory")
+    fp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fp.add_argument("--allow-pickle", action="store_true", help="read a legacy adapter_model.bin (weights_only=True)")
+
     dp = sub.add_parser("demo", help="build a tiny model and adapters, fuse with every method, check in PEFT")
     dp.add_argument("--workdir", default="ia3fuse-demo", help="folder for the demo files (default ./ia3fuse-demo)")
     dp.add_argument("--arch", default="llama", help="tiny architecture: llama, gpt2, t5 or bert")
@@ -132,6 +147,20 @@ def _cmd_methods() -> int:
     return 0
 
 
+def _cmd_fold(args: argparse.Namespace) -> int:
+    from .adapter import load_adapter
+    from .fold.checkpoint import fold_checkpoint
+
+    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    report = fold_checkpoint(
+        args.base, adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        overwrite=args.force, progress=not args.no_progress,
+    )
+    print(report.summary())
+    print(report.table())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -142,6 +171,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ia3fuse`` command; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # ia3fuse never downloads anything
+    from .fold._optional import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
     parser, param_names = _build_parser()
     args = parser.parse_args(argv)
     from .errors import IA3FuseError
@@ -163,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_inspect(args)
         if args.command == "methods":
             return _cmd_methods()
+        if args.command == "fold":
+            return _cmd_fold(args)
         return _cmd_demo(args)
     except IA3FuseError as exc:
         if args.debug:

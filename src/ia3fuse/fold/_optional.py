@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 _loaded = False
 
@@ -14,4 +15,11 @@ def load() -> None:
         return
     _loaded = True
     if importlib.util.find_spec("bitsandbytes") is not None:
+        quiet_bitsandbytes()
         from . import bnb  # noqa: F401  (registers the bitsandbytes backends)
+
+
+def quiet_bitsandbytes() -> None:
+    """Silence bitsandbytes' import-time advice to install `kernels` (which would fetch code from
+    a hub at run time: ia3fuse never does that); its CPU kernels work without it."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import FoldOptions, Snapshot, register_backend
+from .math import scale_bias, scale_weight
 
 __all__ = ["DenseBackend"]
 
@@ -71,36 +72,14 @@ class DenseBackend:
             if "bias" in snap:
                 module.bias.copy_(snap["bias"])
 
-    def _row_shape(self, module: nn.Module) -> tuple[int, ...]:
-        w = module.weight
-        if self._is_conv1d(module):
-            return (1, -1)
-        return (-1,) + (1,) * (w.dim() - 1)
-
-    def _col_scale(self, module: nn.Module, cols: Tensor) -> Tensor:
-        w = module.weight
-        if self._is_conv1d(module):
-            return cols.reshape(-1, 1)
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            groups = module.groups
-            out_pg, in_pg = module.out_channels // groups, module.in_channels // groups
-            # weight[o, j] reads input channel (o // out_pg) * in_pg + j
-            scale = cols.reshape(groups, 1, in_pg).expand(groups, out_pg, in_pg).reshape(module.out_channels, in_pg)
-            return scale.reshape(scale.shape + (1,) * (w.dim() - 2))
-        return cols.reshape(1, -1)
-
     def _apply(self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor]) -> None:
         with torch.no_grad():
             w = module.weight
-            new = w.float()
-            if rows is not None:
-                new = new * rows.to(new.device, torch.float32).reshape(self._row_shape(module))
-            if cols is not None:
-                new = new * self._col_scale(module, cols.to(new.device, torch.float32))
+            groups = getattr(module, "groups", 1)
+            new = scale_weight(w.detach(), rows, cols, transposed=self._is_conv1d(module), groups=groups)
             w.copy_(new.to(w.dtype))
             if rows is not None and module.bias is not None:
-                b = module.bias
-                b.copy_((b.float() * rows.to(b.device, torch.float32)).to(b.dtype))
+                module.bias.copy_(scale_bias(module.bias.detach(), rows).to(module.bias.dtype))
 
     def scale_rows(self, module: nn.Module, rows: Tensor, *, options: FoldOptions) -> str:
         self._apply(module, rows, None)
