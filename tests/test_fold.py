@@ -225,3 +225,26 @@ def test_conv2d_custom_model_rows_and_grouped_cols():
         torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
     assert isinstance(folded.conv2, nn.Conv2d)
     assert folded.ia3fuse_report.max_error < 1e-6  # the grouped-convolution expectation is right
+
+
+def test_modules_to_save_are_kept_from_a_peft_model_and_refused_from_files(tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        max_position_embeddings=64, vocab_size=128, num_labels=3)
+    base = tf.BertForSequenceClassification(cfg).eval()
+    peft_model = get_peft_model(copy.deepcopy(base), IA3Config(task_type="SEQ_CLS", init_ia3_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    peft_model.save_pretrained(str(tmp_path / "cls"))
+    ids = torch.randint(1, 128, (2, 6))
+    peft_model.eval()
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids).logits
+    folded = ia3fuse.fold(peft_model)
+    assert type(folded.classifier) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(folded(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(FoldError, match="non-IA3 tensors .*load it with PeftModel.from_pretrained"):
+        ia3fuse.fold(copy.deepcopy(base), tmp_path / "cls")

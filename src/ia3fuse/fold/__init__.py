@@ -113,10 +113,19 @@ def _strip_ia3(peft_model: Any) -> nn.Module:
 
     tuner = _tuner(peft_model)
     root = tuner.model
-    for path, layer in ia3_layers(peft_model).items():
+    replacements: dict[str, nn.Module] = {path: layer.get_base_layer() for path, layer in ia3_layers(peft_model).items()}
+    for path, module in root.named_modules():
+        # modules_to_save wrappers (e.g. a trained classifier head): keep the active trained copy, as
+        # PEFT's merge_and_unload does
+        copies = getattr(module, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict) and isinstance(getattr(module, "original_module", None), nn.Module):
+            active = getattr(module, "active_adapter", None)
+            active = active[0] if isinstance(active, list) and active else active
+            replacements[path] = copies[active] if active in copies else module.original_module
+    for path, new in replacements.items():
         parent_path, _, name = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
-        setattr(parent, name, layer.get_base_layer())
+        setattr(parent, name, new)
     return root
 
 
@@ -209,6 +218,12 @@ def fold(
         if adapter is None:
             raise FoldError("the model is not a PeftModel, so pass the IA3 adapter (an IA3Adapter or its directory)")
         loaded = adapter if isinstance(adapter, IA3Adapter) else load_adapter(adapter)
+        if loaded.extras:
+            raise FoldError(
+                f"the adapter also holds {len(loaded.extras)} non-IA3 tensors (modules_to_save, e.g. "
+                f"{next(iter(loaded.extras))!r}); load it with PeftModel.from_pretrained and fold that model, "
+                "which keeps the trained modules"
+            )
         vectors, feedforward = loaded.vectors, loaded.feedforward
         base = model
     if not vectors:
