@@ -19,6 +19,7 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     """A transformers config of a few thousand parameters for ``arch``."""
     import transformers as tf
 
+    # no dropout: train-mode forwards stay deterministic (the tests compare them)
     common = dict(vocab_size=128)
     if arch == "llama":
         cfg = tf.LlamaConfig(
@@ -26,16 +27,19 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
             num_key_value_heads=2, max_position_embeddings=64, **common,
         )
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **common)
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
     elif arch == "t5":
         cfg = tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-                          decoder_start_token_id=0, **common)
+                          decoder_start_token_id=0, dropout_rate=0.0, **common)
     elif arch == "bert":
         cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            max_position_embeddings=64, **common)
+                            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                            **common)
     elif arch == "opt":
         cfg = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                           word_embed_proj_dim=32, max_position_embeddings=64, **common)
+                           word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0,
+                           attention_dropout=0.0, **common)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     for k, v in overrides.items():
