@@ -95,6 +95,19 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
     fp.add_argument("--allow-pickle", action="store_true", help="read a legacy adapter_model.bin (weights_only=True)")
 
+    bp = sub.add_parser("bench", help="benchmarks: multi-task quality suites, speed against PEFT")
+    bsub = bp.add_subparsers(dest="bench_command", required=True)
+    qp = bsub.add_parser("quality", help="fuse each suite's task adapters with every method and score every task")
+    qp.add_argument("--suite", choices=["encoder", "causal", "all"], default="all", help="which suite (default all)")
+    qp.add_argument("--quick", action="store_true", help="small data and training: a few minutes on 2 cores")
+    qp.add_argument("--cache", default=None, help="folder for trained models (default ~/.cache/ia3fuse/bench)")
+    qp.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG results")
+    qp.add_argument("--seed", type=int, default=0, help="data and training seed")
+    qp.add_argument("--methods", nargs="+", default=None, help="only these fusion methods")
+    qp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp = bsub.add_parser("speed", help="merge and fold timings against PEFT's path (runs the scripts in benchmarks/)")
+    sp.add_argument("--quick", action="store_true", help="2-layer models: a smoke run")
+
     dp = sub.add_parser("demo", help="build a tiny model and adapters, fuse with every method, check in PEFT")
     dp.add_argument("--workdir", default="ia3fuse-demo", help="folder for the demo files (default ./ia3fuse-demo)")
     dp.add_argument("--arch", default="llama", help="tiny architecture: llama, gpt2, t5 or bert")
@@ -161,6 +174,38 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .errors import IA3FuseError
+
+    if args.bench_command == "speed":
+        import subprocess
+
+        scripts = Path(__file__).resolve().parents[2] / "benchmarks"
+        if not (scripts / "merge_speed.py").is_file():
+            raise IA3FuseError(
+                f"'ia3fuse bench speed' runs the scripts in the repository's benchmarks/ folder, not found at "
+                f"{str(scripts)!r}; run it from a source checkout (pip install -e .)"
+            )
+        for script in ("merge_speed.py", "fold_speed.py"):
+            cmd = [sys.executable, str(scripts / script)] + (["--quick"] if args.quick else [])
+            if subprocess.call(cmd) != 0:
+                raise IA3FuseError(f"{script} failed; run it alone to see why: {' '.join(cmd)}")
+        return 0
+    from .bench import SUITES, get_suite
+    from .bench.quality import run_quality
+    from .bench.report import quality_markdown, write_quality
+
+    cache = Path(args.cache) if args.cache else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ia3fuse" / "bench"
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    for name in names:
+        result = run_quality(get_suite(name), cache=cache, quick=args.quick, seed=args.seed,
+                             progress=not args.no_progress, methods=args.methods)
+        paths = write_quality(result, Path(args.out))
+        print(quality_markdown(result))
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -195,6 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_inspect(args)
         if args.command == "methods":
             return _cmd_methods()
+        if args.command == "bench":
+            return _cmd_bench(args)
         if args.command == "fold":
             return _cmd_fold(args)
         return _cmd_demo(args)

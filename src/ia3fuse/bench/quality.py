@@ -1,0 +1,166 @@
+"""The quality runner: fuse a suite's task adapters with every method and score every task.
+
+Rows (FusionBench's conventions): the base model; each task's own adapter; PEFT's own
+``add_weighted_adapter`` with uniform weights (computed by PEFT itself, the baseline); every
+ia3fuse method with its default parameters; the same with parameters tuned on the validation
+split (a small grid); one adapter trained on all tasks together (the upper bound). Columns:
+per-task test accuracy, their average, and normalized accuracy: the mean over tasks of
+fused accuracy / the task's own adapter's accuracy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from ..adapter import IA3Adapter, load_adapter
+from ..errors import MethodInputError
+from ..merge import merge
+from ..methods import get_method, method_names
+from .suite import Suite
+
+__all__ = ["run_quality", "tuning_grid"]
+
+
+def tuning_grid(method: str, k: int, *, quick: bool) -> list[dict[str, Any]]:
+    """The validation grid of one method: its parameters plus a common weight per adapter.
+
+    ``weight`` is the weight of every adapter (1/k is the mean, 1 the plain sum of task vectors).
+    """
+    scales = [1.0 / k, 2.0 / k, 1.0] if not quick else [1.0 / k, 1.0]
+    scales = sorted(set(round(s, 6) for s in scales if s <= 1.0 + 1e-9))
+    params: dict[str, list[Any]] = {}
+    names = {p.name for p in get_method(method).params}
+    if "density" in names:
+        params["density"] = [0.2, 0.5, 0.8] if not quick else [0.3, 0.7]
+    if "svd_rank" in names:
+        params["svd_rank"] = list(range(1, k + 1)) if not quick else [1, k]
+    if method in ("ties", "dare_ties"):
+        params["lam"] = [1.0, 1.5] if not quick else [1.0]
+        scales = [1.0 / k]  # TIES normalises by the weights: only lam scales the result
+    keys = list(params)
+    grid = []
+    for values in itertools.product(*(params[k_] for k_ in keys)):
+        for w in scales:
+            grid.append({"weight": w, **dict(zip(keys, values))})
+    return grid
+
+
+def _peft_with(suite: Suite, adapter_dir: Path) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(suite.base_model(), str(adapter_dir)).eval()
+
+
+def _scores(suite: Suite, model: Any, split: str) -> dict[str, float]:
+    with torch.no_grad():
+        return {t: float(suite.evaluate(model, t, split)) for t in suite.tasks}
+
+
+def _fused_scores(suite: Suite, fused: IA3Adapter, split: str, tmp: Path) -> dict[str, float]:
+    out = tmp / f"fused-{time.perf_counter_ns()}"
+    fused.save(out)
+    return _scores(suite, _peft_with(suite, out), split)
+
+
+def _peft_baseline(suite: Suite, split: str) -> dict[str, float]:
+    """PEFT's own IA3 add_weighted_adapter, uniform weights: the baseline users have today."""
+    from peft import PeftModel
+
+    tasks = suite.tasks
+    model = PeftModel.from_pretrained(suite.base_model(), str(suite.adapter_dir(tasks[0])), adapter_name=tasks[0])
+    for t in tasks[1:]:
+        model.load_adapter(str(suite.adapter_dir(t)), adapter_name=t)
+    model.add_weighted_adapter(list(tasks), [1.0 / len(tasks)] * len(tasks), "peft_uniform")
+    model.set_adapter("peft_uniform")
+    return _scores(suite, model.eval(), split)
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def run_quality(
+    suite: Suite,
+    *,
+    cache: Path,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    methods: Optional[list[str]] = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Prepare ``suite`` (cached), then score every row on the test split.
+
+    Returns:
+        JSON-able results: ``suite``, ``tasks``, ``describe``, ``rows`` (name, group, params,
+        accuracy per task, average, normalized), ``seconds`` per stage.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    suite.prepare(Path(cache), quick=quick, seed=seed, progress=progress)
+    prepared = time.perf_counter()
+    tasks = list(suite.tasks)
+    k = len(tasks)
+    adapters = {t: load_adapter(suite.adapter_dir(t), name=t) for t in tasks}
+    chosen = methods or method_names()
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, group: str, acc: dict[str, float], params: Optional[dict[str, Any]] = None) -> None:
+        rows.append({"name": name, "group": group, "params": params or {}, "accuracy": acc, "average": _mean(acc.values())})
+
+    with tempfile.TemporaryDirectory(prefix="ia3fuse-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        add("base model", "reference", _scores(suite, suite.base_model(), "test"))
+        for t in tasks:
+            add(f"adapter: {t}", "individual", _scores(suite, _peft_with(suite, suite.adapter_dir(t)), "test"))
+        add("PEFT add_weighted_adapter (uniform)", "baseline", _peft_baseline(suite, "test"),
+            {"weights": [round(1 / k, 6)] * k})
+        for m in chosen:
+            try:
+                fused = merge(list(adapters.values()), None, m)
+            except MethodInputError as exc:  # e.g. geometric with l <= 0: recorded, not fatal
+                rows.append({"name": m, "group": "ia3fuse default", "params": {}, "error": str(exc),
+                             "accuracy": None, "average": None})
+                continue
+            add(m, "ia3fuse default", _fused_scores(suite, fused, "test", tmp), {"weights": [round(1 / k, 6)] * k})
+        for m in tqdm(chosen, desc=f"{suite.name}: tuning on validation", disable=not progress):
+            best: Optional[tuple[float, dict[str, Any]]] = None
+            for point in tuning_grid(m, k, quick=quick):
+                params = {p: v for p, v in point.items() if p != "weight"}
+                try:
+                    fused = merge(list(adapters.values()), [point["weight"]] * k, m, **params)
+                except MethodInputError:
+                    continue
+                val = _mean(_fused_scores(suite, fused, "val", tmp).values())
+                if best is None or val > best[0] + 1e-12:
+                    best = (val, point)
+            if best is None:
+                continue
+            params = {p: v for p, v in best[1].items() if p != "weight"}
+            fused = merge(list(adapters.values()), [best[1]["weight"]] * k, m, **params)
+            add(f"{m} (tuned)", "ia3fuse tuned", _fused_scores(suite, fused, "test", tmp),
+                {**best[1], "val_average": round(best[0], 4)})
+        add("multi-task adapter (upper bound)", "reference", _scores(suite, _peft_with(suite, suite.multitask_adapter_dir()), "test"))
+    own = {t: next(r["accuracy"][t] for r in rows if r["name"] == f"adapter: {t}") for t in tasks}
+    for r in rows:
+        r["normalized"] = (
+            None if r["accuracy"] is None else _mean(r["accuracy"][t] / own[t] if own[t] > 0 else 0.0 for t in tasks)
+        )
+    done = time.perf_counter()
+    return {
+        "suite": suite.name,
+        "tasks": tasks,
+        "quick": quick,
+        "seed": seed,
+        "describe": suite.describe(),
+        "rows": rows,
+        "seconds": {"prepare": round(prepared - started, 2), "rows": round(done - prepared, 2)},
+    }

@@ -1,0 +1,126 @@
+"""Benchmark outputs: JSON, a markdown table and a PNG plot per quality run. Formatting only."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from ..report import format_table
+
+__all__ = ["quality_markdown", "write_quality", "machine_info"]
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a run happened: CPU count, platform and library versions."""
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "ia3fuse"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), **versions}
+
+
+def quality_markdown(result: dict[str, Any]) -> str:
+    """One table: a row per model, a column per task, average and normalized accuracy."""
+    tasks = result["tasks"]
+    rows = []
+    for r in result["rows"]:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in r["params"].items() if k != "val_average")
+        if r["accuracy"] is None:
+            reason = "needs every l > 0" if "must be > 0" in r["error"] else "failed (see the JSON)"
+            rows.append([r["name"], r["group"], f"not applicable: {reason}"] + ["-"] * (len(tasks) + 2))
+            continue
+        rows.append(
+            [r["name"], r["group"], params or "-"]
+            + [f"{100 * r['accuracy'][t]:.1f}" for t in tasks]
+            + [f"{100 * r['average']:.1f}", f"{100 * r['normalized']:.1f}"]
+        )
+    table = format_table(["row", "group", "parameters", *tasks, "average", "normalized"], rows)
+    best = max((r for r in result["rows"] if r["group"].startswith("ia3fuse") and r["accuracy"] is not None),
+               key=lambda r: r["normalized"])
+    peft = next(r for r in result["rows"] if r["group"] == "baseline")
+    return (
+        f"## {result['suite']} suite{' (quick)' if result['quick'] else ''}\n\n"
+        f"Test accuracy (%) per task; normalized = mean over tasks of accuracy / the task's own adapter's "
+        f"accuracy (FusionBench's convention). Seed {result['seed']}; preparation {result['seconds']['prepare']} s, "
+        f"rows {result['seconds']['rows']} s.\n\n{table}\n\n"
+        f"PEFT's add_weighted_adapter (uniform): normalized {100 * peft['normalized']:.1f}%; "
+        f"best ia3fuse row: **{best['name']}**, normalized {100 * best['normalized']:.1f}%.\n"
+    )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list) and value and all(isinstance(v, float) for v in value) and len(set(value)) == 1:
+        return f"{value[0]:.3g} each"
+    return str(value)
+
+
+def _plot(result: dict[str, Any], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional: the JSON and markdown are the record
+        return None
+    rows = [r for r in result["rows"] if r["group"] != "individual" and r["accuracy"] is not None]
+    tasks = result["tasks"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 2), gridspec_kw={"width_ratios": [1, 1.4]})
+    colors = {"reference": "#888888", "baseline": "#d62728", "ia3fuse default": "#1f77b4", "ia3fuse tuned": "#2ca02c"}
+    names = [r["name"] for r in rows]
+    left.barh(names, [100 * r["normalized"] for r in rows], color=[colors.get(r["group"], "#9467bd") for r in rows])
+    left.invert_yaxis()
+    left.axvline(100, color="black", lw=0.8, ls="--")
+    left.set_xlabel("normalized accuracy (%)")
+    left.set_title(f"{result['suite']} suite: normalized accuracy")
+    grid = [[r["accuracy"][t] / max(_own(result, t), 1e-9) for t in tasks] for r in rows]
+    im = right.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(1.0, max(max(g) for g in grid)))
+    right.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    right.set_yticks(range(len(rows)), names)
+    right.set_title("accuracy / own adapter's, per task")
+    fig.colorbar(im, ax=right)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _own(result: dict[str, Any], task: str) -> float:
+    return next(r["accuracy"][task] for r in result["rows"] if r["name"] == f"adapter: {task}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_quality(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``quality_<suite>[_quick].{json,md,png}`` under ``out_dir`` (atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"quality_{result['suite']}{'_quick' if result['quick'] else ''}"
+    result = {**result, "machine": machine_info()}
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    _atomic_write(paths[0], (json.dumps(result, indent=2) + "\n").encode())
+    _atomic_write(paths[1], quality_markdown(result).encode())
+    png = out_dir / f"{stem}.png"
+    tmp_png = out_dir / f".{stem}.tmp.png"
+    if _plot(result, tmp_png) is not None:
+        os.replace(tmp_png, png)
+        paths.append(png)
+    return paths

@@ -1,0 +1,96 @@
+"""The quality runner and report on a toy suite (a tiny Llama whose tasks are 'agree with adapter t')."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from ia3fuse.bench.quality import run_quality, tuning_grid
+from ia3fuse.bench.report import quality_markdown, write_quality
+from ia3fuse.examples import random_ia3_adapter, tiny_model
+
+
+class ToySuite:
+    """Task t: predict, at each position of fixed inputs, the token that adapter t's model predicts."""
+
+    name = "toy"
+    tasks = ["a", "b", "c"]
+
+    def prepare(self, cache: Path, *, quick: bool, seed: int, progress: bool) -> None:
+        self.root = Path(cache)
+        self.base = tiny_model("llama", seed=seed)
+        self.inputs = {s: torch.randint(1, 128, (4, 12), generator=torch.Generator().manual_seed(i))
+                       for i, s in enumerate(("val", "test"))}
+        self.dirs = {t: random_ia3_adapter(self.base, self.root / t, seed=10 + i, spread=1.0)
+                     for i, t in enumerate(self.tasks)}
+        self.multi = random_ia3_adapter(self.base, self.root / "multi", seed=99, spread=0.1)
+        self.labels = {}
+        from peft import PeftModel
+
+        for t, d in self.dirs.items():
+            model = PeftModel.from_pretrained(tiny_model("llama", seed=seed), str(d)).eval()
+            with torch.no_grad():
+                self.labels[t] = {s: model(input_ids=x).logits.argmax(-1) for s, x in self.inputs.items()}
+
+    def base_model(self) -> nn.Module:
+        return tiny_model("llama")
+
+    def adapter_dir(self, task: str) -> Path:
+        return self.dirs[task]
+
+    def multitask_adapter_dir(self) -> Path:
+        return self.multi
+
+    def evaluate(self, model: nn.Module, task: str, split: str) -> float:
+        pred = model(input_ids=self.inputs[split]).logits.argmax(-1)
+        return float((pred == self.labels[task][split]).float().mean())
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "tiny llama", "tasks": self.tasks}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_quality(ToySuite(), cache=tmp_path_factory.mktemp("toy"), quick=True, progress=False,
+                       methods=["linear", "task_arithmetic", "ties"])
+
+
+def test_rows_and_normalized_accuracy(result):
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["base model", "adapter: a", "adapter: b", "adapter: c", "PEFT add_weighted_adapter (uniform)",
+                     "linear", "task_arithmetic", "ties", "linear (tuned)", "task_arithmetic (tuned)", "ties (tuned)",
+                     "multi-task adapter (upper bound)"]
+    rows = {r["name"]: r for r in result["rows"]}
+    for t in "abc":
+        assert rows[f"adapter: {t}"]["accuracy"][t] == 1.0  # a task is agreeing with its own adapter
+        assert rows["base model"]["accuracy"][t] < 1.0
+    # PEFT's uniform sum and ia3fuse's linear with the same weights are the same vectors here
+    assert rows["PEFT add_weighted_adapter (uniform)"]["accuracy"] == rows["linear"]["accuracy"]
+    for r in result["rows"]:
+        assert r["normalized"] == pytest.approx(sum(r["accuracy"].values()) / 3)  # own accuracy is 1
+        assert r["average"] == pytest.approx(sum(r["accuracy"].values()) / 3)
+    tuned = rows["task_arithmetic (tuned)"]["params"]
+    assert tuned["weight"] in (pytest.approx(1 / 3), 1.0) and "val_average" in tuned
+
+
+def test_tuning_grid_covers_method_parameters():
+    assert tuning_grid("linear", 3, quick=False) == [{"weight": pytest.approx(1 / 3)}, {"weight": pytest.approx(2 / 3)}, {"weight": 1.0}]
+    ties = tuning_grid("ties", 2, quick=False)
+    assert {(p["density"], p["lam"]) for p in ties} == {(d, l) for d in (0.2, 0.5, 0.8) for l in (1.0, 1.5)}
+    assert {p["svd_rank"] for p in tuning_grid("svd", 4, quick=False)} == {1, 2, 3, 4}
+
+
+def test_report_files(result, tmp_path):
+    paths = write_quality(result, tmp_path)
+    assert [p.name for p in paths] == ["quality_toy_quick.json", "quality_toy_quick.md", "quality_toy_quick.png"]
+    data = json.loads(paths[0].read_text())
+    assert data["rows"] == result["rows"] and data["machine"]["cpus"] >= 1
+    md = paths[1].read_text()
+    assert md == quality_markdown({**result, "machine": data["machine"]})
+    assert "| PEFT add_weighted_adapter (uniform) |" in md and "best ia3fuse row" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
