@@ -94,3 +94,15 @@ def test_report_files(result, tmp_path):
     assert md == quality_markdown({**result, "machine": data["machine"]})
     assert "| PEFT add_weighted_adapter (uniform) |" in md and "best ia3fuse row" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_benchmarks_doc_collects_full_runs(result, tmp_path):
+    from ia3fuse.bench.report import benchmarks_doc
+
+    assert "No full quality run is recorded yet." in benchmarks_doc(tmp_path)
+    write_quality({**result, "suite": "encoder", "quick": False}, tmp_path)
+    (tmp_path / "merge_speed.md").write_text("# Merge speed\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    doc = benchmarks_doc(tmp_path)
+    assert "## encoder suite\n" in doc and "| PEFT add_weighted_adapter (uniform) |" in doc
+    assert "![encoder suite](../benchmarks/results/quality_encoder.png)" in doc
+    assert "### Merging 8 adapters (`python benchmarks/merge_speed.py`)\n\n| a | b |" in doc

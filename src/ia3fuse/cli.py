@@ -105,6 +105,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     qp.add_argument("--seed", type=int, default=0, help="data and training seed")
     qp.add_argument("--methods", nargs="+", default=None, help="only these fusion methods")
     qp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rp = bsub.add_parser("report", help="rewrite docs/benchmarks.md from benchmarks/results/")
+    rp.add_argument("--results", default="benchmarks/results", help="folder of the results")
+    rp.add_argument("-o", "--output", default="docs/benchmarks.md", help="the page to write")
     sp = bsub.add_parser("speed", help="merge and fold timings against PEFT's path (runs the scripts in benchmarks/)")
     sp.add_argument("--quick", action="store_true", help="2-layer models: a smoke run")
 
@@ -190,6 +193,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             cmd = [sys.executable, str(scripts / script)] + (["--quick"] if args.quick else [])
             if subprocess.call(cmd) != 0:
                 raise IA3FuseError(f"{script} failed; run it alone to see why: {' '.join(cmd)}")
+        return 0
+    if args.bench_command == "report":
+        from .bench.report import write_benchmarks_doc
+
+        print(f"wrote {write_benchmarks_doc(Path(args.results), Path(args.output))}")
         return 0
     from .bench import SUITES, get_suite
     from .bench.quality import run_quality
