@@ -253,3 +253,31 @@ def test_incomplete_cache_folder_is_refused(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / f"causal-v{SUITE_VERSION}-seed0-quick").mkdir()
     with pytest.raises(IA3FuseError, match="exists but holds no meta.json"):
         CausalSuite().prepare(tmp_path, quick=True, seed=0, progress=False)
+
+
+def test_cli_quick_quality_run_schema_and_sanity(prepared, tmp_path):
+    """`ia3fuse bench quality --quick` through the real entry point, on the cache trained above."""
+    import subprocess
+    import sys
+
+    _, cache = prepared
+    cli = Path(sys.executable).parent / "ia3fuse"
+    res = subprocess.run(
+        [str(cli), "bench", "quality", "--suite", "causal", "--quick", "--cache", str(cache), "--out", str(tmp_path),
+         "--methods", "linear", "ties", "--no-progress"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "quality_causal_quick.json").read_text())
+    assert (tmp_path / "quality_causal_quick.md").is_file() and (tmp_path / "quality_causal_quick.png").is_file()
+    assert set(data) >= {"suite", "tasks", "quick", "seed", "describe", "rows", "seconds", "machine"}
+    assert data["suite"] == "causal" and data["quick"] is True and data["tasks"] == list(TASK_NAMES)
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {"base model", *(f"adapter: {t}" for t in TASK_NAMES), "PEFT add_weighted_adapter (uniform)",
+                         "linear", "ties", "linear (tuned)", "ties (tuned)", "multi-task adapter (upper bound)"}
+    for r in data["rows"]:
+        assert set(r) >= {"name", "group", "params", "accuracy", "average", "normalized"}
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+    for t in TASK_NAMES:
+        assert rows[f"adapter: {t}"]["accuracy"][t] > rows["base model"]["accuracy"][t]
+    assert rows["PEFT add_weighted_adapter (uniform)"]["accuracy"] == rows["linear"]["accuracy"]
