@@ -50,7 +50,7 @@ def test_fold_peft_model_equals_unmerged_forward(models, arch):
     assert any((v < 0).any() for v in ia3fuse.load_adapter(adapter).vectors.values()), "want negative entries"
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
     ref = _out(peft_model, _batch(arch))
-    folded = ia3fuse.fold(peft_model, exact="require")
+    folded = ia3fuse.fold(peft_model, exact="require", measure_error=True)
     assert type(folded) is type(base)
     assert not any("ia3" in n for n, _ in folded.named_modules())
     torch.testing.assert_close(_out(folded, _batch(arch)), ref, rtol=1e-5, atol=1e-5)
@@ -88,7 +88,7 @@ def test_fold_half_precision_at_rounding_floor(models, dtype):
     base, adapter = models["llama"]
     half = copy.deepcopy(base).to(dtype)
     ref = _out(PeftModel.from_pretrained(copy.deepcopy(half), str(adapter)).eval(), _batch("llama")).float()
-    folded = ia3fuse.fold(copy.deepcopy(half), adapter)
+    folded = ia3fuse.fold(copy.deepcopy(half), adapter, measure_error=True)
     out = _out(folded, _batch("llama")).float()
     eps = torch.finfo(dtype).eps
     assert ((out - ref).norm() / ref.norm()) < 8 * eps
@@ -220,7 +220,7 @@ def test_conv2d_custom_model_rows_and_grouped_cols():
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         ref = peft_model(x)
-    folded = ia3fuse.fold(peft_model, exact="require")
+    folded = ia3fuse.fold(peft_model, exact="require", measure_error=True)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
     assert isinstance(folded.conv2, nn.Conv2d)
@@ -248,3 +248,16 @@ def test_modules_to_save_are_kept_from_a_peft_model_and_refused_from_files(tmp_p
         torch.testing.assert_close(folded(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(FoldError, match="non-IA3 tensors .*load it with PeftModel.from_pretrained"):
         ia3fuse.fold(copy.deepcopy(base), tmp_path / "cls")
+
+
+def test_error_is_measured_for_lossy_layers_by_default(models, monkeypatch):
+    base, adapter = models["gpt2"]
+    _pretend_quantized(monkeypatch, ("c_proj",))
+    model = copy.deepcopy(base)
+    _tag(model)
+    with pytest.warns(UserWarning):
+        report = ia3fuse.fold(model, adapter).ia3fuse_report
+    measured = {e.module.rsplit(".", 1)[-1]: e.rel_error for e in report.entries}
+    assert measured["c_attn"] is None and measured["c_proj"] is not None and measured["c_proj"] < 1e-6
+    with pytest.raises(FoldError, match="measure_error='some' is not a choice"):
+        ia3fuse.fold(copy.deepcopy(base), adapter, measure_error="some")

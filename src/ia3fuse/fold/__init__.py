@@ -168,7 +168,7 @@ def fold(
     exact: Exact = "auto",
     double_quant: str = "unnest",
     keep_originals: bool = False,
-    measure_error: bool = True,
+    measure_error: Union[bool, Literal["lossy"]] = "lossy",
 ) -> nn.Module:
     """Fold an IA3 adapter into the model's weights, in place, and return the plain model.
 
@@ -189,7 +189,9 @@ def fold(
         keep_originals: also keep copies of full-precision weights so `unfold` can restore them
             (quantized statistics are always kept: they are tiny).
         measure_error: dequantize each changed layer before and after to report its relative
-            error (one layer-sized temporary at a time).
+            error (one layer-sized temporary at a time): ``True`` for every layer, ``"lossy"``
+            (default) only for the requantized ones (exact paths then cost no temporaries),
+            ``False`` never.
 
     Returns:
         The plain model (PEFT wrappers removed). Its ``ia3fuse_report`` attribute is the
@@ -240,7 +242,12 @@ def fold(
     if base is None:
         target = _strip_ia3(model)
     options = FoldOptions(double_quant=double_quant)
-    entries = [_apply(w, options, keep_originals, measure_error) for w in works]
+    if measure_error not in (True, False, "lossy"):
+        raise FoldError(f"measure_error={measure_error!r} is not a choice; pass True, False or 'lossy'")
+    entries = [
+        _apply(w, options, keep_originals, measure_error is True or (measure_error == "lossy" and w.lossy is not None))
+        for w in works
+    ]
     model_type = getattr(getattr(target, "config", None), "model_type", type(target).__name__)
     report = FoldReport(entries, model_type)
     if lossy and exact == "auto":
