@@ -106,3 +106,15 @@ def test_benchmarks_doc_collects_full_runs(result, tmp_path):
     assert "## encoder suite\n" in doc and "| PEFT add_weighted_adapter (uniform) |" in doc
     assert "![encoder suite](../benchmarks/results/quality_encoder.png)" in doc
     assert "### Merging 8 adapters (`python benchmarks/merge_speed.py`)\n\n| a | b |" in doc
+
+
+def test_speed_ratio_plot_from_results(tmp_path):
+    from ia3fuse.bench.report import speed_ratios, write_benchmarks_doc
+
+    (tmp_path / "merge_speed.json").write_text(json.dumps({"ratios": {"peft_wall_over_cli_wall": 2.5, "unknown": 3}}))
+    (tmp_path / "fold_speed.json").write_text(json.dumps({"ratios": {"int8 (b)/(a)": 200.0}}))
+    assert speed_ratios(tmp_path) == [("merge 8 adapters: PEFT process / ia3fuse CLI", 2.5),
+                                      ("fold int8: per-layer requantize / ia3fuse", 200.0)]
+    doc = write_benchmarks_doc(tmp_path, tmp_path / "docs" / "benchmarks.md").read_text()
+    assert (tmp_path / "speed_ratios.png").stat().st_size > 1000
+    assert "![speed ratios](../benchmarks/results/speed_ratios.png)" in doc

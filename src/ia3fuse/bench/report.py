@@ -165,6 +165,8 @@ def benchmarks_doc(results: Path) -> str:
     if not found:
         parts += ["No full quality run is recorded yet.", ""]
     parts += ["## Speed and memory", ""]
+    if (results / "speed_ratios.png").is_file():
+        parts += ["![speed ratios](../benchmarks/results/speed_ratios.png)", ""]
     for name, title in (("merge_speed", "Merging 8 adapters"), ("fold_speed", "Folding into a quantized model")):
         md = results / f"{name}.md"
         if md.is_file():
@@ -173,8 +175,54 @@ def benchmarks_doc(results: Path) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def speed_ratios(results: Path) -> list[tuple[str, float]]:
+    """(label, ratio) pairs from the speed results: PEFT's or the lossy path's time over ia3fuse's."""
+    labels = {
+        "peft_wall_over_cli_wall": "merge 8 adapters: PEFT process / ia3fuse CLI",
+        "peft_in_process_over_api_task_arithmetic": "merge 8 adapters: PEFT in-process / ia3fuse API",
+        "nf4 fresh load (b)/(a)": "fold nf4: per-layer requantize / ia3fuse",
+        "nf4 (c)/(a fresh load)": "fold nf4: PEFT bf16 merge + requantize / ia3fuse",
+        "nf4 after inference (b)/(a)": "fold nf4 after CPU repack: requantize / ia3fuse",
+        "int8 (b)/(a)": "fold int8: per-layer requantize / ia3fuse",
+    }
+    pairs = []
+    for name in ("merge_speed.json", "fold_speed.json"):
+        path = results / name
+        if path.is_file():
+            ratios = json.loads(path.read_text()).get("ratios", {})
+            pairs += [(labels[k], float(v)) for k, v in ratios.items() if k in labels and v]
+    return pairs
+
+
+def _plot_speed(pairs: list[tuple[str, float]], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(pairs) + 1.2))
+    ax.barh([p[0] for p in pairs], [p[1] for p in pairs], color="#1f77b4")
+    ax.set_xscale("log")
+    ax.axvline(1, color="black", lw=0.8, ls="--")
+    ax.invert_yaxis()
+    for i, (_, v) in enumerate(pairs):
+        ax.text(v, i, f" {v:,.1f}x", va="center")
+    ax.set_xlabel("speed-up of ia3fuse (baseline time / ia3fuse time, log scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_benchmarks_doc(results: Path, out: Path) -> Path:
-    """Write `benchmarks_doc` to ``out`` atomically."""
+    """Write `benchmarks_doc` to ``out`` atomically, and the speed-ratio plot beside the results."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    pairs = speed_ratios(results)
+    if pairs:
+        tmp = results / ".speed_ratios.tmp.png"
+        if _plot_speed(pairs, tmp) is not None:
+            os.replace(tmp, results / "speed_ratios.png")
     _atomic_write(out, benchmarks_doc(results).encode())
     return out
