@@ -21,6 +21,8 @@ def get_suite(name: str) -> Any:
     try:
         return getattr(importlib.import_module(module), cls)()
     except ImportError as exc:
+        if (exc.name or "").startswith("ia3fuse"):
+            raise
         raise IA3FuseError(
             f"the {name!r} suite needs packages that are not installed ({exc}); "
             'install them with: pip install "ia3fuse[bench]"'
