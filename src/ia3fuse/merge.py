@@ -3,15 +3,15 @@ calls one registered method per module. No base model is needed."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ._runtime import torch_threads
 from .adapter import IA3Adapter, PathLike, _targets_module, as_adapters, is_feedforward_module
 from .errors import IncompatibleAdaptersError, InvalidParameterError, MethodInputError
 from .methods import get_method
@@ -153,18 +153,6 @@ def fused_config(adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan]) ->
     return config
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    # The per-module math is tiny: torch's thread pool only adds latency, and a lot of it when
-    # another process holds a core (measured: 0.02 s -> 0.5 s for 8 TinyLlama-sized adapters).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _fuse_module(
     spec: Any,
     method: str,
@@ -262,7 +250,7 @@ def merge(
     compute, out_dtype = _compute_dtype(loaded), _output_dtype(loaded)
     fill = 1.0 if missing == "identity" else 0.0
     vectors: dict[str, Tensor] = {}
-    with _one_thread():
+    with torch_threads(1):  # tiny ops: the thread pool only adds latency
         for m in modules:
             vectors[m.path] = _fuse_module(spec, method, params, m, loaded, plan, depths[m.path], compute, fill, out_dtype)
     recipe = {

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import inspect
@@ -43,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._runtime import no_hf_progress_bars as _no_hf_progress_bars
+from .._runtime import torch_threads as _torch_threads
 from ..errors import IA3FuseError
 from .suite import SUITE_SPLITS
 
@@ -403,34 +404,6 @@ def _epoch_sampler(examples: list[Example], batch: int, seed: int) -> Callable[[
         return [examples[i] for i in idx]
 
     return sample
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads, then restore. Measured here: these tiny models train
-    ~100x slower with 2 threads than with 1 when another process keeps a core busy."""
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _no_hf_progress_bars() -> Iterator[None]:
-    """Hide transformers' "Writing model shards" / "Loading weights" bars, then restore them."""
-    from transformers.utils import logging as tf_logging
-
-    was_on = tf_logging.is_progress_bar_enabled()
-    tf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            tf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------

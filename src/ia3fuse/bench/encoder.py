@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._runtime import no_hf_progress_bars as _no_hf_progress_bars
+from .._runtime import torch_threads as _torch_threads
 from .._io import atomic_output_dir
 from ..errors import IA3FuseError, OutputPathError
 from .suite import SUITE_SPLITS
@@ -642,34 +644,6 @@ def _batches(examples: Sequence[Example], size: int, rng: random.Random) -> Iter
             batches = [order]
         rng.shuffle(batches)
         yield from batches
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads, then restore. Measured here: with another process keeping
-    a core busy, the quick prepare took 276 s with 2 threads and 64 s with 1."""
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _no_hf_progress_bars() -> Iterator[None]:
-    """Hide transformers' "Loading weights" bars, then restore them."""
-    from transformers.utils import logging as tf_logging
-
-    was_on = tf_logging.is_progress_bar_enabled()
-    tf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            tf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
