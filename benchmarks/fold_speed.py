@@ -46,7 +46,6 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -424,10 +423,7 @@ WORKERS = {"setup": ms._worker_setup, "fold": _worker_fold, "workaround": _worke
 
 
 def _run_worker(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    result = WORKERS[spec["kind"]](spec)
-    ms._write_json_atomic(Path(spec["result"]), result)
-    return 0
+    return ms._run_worker(spec_path, WORKERS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,24 +434,12 @@ def _run_worker(spec_path: str) -> int:
 class FoldBench(ms.Bench):
     """merge_speed's subprocess runner, pointed at this script's workers."""
 
-    def worker(self, kind: str, label: str, **spec: Any) -> dict[str, Any]:
-        spec_path = self.logs / f"{self.count + 1:03d}-{label}.spec.json"
-        result = self.logs / f"{self.count + 1:03d}-{label}.result.json"
-        ms._write_json_atomic(spec_path, {"kind": kind, "result": str(result), **spec})
-        proc = self.spawn([sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path)], label)
-        return {"process": proc, **json.loads(result.read_text())}
+    def __init__(self, workdir: Path, threads: Optional[int] = None) -> None:
+        super().__init__(workdir, threads, script=Path(__file__))
 
 
 def _prepare_workdir(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The work folder, and whether this run created it (then it is removed at the end)."""
-    if args.workdir is None:
-        return Path(tempfile.mkdtemp(prefix="ia3fold-")), True
-    wd = Path(args.workdir).absolute()
-    if wd.exists() and any(wd.iterdir()) and not (wd / MARKER).exists():
-        raise SystemExit(f"--workdir {str(wd)!r} is not empty and was not made by this script; pass an empty or new folder")
-    created = not wd.exists()
-    wd.mkdir(parents=True, exist_ok=True)
-    return wd, created
+    return ms._prepare_workdir(args, prefix="ia3fold-", marker=MARKER)
 
 
 def _setup(bench: FoldBench, model_config: dict[str, Any]) -> dict[str, Any]:

@@ -224,9 +224,10 @@ def _worker_peft(spec: dict[str, Any]) -> dict[str, Any]:
 WORKERS = {"setup": _worker_setup, "api": _worker_api, "peft": _worker_peft}
 
 
-def _run_worker(spec_path: str) -> int:
+def _run_worker(spec_path: str, workers: Optional[dict[str, Any]] = None) -> int:
+    """Run one worker from its spec file and write its result (also used by fold_speed.py)."""
     spec = json.loads(Path(spec_path).read_text())
-    result = WORKERS[spec["kind"]](spec)
+    result = (workers or WORKERS)[spec["kind"]](spec)
     _write_json_atomic(Path(spec["result"]), result)
     return 0
 
@@ -239,8 +240,9 @@ def _run_worker(spec_path: str) -> int:
 class Bench:
     """Runs one subprocess per measurement; logs go to the work folder."""
 
-    def __init__(self, workdir: Path, threads: Optional[int] = None) -> None:
+    def __init__(self, workdir: Path, threads: Optional[int] = None, script: Optional[Path] = None) -> None:
         self.workdir = workdir
+        self.script = Path(script or __file__).resolve()  # the script whose --_worker runs a spec
         self.logs = workdir / "logs"
         self.logs.mkdir(exist_ok=True)
         self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -274,16 +276,16 @@ class Bench:
         spec_path = self.logs / f"{self.count + 1:03d}-{label}.spec.json"
         result = self.logs / f"{self.count + 1:03d}-{label}.result.json"
         _write_json_atomic(spec_path, {"kind": kind, "result": str(result), **spec})
-        proc = self.spawn([sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path)], label)
+        proc = self.spawn([sys.executable, str(self.script), "--_worker", str(spec_path)], label)
         return {"process": proc, **json.loads(result.read_text())}
 
 
-def _prepare_workdir(args: argparse.Namespace) -> tuple[Path, bool]:
+def _prepare_workdir(args: argparse.Namespace, prefix: str = "ia3bench-", marker: str = MARKER) -> tuple[Path, bool]:
     """The work folder, and whether this run created it (then it is removed at the end)."""
     if args.workdir is None:
-        return Path(tempfile.mkdtemp(prefix="ia3bench-")), True
+        return Path(tempfile.mkdtemp(prefix=prefix)), True
     wd = Path(args.workdir).absolute()
-    if wd.exists() and any(wd.iterdir()) and not (wd / MARKER).exists():
+    if wd.exists() and any(wd.iterdir()) and not (wd / marker).exists():
         raise SystemExit(f"--workdir {str(wd)!r} is not empty and was not made by this script; pass an empty or new folder")
     created = not wd.exists()
     wd.mkdir(parents=True, exist_ok=True)
