@@ -9,6 +9,7 @@ Example:
 from .adapter import IA3Adapter, load_adapter
 from .errors import (
     AdapterFormatError,
+    DataError,
     FoldError,
     IA3FuseError,
     IncompatibleAdaptersError,
@@ -24,6 +25,8 @@ from .fold.checkpoint import fold_checkpoint
 from .merge import IA3FuseWarning, merge
 from .methods import get_method, methods
 from .peft import adapter_from_peft, add_weighted_adapter
+from .mixture import Mixture, Router, train_router
+from .search import SearchResult, search_weights
 from .weights import WeightSchedule
 
 __version__ = "0.1.0"
@@ -37,11 +40,17 @@ __all__ = [
     "add_weighted_adapter",
     "adapter_from_peft",
     "WeightSchedule",
+    "search_weights",
+    "Mixture",
+    "Router",
+    "train_router",
+    "SearchResult",
     "fold",
     "unfold",
     "fold_checkpoint",
     "FoldReport",
     "FoldError",
+    "DataError",
     "IA3FuseWarning",
     "IA3FuseError",
     "AdapterFormatError",

@@ -76,9 +76,10 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
             raise OutputPathError(
                 f"writing output {str(out)!r} failed ({exc.strerror or exc}); nothing was written"
             ) from exc
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as fh:
+                    os.fsync(fh.fileno())
         if out.exists():
             if not overwrite:
                 raise OutputPathError(f"output {str(out)!r} appeared while writing; pass another path")

@@ -16,14 +16,15 @@ from typing import Any, Optional, Sequence
 __all__ = ["main"]
 
 
-def _param_flags(parser: argparse.ArgumentParser) -> list[str]:
+def _param_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> list[str]:
     """One flag per method parameter name, typed from the registry (the methods' schema)."""
     from .methods import methods
 
     seen: dict[str, Any] = {}
     for m in methods():
         for p in m.params:
-            seen.setdefault(p.name, (p, []))[1].append(m.name)
+            if p.name not in skip:
+                seen.setdefault(p.name, (p, []))[1].append(m.name)
     group = parser.add_argument_group("method parameters (each applies to the methods listed)")
     for name, (p, owners) in seen.items():
         ann = p.annotation
@@ -95,6 +96,39 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
     fp.add_argument("--allow-pickle", action="store_true", help="read a legacy adapter_model.bin (weights_only=True)")
 
+    sp_ = sub.add_parser(
+        "search",
+        help="find fusion weights from a few examples (Adam through the merge, or CMA-ES)",
+        description="ia3fuse search --model DIR --adapters A B C --data few.jsonl [--granularity layer] -o OUT",
+    )
+    sp_.add_argument("--model", required=True, help="base model directory (transformers, with its tokenizer)")
+    sp_.add_argument("--adapters", nargs="+", required=True, help="IA3 adapter directories trained on that base")
+    sp_.add_argument("--data", required=True,
+                     help='JSON lines: {"input": ..., "target": ...} (LMs), {"input": ..., "label": N} (classifiers) or {"input": ...}')
+    sp_.add_argument("-o", "--output", required=True, help="output folder: adapter/, recipe.yaml, weights.md/png, objective.png")
+    sp_.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    sp_.add_argument("--objective", choices=["loss", "entropy"], default="loss",
+                     help="loss on labeled examples, or prediction entropy (labels unused); default loss")
+    sp_.add_argument("--granularity", choices=["task", "layer", "module"], default="task",
+                     help="one weight per adapter, per adapter and layer, or per adapter, layer and module kind")
+    sp_.add_argument("--optimizer", choices=["adam", "cma"], default="adam", help="adam (gradients) or cma (CMA-ES)")
+    sp_.add_argument("--method", default="task_arithmetic", help="fusion method (see 'ia3fuse methods')")
+    sp_.add_argument("--budget", type=int, default=None, help="forward passes to spend (default 100 passes over the data)")
+    sp_.add_argument("--l1", type=float, default=0.0, help="penalty l1 * mean |weight| (LoraHub: 0.05)")
+    sp_.add_argument("--bounds", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
+                     help="bounds of every weight (cma default -1.5 1.5)")
+    sp_.add_argument("--init", nargs="+", type=float, default=None, help="starting weight(s): one, or one per adapter")
+    sp_.add_argument("--seed", type=int, default=0, help="seed of CMA-ES and of randomized methods' drop masks")
+    sp_.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    sp_.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
+    sp_.add_argument("--sigma0", type=float, default=0.2, help="CMA-ES initial step size")
+    sp_.add_argument("--popsize", type=int, default=None, help="CMA-ES population (default 4 + 3 ln n)")
+    sp_.add_argument("--name", default="searched", help="name of the fused adapter")
+    sp_.add_argument("--force", action="store_true", help="replace an existing output folder")
+    sp_.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp_.add_argument("--allow-pickle", action="store_true", help="read legacy adapter_model.bin (weights_only=True)")
+    search_params = _param_flags(sp_, skip=("seed",))
+
     bp = sub.add_parser("bench", help="benchmarks: multi-task quality suites, speed against PEFT")
     bsub = bp.add_subparsers(dest="bench_command", required=True)
     qp = bsub.add_parser("quality", help="fuse each suite's task adapters with every method and score every task")
@@ -105,6 +139,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     qp.add_argument("--seed", type=int, default=0, help="data and training seed")
     qp.add_argument("--methods", nargs="+", default=None, help="only these fusion methods")
     qp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    qp.add_argument("--no-search", action="store_true", help="skip the weight-search and router rows")
     rp = bsub.add_parser("report", help="rewrite docs/benchmarks.md from benchmarks/results/")
     rp.add_argument("--results", default="benchmarks/results", help="folder of the results")
     rp.add_argument("-o", "--output", default="docs/benchmarks.md", help="the page to write")
@@ -114,7 +149,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     dp = sub.add_parser("demo", help="build a tiny model and adapters, fuse with every method, check in PEFT")
     dp.add_argument("--workdir", default="ia3fuse-demo", help="folder for the demo files (default ./ia3fuse-demo)")
     dp.add_argument("--arch", default="llama", help="tiny architecture: llama, gpt2, t5 or bert")
-    return parser, param_names
+    return parser, param_names + [p for p in search_params if p not in param_names]
 
 
 def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
@@ -177,6 +212,34 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace, param_names: list[str]) -> int:
+    from ._io import check_output_path
+    from .search import load_tokenizer, read_records, search_weights
+    from .search import load_model as load_search_model
+
+    params = {n: getattr(args, f"param_{n}") for n in param_names if getattr(args, f"param_{n}", None) is not None}
+    out = Path(args.output)
+    check_output_path(out, [Path(args.model), Path(args.data), *map(Path, args.adapters)], overwrite=args.force)
+    records = read_records(args.data)
+    classifier = bool(records) and "label" in records[0]
+    model = load_search_model(args.model, classifier=classifier)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    init = None if args.init is None else (args.init[0] if len(args.init) == 1 else args.init)
+    result = search_weights(
+        model, list(args.adapters), records, tokenizer=tokenizer, objective=args.objective,
+        granularity=args.granularity, optimizer=args.optimizer, method=args.method, budget=args.budget,
+        l1=args.l1, bounds=tuple(args.bounds) if args.bounds else None, init=init, seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, sigma0=args.sigma0, popsize=args.popsize, name=args.name,
+        progress=not args.no_progress, allow_pickle=args.allow_pickle, **params,
+    )
+    written = result.save(out, overwrite=args.force)
+    print(result.weights_table())
+    print(f"{result.objective}: {result.initial_objective:.6g} -> {result.final_objective:.6g} "
+          f"in {result.forwards} forward passes ({result.optimizer}, {result.granularity}-wise)")
+    print(f"wrote {written} (adapter/, recipe.yaml, weights.md, weights.png, objective.png, search.json)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .errors import IA3FuseError
 
@@ -207,7 +270,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     names = list(SUITES) if args.suite == "all" else [args.suite]
     for name in names:
         result = run_quality(get_suite(name), cache=cache, quick=args.quick, seed=args.seed,
-                             progress=not args.no_progress, methods=args.methods)
+                             progress=not args.no_progress, methods=args.methods,
+                             search=not args.no_search)
         paths = write_quality(result, Path(args.out))
         print(quality_markdown(result))
         print("wrote " + ", ".join(str(p) for p in paths))
@@ -252,6 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_bench(args)
         if args.command == "fold":
             return _cmd_fold(args)
+        if args.command == "search":
+            return _cmd_search(args, param_names)
         return _cmd_demo(args)
     except IA3FuseError as exc:
         if args.debug:

@@ -17,6 +17,7 @@ __all__ = [
     "OutputPathError",
     "RecipeError",
     "FoldError",
+    "DataError",
 ]
 
 
@@ -58,3 +59,7 @@ class RecipeError(IA3FuseError):
 
 class FoldError(IA3FuseError):
     """An adapter cannot be folded into a model as asked (absent modules, lossy under exact="require")."""
+
+
+class DataError(IA3FuseError):
+    """Examples for a weight search or a router are empty, malformed or do not fit the model."""

@@ -1,0 +1,418 @@
+"""Dynamic IA3 mixtures: a different mixture of K adapters per request, per sample, or per
+token, in one batch, without re-merging; optionally chosen by a learned router.
+
+Per sample b the IA3 vector of a module is ``1 + lam * sum_k alpha_bk tau_k`` (delta form, as
+``task_arithmetic``) or ``exp(sum_k alpha_bk log l_k)`` (geometric form, as ``geometric``):
+one ``(B, K) x (K, N)`` product per forward, then each IA3 module multiplies its slice
+(`ia3fuse.scaling.ScaleHooks`). k/v scaling is per sample, so the KV cache stays consistent
+during ``generate()``; beam search and ``num_return_sequences`` repeat each sample's row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._io import atomic_output_dir, check_output_path
+from .adapter import IA3Adapter, PathLike, as_adapters, load_adapter
+from .errors import IA3FuseError, InvalidParameterError, InvalidWeightsError, MethodInputError
+from .merge import merge
+from .scaling import ScaleHooks, TaskStack
+
+__all__ = ["Mixture", "Router", "train_router", "FORMS"]
+
+FORMS = ("delta", "geometric")
+WeightsLike = Union[Tensor, Sequence[Any], Mapping[str, float]]
+_CACHE_KEYS = ("past_key_values", "cache")
+
+
+class Router(nn.Module):
+    """A small gate from the base model's hidden states to mixture weights (softmax over K).
+
+    Args:
+        hidden_size: width of the hidden states it reads.
+        num_adapters: K.
+        level: ``"sequence"`` (mean-pooled over the attention mask: weights ``(B, K)``) or
+            ``"token"`` (weights ``(B, T, K)``, for forwards over whole sequences).
+        layer: which of the model's ``hidden_states`` it reads (default -1, the last).
+        hidden: width of a hidden layer (0: a single linear map).
+        temperature: softmax temperature.
+    """
+
+    def __init__(self, hidden_size: int, num_adapters: int, *, level: str = "sequence", layer: int = -1,
+                 hidden: int = 0, temperature: float = 1.0):
+        super().__init__()
+        if level not in ("sequence", "token"):
+            raise InvalidParameterError(f"router level={level!r}; pass 'sequence' or 'token'")
+        if not temperature > 0:
+            raise InvalidParameterError(f"router temperature={temperature!r}; pass a value > 0")
+        self.config = {"hidden_size": int(hidden_size), "num_adapters": int(num_adapters), "level": level,
+                       "layer": int(layer), "hidden": int(hidden), "temperature": float(temperature)}
+        if hidden:
+            self.net: nn.Module = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, num_adapters))
+        else:
+            self.net = nn.Linear(hidden_size, num_adapters)
+        last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+        nn.init.zeros_(last.weight)  # starts at uniform weights: the plain mean of the adapters
+        nn.init.zeros_(last.bias)
+
+    @property
+    def level(self) -> str:
+        return self.config["level"]
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        h = hidden_states.float()
+        if self.level == "sequence":
+            if attention_mask is None:
+                h = h.mean(1)
+            else:
+                m = attention_mask.to(h.dtype).unsqueeze(-1)
+                h = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return torch.softmax(self.net(h) / self.config["temperature"], dim=-1)
+
+
+class Mixture(nn.Module):
+    """K IA3 adapters applied to one base model with run-time mixture weights.
+
+    Weights are ``(K,)`` for the whole batch, ``(B, K)`` per sample (one-hot rows select one
+    adapter per sample) or ``(B, T, K)`` per token; a mapping adapter name -> weight is a
+    ``(K,)``. Set them with ``with mixture.using(weights): ...``, or pass ``mixture_weights=``
+    to ``mixture(...)`` / ``mixture.generate(...)``. With a `Router` and no weights given, the
+    router picks them from the base model's hidden states (computed in a routing pass over the
+    prompt; later cached decoding steps reuse them).
+
+    The module's parameters are the router's only; the base model stays frozen and is not a
+    submodule (so ``Trainer`` or a plain loop trains just the router).
+
+    Args:
+        model: the base transformers model (or any module holding the IA3 target modules).
+        adapters: IA3 adapters (objects or directories), a list or a mapping name -> adapter.
+        form: ``"delta"`` (``1 + lam * sum alpha_k tau_k``) or ``"geometric"`` (``exp(sum alpha_k log l_k)``).
+        lam: scale of the delta form.
+        router: an optional `Router`.
+
+    Raises:
+        IncompatibleAdaptersError: adapters that do not fit the model or each other.
+
+    Example:
+        >>> mix = ia3fuse.Mixture(model, {"math": "a/math", "code": "a/code"})  # doctest: +SKIP
+        >>> with mix.using([[1.0, 0.0], [0.3, 0.7]]):  # doctest: +SKIP
+        ...     out = model.generate(**batch)  # sample 0: math; sample 1: 0.3 math + 0.7 code
+    """
+
+    def __init__(self, model: nn.Module, adapters: Any, *, form: str = "delta", lam: float = 1.0,
+                 router: Optional[Router] = None, allow_pickle: bool = False, _peft_tuner: Any = None):
+        super().__init__()
+        if form not in FORMS:
+            raise InvalidParameterError(f"form={form!r} is not a mixture form; pass one of {', '.join(FORMS)}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise InvalidParameterError(f"lam={lam!r}; pass a finite number")
+        if hasattr(model, "peft_config") and _peft_tuner is None:
+            raise IA3FuseError(
+                f"the model is a {type(model).__name__}; build the mixture with Mixture.from_peft(peft_model) "
+                "or pass the base model"
+            )
+        loaded = as_adapters(adapters, allow_pickle=allow_pickle)
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        stack = TaskStack(loaded, device=device)
+        if form == "geometric":
+            low = float(stack.vectors.min())
+            if not low > 0:
+                raise MethodInputError(
+                    f"the geometric form takes log(l), so every IA3 value must be > 0, but the adapters hold {low:.6g}; "
+                    "use form='delta'"
+                )
+            basis = stack.vectors.double().log().float()
+        else:
+            basis = stack.vectors - 1
+        object.__setattr__(self, "model", model)  # not a submodule: never trained, moved or saved with the router
+        object.__setattr__(self, "_tuner", _peft_tuner)
+        self.adapters: list[IA3Adapter] = stack.adapters
+        self.segments = stack.segments
+        self.form, self.lam = form, float(lam)
+        self.register_buffer("basis", basis, persistent=False)
+        self.router = router
+        if router is not None:
+            self._check_router(router)
+        self.hooks = ScaleHooks(model, stack.segments)
+        self._route_cache: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_peft(cls, peft_model: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> "Mixture":
+        """A mixture of IA3 adapters loaded in a PeftModel (all of them by default).
+
+        PEFT's own IA3 layers are disabled while the mixture is open (`close` re-enables them).
+        """
+        from .peft import _tuner, adapter_from_peft
+
+        tuner = _tuner(peft_model)
+        names = list(adapter_names) if adapter_names is not None else list(tuner.peft_config)
+        adapters = [adapter_from_peft(peft_model, n) for n in names]
+        tuner.disable_adapter_layers()
+        try:
+            return cls(tuner.model, adapters, _peft_tuner=tuner, **kwargs)
+        except BaseException:
+            tuner.enable_adapter_layers()
+            raise
+
+    def close(self) -> None:
+        """Remove the hooks (and re-enable PEFT's layers for `from_peft`); the model is as before."""
+        self.hooks.remove()
+        if self._tuner is not None:
+            self._tuner.enable_adapter_layers()
+            object.__setattr__(self, "_tuner", None)
+
+    def __enter__(self) -> "Mixture":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    def get_base_model(self) -> nn.Module:
+        """The hooked model (as PeftModel names it), for code that inspects its forward."""
+        return self.model
+
+    # ------------------------------------------------------------------ weights
+    def weights_tensor(self, weights: WeightsLike) -> Tensor:
+        """Check ``weights`` and return them as a float32 tensor ``(K,)``, ``(B, K)`` or ``(B, T, K)``.
+
+        Raises:
+            InvalidWeightsError: wrong last dimension, rank, unknown names, NaN/Inf.
+        """
+        k = len(self.adapters)
+        if isinstance(weights, Mapping):
+            unknown = [n for n in weights if n not in self.names]
+            if unknown:
+                raise InvalidWeightsError(
+                    f"mixture weights name no adapter {', '.join(map(repr, unknown))}; the adapters are {', '.join(map(repr, self.names))}"
+                )
+            weights = [float(weights.get(n, 0.0)) for n in self.names]
+        try:
+            w = torch.as_tensor(weights, dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidWeightsError(
+                f"mixture weights {weights!r} are not numbers of shape (K,), (B, K) or (B, T, K) ({exc})"
+            ) from None
+        if w.dim() not in (1, 2, 3) or w.shape[-1] != k:
+            raise InvalidWeightsError(
+                f"mixture weights have shape {tuple(w.shape)} for {k} adapters ({', '.join(self.names)}); pass shape "
+                f"({k},) for the batch, (B, {k}) per sample or (B, T, {k}) per token"
+            )
+        if not torch.isfinite(w).all():
+            raise InvalidWeightsError("mixture weights hold NaN or Inf; pass finite numbers")
+        return w
+
+    def scales(self, weights: WeightsLike) -> Tensor:
+        """The flat IA3 vectors for ``weights``: ``(N,)``, ``(B, N)`` or ``(B, T, N)``."""
+        w = weights if isinstance(weights, Tensor) and weights.requires_grad else self.weights_tensor(weights)
+        mixed = w.to(self.basis) @ self.basis
+        return 1 + self.lam * mixed if self.form == "delta" else mixed.exp()
+
+    @contextlib.contextmanager
+    def using(self, weights: WeightsLike) -> Iterator[None]:
+        """Apply ``weights`` to every forward inside the block (the model's own calls too)."""
+        before = self.hooks.scales
+        self.hooks.scales = self.scales(weights)
+        try:
+            yield
+        finally:
+            self.hooks.scales = before
+
+    # ------------------------------------------------------------------ running
+    def route(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
+        """The router's weights for a batch, from a pass of the base model (no IA3 applied)."""
+        if self.router is None:
+            raise IA3FuseError("the mixture has no router; pass mixture_weights=..., or set mixture.router = Router(...)")
+        before = self.hooks.scales
+        self.hooks.scales = None
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                 **{k: v for k, v in kwargs.items() if k not in ("labels", *_CACHE_KEYS, "use_cache")})
+        finally:
+            self.hooks.scales = before
+        states = getattr(out, "encoder_hidden_states", None) or out.hidden_states
+        hidden = states[self.router.config["layer"]]
+        return self.router(hidden, attention_mask)
+
+    def forward(self, *args: Any, mixture_weights: Optional[WeightsLike] = None, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` under ``mixture_weights``, the router's, or those set by `using`."""
+        if mixture_weights is not None:
+            with self.using(mixture_weights):
+                return self.model(*args, **kwargs)
+        if self.router is None or self.hooks.scales is not None:
+            if self.hooks.scales is None:
+                raise IA3FuseError("no mixture weights: pass mixture_weights=..., use `with mixture.using(...)`, or add a router")
+            return self.model(*args, **kwargs)
+        cached = any(kwargs.get(k) is not None for k in _CACHE_KEYS)
+        if not cached or self._route_cache is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._route_cache = self.route(ids, kwargs.get("attention_mask"))
+        weights = self._route_cache
+        self.hooks.scales = self.scales(weights)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.hooks.scales = None
+
+    def generate(self, *args: Any, mixture_weights: Optional[WeightsLike] = None, **kwargs: Any) -> Any:
+        """``model.generate`` with per-request or per-sample weights (or the router's, from the prompt)."""
+        if mixture_weights is None:
+            if self.hooks.scales is not None:
+                return self.model.generate(*args, **kwargs)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mixture_weights = self.route(ids, kwargs.get("attention_mask"))
+            if mixture_weights.dim() == 3:
+                raise IA3FuseError(
+                    "a token-level router cannot drive generate(): each step sees one new token; use a "
+                    "sequence-level router (Router(level='sequence')) for generation"
+                )
+        w = mixture_weights if isinstance(mixture_weights, Tensor) and mixture_weights.requires_grad else self.weights_tensor(mixture_weights)
+        if w.dim() == 3:
+            raise InvalidWeightsError(
+                "per-token weights (B, T, K) cannot drive generate(): each step sees one new token; pass (K,) or (B, K)"
+            )
+        with self.using(w.detach()):
+            return self.model.generate(*args, **kwargs)
+
+    def export(self, weights: WeightsLike, *, name: str = "mixture") -> IA3Adapter:
+        """A fixed mixture as an ordinary adapter: ``ia3fuse.merge`` with the same weights
+        (``task_arithmetic`` with ``lam`` for the delta form, ``geometric`` otherwise)."""
+        w = self.weights_tensor(weights)
+        if w.dim() != 1:
+            raise InvalidWeightsError(
+                f"export takes one mixture (K,), not weights of shape {tuple(w.shape)}; export each sample's row separately"
+            )
+        values = [float(v) for v in w.tolist()]
+        if self.form == "delta":
+            return merge(self.adapters, values, "task_arithmetic", lam=self.lam, name=name)
+        return merge(self.adapters, values, "geometric", name=name)
+
+    # ------------------------------------------------------------------ router I/O
+    def _check_router(self, router: Router) -> None:
+        if router.config["num_adapters"] != len(self.adapters):
+            raise InvalidParameterError(
+                f"the router maps to {router.config['num_adapters']} adapters but the mixture has {len(self.adapters)}; "
+                "build Router(hidden_size, num_adapters=len(mixture.adapters))"
+            )
+
+    def add_router(self, *, level: str = "sequence", layer: int = -1, hidden: int = 0, temperature: float = 1.0) -> Router:
+        """Attach a new `Router` sized for this model and these adapters (on the model's device)."""
+        size = getattr(getattr(self.model, "config", None), "hidden_size", None) or getattr(self.model.config, "d_model", None)
+        if size is None:
+            raise IA3FuseError("the model's config names no hidden_size; build Router(hidden_size, K) yourself and assign it")
+        router = Router(size, len(self.adapters), level=level, layer=layer, hidden=hidden, temperature=temperature)
+        self.router = router.to(self.basis.device)
+        return self.router
+
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """Write the mixture (its adapters, form, and router if any) to a directory, atomically."""
+        from safetensors.torch import save_file
+
+        out = check_output_path(Path(path), overwrite=overwrite)
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            (tmp / "adapters").mkdir()
+            for i, a in enumerate(self.adapters):
+                a.save(tmp / "adapters" / str(i))
+            meta = {"format": "ia3fuse-mixture", "version": 1, "names": self.names, "form": self.form, "lam": self.lam,
+                    "router": None if self.router is None else self.router.config}
+            (tmp / "mixture.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if self.router is not None:
+                state = {k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()}
+                save_file(state, str(tmp / "router.safetensors"))
+        return out
+
+    @classmethod
+    def load(cls, path: PathLike, model: nn.Module) -> "Mixture":
+        """Load a mixture saved by `save` onto ``model`` (the same base).
+
+        Raises:
+            IA3FuseError: not a mixture directory, or a malformed one.
+        """
+        from safetensors.torch import load_file
+
+        root = Path(path)
+        try:
+            meta = json.loads((root / "mixture.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise IA3FuseError(f"{str(path)!r} is not a saved mixture (mixture.json: {exc}); pass a folder written by Mixture.save") from None
+        if meta.get("format") != "ia3fuse-mixture" or not isinstance(meta.get("names"), list):
+            raise IA3FuseError(f"{str(path)!r} holds no ia3fuse mixture (mixture.json format {meta.get('format')!r})")
+        adapters = {n: load_adapter(root / "adapters" / str(i), name=n) for i, n in enumerate(meta["names"])}
+        router = None
+        if meta.get("router"):
+            cfg = dict(meta["router"])
+            router = Router(cfg.pop("hidden_size"), cfg.pop("num_adapters"), **cfg)
+            router.load_state_dict(load_file(str(root / "router.safetensors")))
+        mix = cls(model, adapters, form=meta["form"], lam=meta["lam"])
+        if router is not None:
+            mix._check_router(router)
+            mix.router = router.to(mix.basis.device)
+        return mix
+
+
+def train_router(
+    mixture: Mixture,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    epochs: int = 3,
+    lr: float = 1e-2,
+    seed: int = 0,
+    objective: Optional[Any] = None,
+    progress: bool = False,
+) -> list[float]:
+    """Train ``mixture.router`` on labeled batches with a plain torch loop (the base stays frozen).
+
+    Each batch is model keyword arguments with ``labels`` (the model computes the loss), or
+    whatever ``objective(mixture, inputs) -> scalar loss`` takes (it must call the mixture as
+    its model, so routing happens). Batches are shuffled per epoch with ``seed``. For
+    transformers' ``Trainer``, pass the mixture itself as the model: its only trainable
+    parameters are the router's.
+
+    Returns:
+        The mean loss of each epoch.
+    """
+    from tqdm.auto import tqdm
+
+    if mixture.router is None:
+        raise IA3FuseError("the mixture has no router; call mixture.add_router() first")
+    if not batches:
+        raise IA3FuseError("no training batches; pass labeled batches (dicts with input_ids, attention_mask, labels)")
+    device = mixture.basis.device
+    frozen = [(p, p.requires_grad) for p in mixture.model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(mixture.router.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    mixture.router.train()
+    try:
+        for _ in tqdm(range(epochs), desc="router", disable=not progress):
+            total = 0.0
+            for i in torch.randperm(len(batches), generator=gen).tolist():
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batches[i].items()}
+                loss = objective(mixture, batch) if objective is not None else mixture(**batch).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+            losses.append(total / len(batches))
+    finally:
+        mixture.router.eval()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    return losses
