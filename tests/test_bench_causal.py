@@ -7,6 +7,7 @@ CPU cores); every other test only reads it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -30,7 +31,7 @@ from ia3fuse.bench.causal import (
     make_tokenizer,
     pretraining_examples,
 )
-from ia3fuse.errors import IA3FuseError
+from ia3fuse.errors import DataError, IA3FuseError
 
 TASK_NAMES = [t.name for t in TASKS]
 
@@ -264,7 +265,8 @@ def test_cli_quick_quality_run_schema_and_sanity(prepared, tmp_path):
     cli = Path(sys.executable).parent / "ia3fuse"
     res = subprocess.run(
         [str(cli), "bench", "quality", "--suite", "causal", "--quick", "--cache", str(cache), "--out", str(tmp_path),
-         "--methods", "linear", "ties", "--no-progress"],
+         # the search and router rows (ia3fuse.bench.auto) have their own tests; this one checks the table
+         "--methods", "linear", "ties", "--no-progress", "--no-search"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert res.returncode == 0, res.stderr
@@ -281,3 +283,131 @@ def test_cli_quick_quality_run_schema_and_sanity(prepared, tmp_path):
     for t in TASK_NAMES:
         assert rows[f"adapter: {t}"]["accuracy"][t] > rows["base model"]["accuracy"][t]
     assert rows["PEFT add_weighted_adapter (uniform)"]["accuracy"] == rows["linear"]["accuracy"]
+
+
+# -- search problem (few-shot batches and objectives for ia3fuse.search) -------------------
+
+PER_TASK = 8
+
+
+@pytest.fixture(scope="session")
+def search_val(prepared: tuple[CausalSuite, Path]):
+    suite, _ = prepared
+    return suite.search_problem("val", PER_TASK, seed=0)
+
+
+def _batch_of(batches, task: str) -> dict:
+    (batch,) = [b for b in batches if b["task"] == task]
+    return batch
+
+
+def test_search_problem_picks_per_task_examples_of_the_split(prepared: tuple[CausalSuite, Path], search_val) -> None:
+    suite, _ = prepared
+    batches, objectives = search_val
+    assert set(objectives) == {"loss", "entropy"}
+    assert [b["task"] for b in batches] == TASK_NAMES  # one batch per task: 8 <= 32
+    splits = make_splits(0, QUICK)
+    tok = suite.tokenizer
+    eq = tok.encode("=")[0]
+    for batch in batches:
+        examples = batch["examples"]
+        assert len(examples) == len(set(examples)) == PER_TASK
+        assert set(examples) <= set(splits[batch["task"]]["val"])
+        expected = causal._collate(tok, examples)  # collated as the adapters were trained
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(batch[key], expected[key])
+        rows = torch.arange(PER_TASK)
+        end = batch["prompt_end"]
+        # the prompt ends with "=", unlabeled; the next position holds the first answer token
+        assert (batch["input_ids"][rows, end] == eq).all()
+        assert (batch["labels"][rows, end] == -100).all() and (batch["labels"][rows, end + 1] != -100).all()
+        assert (batch["labels"][rows, end + 1] == batch["input_ids"][rows, end + 1]).all()
+
+
+def test_search_problem_splits_many_examples_evenly_and_reads_the_asked_split(prepared: tuple[CausalSuite, Path]) -> None:
+    suite, _ = prepared
+    batches, _ = suite.search_problem("test", 40, seed=0)
+    splits = make_splits(0, QUICK)
+    for task in TASK_NAMES:
+        own = [b for b in batches if b["task"] == task]
+        assert [len(b["examples"]) for b in own] == [20, 20]  # at most 32 per batch, evenly
+        picked = [e for b in own for e in b["examples"]]
+        assert len(set(picked)) == 40 and set(picked) <= set(splits[task]["test"])
+
+
+def test_search_problem_is_deterministic_in_the_seed(prepared: tuple[CausalSuite, Path], search_val) -> None:
+    suite, _ = prepared
+    batches, _ = search_val
+    again, _ = suite.search_problem("val", PER_TASK, seed=0)
+    assert [b.keys() for b in again] == [b.keys() for b in batches]
+    for a, b in zip(again, batches):
+        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    other, _ = suite.search_problem("val", PER_TASK, seed=1)
+    assert [b["examples"] for b in other] != [b["examples"] for b in batches]
+
+
+def test_search_loss_is_the_training_loss_and_lower_with_each_tasks_own_adapter(
+    prepared: tuple[CausalSuite, Path], search_val
+) -> None:
+    suite, _ = prepared
+    batches, objectives = search_val
+    base = suite.base_model()
+    with torch.no_grad():
+        for task in TASK_NAMES:
+            batch = _batch_of(batches, task)
+            before = objectives["loss"](base, batch)
+            reference = base(**causal._collate(suite.tokenizer, batch["examples"])).loss
+            assert before.dim() == 0 and torch.allclose(before, reference)
+            after = objectives["loss"](_peft(suite, suite.adapter_dir(task)), batch)
+            assert after < before, (task, float(before), float(after))
+
+
+def test_search_entropy_is_the_first_answer_tokens_and_label_free(prepared: tuple[CausalSuite, Path], search_val) -> None:
+    suite, _ = prepared
+    batches, objectives = search_val
+    model = suite.base_model()
+    vocab = len(suite.tokenizer)
+    with torch.no_grad():
+        for batch in batches:
+            value = objectives["entropy"](model, batch)
+            assert value.dim() == 0 and torch.isfinite(value) and 0.0 <= float(value) <= math.log(vocab) + 1e-5
+            # other answers (labels and answer tokens) leave it as it is
+            answers = batch["labels"] != -100
+            scrambled = torch.where(answers, (batch["input_ids"] + 7) % vocab, batch["input_ids"])
+            relabeled = {**batch, "input_ids": scrambled, "labels": torch.where(answers, scrambled, batch["labels"])}
+            assert torch.allclose(objectives["entropy"](model, relabeled), value, rtol=1e-5, atol=1e-6)
+    # hand-checked on one prompt, unpadded
+    batch = batches[0]
+    prompt = batch["examples"][0][0]
+    ids = torch.tensor([[suite.tokenizer.bos_id] + suite.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=ids).logits[0, -1], -1)
+        one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        assert torch.allclose(objectives["entropy"](model, one), -(p * p.log()).sum(), rtol=1e-4)
+
+
+def test_search_objectives_drive_search_weights(prepared: tuple[CausalSuite, Path], search_val) -> None:
+    """One short Adam search per objective: the batches and objectives fit `search_weights`."""
+    from ia3fuse.search import search_weights
+
+    suite, _ = prepared
+    batches, objectives = search_val
+    adapters = {t: suite.adapter_dir(t) for t in TASK_NAMES}
+    for name, objective in objectives.items():
+        result = search_weights(suite.base_model(), adapters, batches, objective=objective, granularity="layer",
+                                budget=3 * len(batches), lr=0.1)
+        assert result.objective == name
+        assert min(h["objective"] for h in result.history) < result.initial_objective, (name, result.history)
+
+
+def test_search_problem_refuses_bad_split_and_counts(prepared: tuple[CausalSuite, Path]) -> None:
+    suite, _ = prepared
+    with pytest.raises(IA3FuseError, match="unknown split 'dev'; valid splits are: train, val, test"):
+        suite.search_problem("dev", 4, seed=0)
+    with pytest.raises(DataError, match=r"per_task=True; pass the number of examples per task, an integer >= 1"):
+        suite.search_problem("val", True, seed=0)
+    n = QUICK.n_val
+    with pytest.raises(DataError, match=rf"per_task={n + 1} but task 'rev' has only {n} 'val' examples; pass per_task <= {n}"):
+        suite.search_problem("val", n + 1, seed=0)
+    with pytest.raises(IA3FuseError, match="not prepared; call prepare"):
+        CausalSuite().search_problem("val", 4, seed=0)

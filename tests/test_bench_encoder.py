@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from peft import PeftModel
 from ia3fuse import load_adapter
 from ia3fuse.bench import encoder as enc
 from ia3fuse.bench import get_suite
-from ia3fuse.errors import IA3FuseError
+from ia3fuse.errors import DataError, IA3FuseError
 
 TASKS = list(enc.TASKS)
 
@@ -227,3 +228,113 @@ def test_describe_is_json_and_complete(suite: enc.EncoderSuite) -> None:
     training = facts["training"]
     assert training["steps"] == enc.QUICK_TRAINING.steps and training["lr"] == enc.QUICK_TRAINING.lr
     assert set(training["seconds"]) == {*TASKS, "multitask"}
+
+
+# --- search problem (few-shot batches and objectives for ia3fuse.search) ---
+
+PER_TASK = 8  # fewer than string_kind's 10 labels: the balanced pick still has to choose
+
+
+@pytest.fixture(scope="session")
+def search_val(suite: enc.EncoderSuite) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    return suite.search_problem("val", PER_TASK, seed=0)
+
+
+def _batch_of(batches: list[dict[str, Any]], task: str) -> dict[str, Any]:
+    (batch,) = [b for b in batches if b["task"] == task]
+    return batch
+
+
+def test_search_problem_picks_per_task_examples_of_the_split(
+    suite: enc.EncoderSuite, search_val: tuple[list[dict[str, Any]], dict[str, Any]]
+) -> None:
+    from transformers import AutoTokenizer
+
+    batches, objectives = search_val
+    assert set(objectives) == {"loss", "entropy"}
+    assert [b["task"] for b in batches] == TASKS  # one batch per task: 8 <= 32
+    tokenizer = AutoTokenizer.from_pretrained(str(enc.model_dir()))
+    for batch in batches:
+        task, examples = batch["task"], batch["examples"]
+        splits = enc.make_splits(task, enc.QUICK_SIZES, seed=0)
+        assert len(examples) == len(set(examples)) == PER_TASK
+        assert set(examples) <= set(splits["val"])
+        k = len(enc.TASKS[task].labels)
+        counts = [sum(1 for _, y in examples if y == label) for label in range(k)]
+        assert max(counts) - min(counts) <= 1  # balanced over the labels
+        texts = [t for t, _ in examples]
+        expected = tokenizer(texts, padding=True, truncation=True, max_length=enc.MAX_LENGTH, return_tensors="pt")
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            assert torch.equal(batch[key], expected[key])
+        assert batch["labels"].tolist() == [y for _, y in examples]
+        described = tokenizer(list(enc.TASKS[task].descriptions), padding=True, return_tensors="pt")
+        assert torch.equal(batch["description_input_ids"], described["input_ids"])
+
+
+def test_search_problem_splits_many_examples_evenly_and_reads_the_asked_split(suite: enc.EncoderSuite) -> None:
+    batches, _ = suite.search_problem("test", 40, seed=0)
+    for task in TASKS:
+        own = [b for b in batches if b["task"] == task]
+        assert [len(b["examples"]) for b in own] == [20, 20]  # at most 32 per batch, evenly
+        picked = [e for b in own for e in b["examples"]]
+        assert len(set(picked)) == 40 and set(picked) <= set(enc.make_splits(task, enc.QUICK_SIZES, seed=0)["test"])
+
+
+def test_search_problem_is_deterministic_in_the_seed(
+    suite: enc.EncoderSuite, search_val: tuple[list[dict[str, Any]], dict[str, Any]]
+) -> None:
+    batches, _ = search_val
+    again, _ = suite.search_problem("val", PER_TASK, seed=0)
+    assert [b.keys() for b in again] == [b.keys() for b in batches]
+    for a, b in zip(again, batches):
+        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    other, _ = suite.search_problem("val", PER_TASK, seed=1)
+    assert [b["examples"] for b in other] != [b["examples"] for b in batches]
+
+
+def test_search_loss_is_lower_with_each_tasks_own_adapter(
+    suite: enc.EncoderSuite, search_val: tuple[list[dict[str, Any]], dict[str, Any]]
+) -> None:
+    batches, objectives = search_val
+    base = suite.base_model()
+    with torch.no_grad():
+        for task in TASKS:
+            batch = _batch_of(batches, task)
+            before = objectives["loss"](base, batch)
+            after = objectives["loss"](_peft(suite, suite.adapter_dir(task)), batch)
+            assert before.dim() == 0 and after < before, (task, float(before), float(after))
+
+
+def test_search_entropy_is_a_label_free_entropy(
+    suite: enc.EncoderSuite, search_val: tuple[list[dict[str, Any]], dict[str, Any]]
+) -> None:
+    batches, objectives = search_val
+    model = suite.base_model()
+    with torch.no_grad():
+        for batch in batches:
+            value = objectives["entropy"](model, batch)
+            k = len(enc.TASKS[batch["task"]].labels)
+            assert value.dim() == 0 and torch.isfinite(value) and 0.0 <= float(value) <= math.log(k) + 1e-5
+            relabeled = {**batch, "labels": (batch["labels"] + 1) % k}
+            assert torch.equal(objectives["entropy"](model, relabeled), value)
+    # differentiable: the search backpropagates through it to the hooked scales
+    batch = batches[0]
+    scale = torch.ones(model.config.hidden_size, requires_grad=True)
+    handle = model.encoder.layer[0].attention.self.value.register_forward_hook(lambda m, i, out: out * scale)
+    try:
+        objectives["entropy"](model, batch).backward()
+    finally:
+        handle.remove()
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+
+
+def test_search_problem_refuses_bad_split_and_counts(suite: enc.EncoderSuite) -> None:
+    with pytest.raises(IA3FuseError, match=r"unknown split 'dev'; valid splits are: train, val, test"):
+        suite.search_problem("dev", 4, seed=0)
+    with pytest.raises(DataError, match=r"per_task=0; pass the number of examples per task, an integer >= 1"):
+        suite.search_problem("val", 0, seed=0)
+    n = enc.QUICK_SIZES.val
+    with pytest.raises(DataError, match=rf"per_task={n + 1} but task 'docstring_topic' has only {n} 'val' examples; pass per_task <= {n}"):
+        suite.search_problem("val", n + 1, seed=0)
+    with pytest.raises(IA3FuseError, match=r"not prepared; call prepare\("):
+        enc.EncoderSuite().search_problem("val", 4, seed=0)

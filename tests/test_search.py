@@ -76,8 +76,10 @@ def _greedy_batches(teacher: Any, ids: Tensor, rows: int = 8) -> list[dict[str, 
 
 
 def _mean_loss(model: Any, batches: list[dict[str, Tensor]]) -> float:
+    """Each batch's mean loss weighted by its rows: every example counts once."""
+    rows = [len(b["input_ids"]) for b in batches]
     with torch.no_grad():
-        return sum(float(model(**b).loss) for b in batches) / len(batches)
+        return sum(float(model(**b).loss) * n for b, n in zip(batches, rows)) / sum(rows)
 
 
 def _hooks(model: Any) -> int:
@@ -743,10 +745,11 @@ def test_errors_during_the_search_restore_the_model(world: World) -> None:
     unlabeled = [{"input_ids": b["input_ids"], "labels": torch.full_like(b["labels"], -100)} for b in world.batches["a"]]
     for optimizer in ("adam", "cma"):
         _refused(model, ids, world.targets, [world.root], DataError,
-                 "the objective is nan on a batch; check the data (labels all -100?) and the bounds",
+                 "the objective is nan; check the data (labels all -100?) and the bounds",
                  lambda: search_weights(model, [world.a, world.b], unlabeled, optimizer=optimizer, budget=40))
     _refused(model, ids, world.targets, [world.root], DataError,
-             "the entropy objective on a causal LM needs to know where prompts end; pass text records, not ready batches",
+             "the entropy objective on a causal LM needs to know where prompts end; pass text records, or give each "
+             "ready batch a 'prompt_end' tensor (index of each row's last prompt token)",
              lambda: search_weights(model, [world.a, world.b], world.batches["a"], objective="entropy", budget=4))
     calls = []
 
@@ -788,3 +791,31 @@ def test_search_restores_mixed_train_eval_modes(world: World) -> None:
     state = ModelState.of(model, world.ids)
     search_weights(model, [world.a, world.b], world.batches["a"], budget=4)
     state.assert_same(model, world.ids, world.targets)
+
+
+def test_ready_batches_with_prompt_end_take_the_entropy_objective(text: Any) -> None:
+    """A ready batch's 'prompt_end' entry is where prompts end (not a model argument)."""
+    built = make_batches(text.labeled, text.model, tokenizer=text.tokenizer, batch_size=2)
+    ready = [{**b.inputs, "prompt_end": b.prompt_end} for b in built]
+    from_ready = search_weights(text.model, text.adapters, ready, objective="entropy", budget=len(ready))
+    from_text = search_weights(text.model, text.adapters, text.labeled, tokenizer=text.tokenizer, batch_size=2,
+                               objective="entropy", budget=len(built))
+    assert from_ready.initial_objective == pytest.approx(from_text.initial_objective, abs=1e-6)
+
+
+def test_objective_is_the_mean_over_examples_not_batches(world: World) -> None:
+    """Nine examples in batches of 8 and 1: each example counts once, whatever batch it is in."""
+    model = world.base
+    batch = world.batches["a"][0]
+    ids, labels = batch["input_ids"][:5], batch["labels"][:5]
+    split = [{"input_ids": ids[:4], "labels": labels[:4]}, {"input_ids": ids[4:], "labels": labels[4:]}]
+    whole = [{"input_ids": ids, "labels": labels}]
+    a = search_weights(model, [world.a, world.b], split, budget=2)
+    b = search_weights(model, [world.a, world.b], whole, budget=1)
+    per_example = []
+    for i in range(5):
+        one = search_weights(model, [world.a, world.b], [{"input_ids": ids[i:i + 1], "labels": labels[i:i + 1]}], budget=1)
+        per_example.append(one.initial_objective)
+    # each row has the same number of label tokens, so the whole batch's mean loss is the mean of the rows'
+    assert a.initial_objective == pytest.approx(sum(per_example) / 5, abs=1e-5)
+    assert b.initial_objective == pytest.approx(sum(per_example) / 5, abs=1e-5)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .._runtime import no_hf_progress_bars as _no_hf_progress_bars
 from .._runtime import torch_threads as _torch_threads
 from ..errors import IA3FuseError
-from .suite import SUITE_SPLITS
+from .suite import SUITE_SPLITS, SearchObjective, check_search_pick, even_batches, mean_entropy
 
 __all__ = [
     "SUITE_VERSION",
@@ -329,6 +329,23 @@ def _collate(tok: CharTokenizer, batch: Sequence[Example]) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
+def _answer_loss(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+    """The training loss of a `CausalSuite.search_problem` batch: mean next-token cross-entropy
+    on the answer and EOS tokens (the model's own loss, as in `_train`)."""
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"]).loss
+
+
+def _first_answer_entropy(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+    """Mean entropy of the next-token distribution at each prompt's last token (the first answer
+    token's prediction) of a `CausalSuite.search_problem` batch; ``labels`` unused."""
+    end = inputs["prompt_end"]
+    # nothing after the longest prompt is needed; answer tokens of shorter rows that stay in the
+    # window sit after their row's prompt end, where causal attention keeps them out of it
+    width = int(end.max()) + 1
+    logits = model(input_ids=inputs["input_ids"][:, :width], attention_mask=inputs["attention_mask"][:, :width]).logits
+    return mean_entropy(logits[torch.arange(logits.shape[0], device=logits.device), end])
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -610,6 +627,51 @@ class CausalSuite:
                 "runs": copy.deepcopy(self._meta["runs"]),
             },
         }
+
+    def search_problem(
+        self, split: str, per_task: int, seed: int
+    ) -> tuple[list[dict[str, Any]], dict[str, SearchObjective]]:
+        """Few-shot batches of every task's ``split`` and the search objectives on them.
+
+        ``per_task`` examples per task, a seeded sample (the same ``seed`` gives the same
+        batches). Each batch holds one task's examples (at most 32; more are split evenly),
+        collated as in training: right-padded ``input_ids`` and ``attention_mask``, ``labels``
+        on the answer and EOS tokens only, plus ``prompt_end`` (each row's last prompt token),
+        ``task`` (the task's name) and ``examples`` (the ``(prompt, answer)`` pairs).
+
+        Objectives, ``objective(model, batch)`` for the base ``LlamaForCausalLM`` or a PeftModel:
+        ``"loss"``, the adapters' training loss (mean next-token loss on the answer tokens);
+        ``"entropy"``, the mean entropy of the next-token distribution at ``prompt_end`` (the
+        first answer token), ``labels`` unused.
+
+        Raises:
+            IA3FuseError: unknown split, or ``prepare`` not called yet.
+            DataError: ``per_task`` not an integer in [1, the split's size].
+        """
+        self._folder()
+        check_search_pick(split, per_task, self._splits)
+        batches: list[dict[str, Any]] = []
+        for task in self.tasks:
+            rng = random.Random(f"ia3fuse-causal-search-{task}-{split}-{seed}")
+            for chunk in even_batches(rng.sample(self._splits[task][split], per_task)):
+                batches.append({
+                    **_collate(self._tok, chunk),
+                    # <bos> + the prompt's tokens: the last of them is at index len(prompt tokens)
+                    "prompt_end": torch.tensor([len(self._tok.encode(prompt)) for prompt, _ in chunk]),
+                    "task": task,
+                    "examples": chunk,
+                })
+
+        # named as their keys: the search reports an objective by its function's __name__
+        def loss(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+            """Mean next-token loss on the answer tokens (the training loss)."""
+            return _answer_loss(model, inputs)
+
+        def entropy(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+            """Mean entropy of the first answer token's prediction; labels unused."""
+            return _first_answer_entropy(model, inputs)
+
+        return batches, {"loss": loss, "entropy": entropy}
 
     # -- helpers beyond the protocol ----------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import functools
 import importlib
 import inspect
@@ -37,7 +38,7 @@ from .._runtime import no_hf_progress_bars as _no_hf_progress_bars
 from .._runtime import torch_threads as _torch_threads
 from .._io import atomic_output_dir
 from ..errors import IA3FuseError, OutputPathError
-from .suite import SUITE_SPLITS
+from .suite import SUITE_SPLITS, SearchObjective, check_search_pick, even_batches, mean_entropy
 
 __all__ = [
     "FULL_SIZES",
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 # Bump whenever the data, the model inputs or the training change: the cache folder is keyed by it.
-SUITE_VERSION = 1
+SUITE_VERSION = 2  # 2: dates from a fixed range (1 drifted with the clock)
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_LENGTH = 64  # tokens; the longest texts (docstring sentences) are cut to 200 characters first
 MULTITASK = "multitask"
@@ -354,11 +355,14 @@ def _address_pools(rng: random.Random, n: int) -> list[list[str]]:
 
 # --- string_kind: what a faker-generated string is ----------------------------------------------
 
+_FIRST_DATE, _LAST_DATE = datetime.date(1970, 1, 1), datetime.date(2025, 12, 31)
+
 _STRING_KINDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "email": ("an email address", lambda f: f.email()),
     "url": ("a web site URL", lambda f: f.url()),
     "phone": ("a telephone number", lambda f: f.phone_number()),
-    "date": ("a calendar date", lambda f: f.date()),
+    # a fixed range: faker's date() ends at today, so the data would drift with the clock
+    "date": ("a calendar date", lambda f: f.date_between(_FIRST_DATE, _LAST_DATE).isoformat()),
     "iban": ("an IBAN bank account number", lambda f: f.iban()),
     "ip": ("an IP address of a computer", lambda f: f.ipv4()),
     "credit_card": ("a credit card number", lambda f: f.credit_card_number()),
@@ -623,6 +627,41 @@ def _embed(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return nn.functional.normalize(pooled, dim=-1)
 
 
+def _cosine_logits(model: nn.Module, texts: dict[str, Tensor], labels: dict[str, Tensor], temperature: float) -> Tensor:
+    """The head's logits: each text's cosine similarity to each label description, both embedded
+    by ``model``, divided by ``temperature``; what the adapters' cross-entropy is taken over."""
+    return _embed(model, texts) @ _embed(model, labels).T / temperature
+
+
+def _balanced_pick(examples: Sequence[Example], n: int, rng: random.Random) -> list[Example]:
+    """``n`` of ``examples`` drawn round-robin over the labels (in a seeded order), so a few shots
+    cover every label as evenly as ``n`` allows, and so does each batch cut from them in order."""
+    by_label: dict[int, list[Example]] = {}
+    for example in examples:
+        by_label.setdefault(example[1], []).append(example)
+    pools = [rng.sample(pool, len(pool)) for _, pool in sorted(by_label.items())]
+    order = rng.sample(range(len(pools)), len(pools))  # which labels get the spare picks
+    picked: list[Example] = []
+    while len(picked) < n:
+        for i in order:
+            if pools[i] and len(picked) < n:
+                picked.append(pools[i].pop())
+    return picked
+
+
+# The text's tokenizer outputs are the batch's own keys (``model(**...)`` style); the task's label
+# descriptions travel under this prefix, so each batch carries its own head.
+_DESCRIPTION_PREFIX = "description_"
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _search_logits(model: nn.Module, inputs: dict[str, Any], temperature: float) -> Tensor:
+    """`_cosine_logits` of an `EncoderSuite.search_problem` batch."""
+    texts = {k: inputs[k] for k in _TEXT_KEYS if k in inputs}
+    labels = {k[len(_DESCRIPTION_PREFIX):]: v for k, v in inputs.items() if k.startswith(_DESCRIPTION_PREFIX)}
+    return _cosine_logits(model, texts, labels, temperature)
+
+
 def _lr_factor(step: int, total: int, warmup: float) -> float:
     warm = max(1, round(warmup * total))
     if step < warm:
@@ -794,6 +833,56 @@ class EncoderSuite:
             "data_versions": self._data_versions or _data_versions(),
         }
 
+    def search_problem(
+        self, split: str, per_task: int, seed: int
+    ) -> tuple[list[dict[str, Any]], dict[str, SearchObjective]]:
+        """Few-shot batches of every task's ``split`` and the search objectives on them.
+
+        ``per_task`` examples per task, drawn round-robin over its labels with a seeded shuffle
+        (the same ``seed`` gives the same batches). Each batch holds one task's examples, as a
+        training batch does (at most 32; more are split evenly): the text's ``input_ids``,
+        ``attention_mask`` and ``token_type_ids``, its gold label index under ``labels``, the
+        task's tokenized label descriptions under ``description_input_ids`` (and so on), the
+        task's name under ``task`` and the ``(text, label)`` pairs under ``examples``.
+
+        Objectives, ``objective(model, batch)`` for the base ``BertModel`` or a PeftModel:
+        ``"loss"``, the adapters' training loss (cross-entropy over the cosine similarities to
+        the task's label descriptions, both embedded by ``model``, over the training
+        temperature); ``"entropy"``, the mean entropy of that softmax (``labels`` unused).
+
+        Raises:
+            IA3FuseError: unknown split, or ``prepare`` not called yet.
+            DataError: ``per_task`` not an integer in [1, the split's size].
+        """
+        self._prepared_root()
+        check_search_pick(split, per_task, self._data)
+        batches: list[dict[str, Any]] = []
+        for task in self.tasks:
+            rng = random.Random(f"ia3fuse-encoder-search-{task}-{split}-{seed}")
+            descriptions = self._tokenize(list(TASKS[task].descriptions))
+            for chunk in even_batches(_balanced_pick(self._data[task][split], per_task, rng)):
+                batches.append({
+                    **self._tokenize([t for t, _ in chunk]),
+                    "labels": torch.tensor([y for _, y in chunk]),
+                    **{_DESCRIPTION_PREFIX + k: v for k, v in descriptions.items()},
+                    "task": task,
+                    "examples": chunk,
+                })
+        # the temperature the adapters were trained with: the loss is theirs, and entropy is
+        # measured on the same softmax
+        temperature = (QUICK_TRAINING if self._quick else FULL_TRAINING).temperature
+
+        # named as their keys: the search reports an objective by its function's __name__
+        def loss(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+            """Cross-entropy of the zero-shot head against the gold labels (the training loss)."""
+            return nn.functional.cross_entropy(_search_logits(model, inputs, temperature), inputs["labels"])
+
+        def entropy(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+            """Mean entropy of the zero-shot head's softmax over the task's labels; labels unused."""
+            return mean_entropy(_search_logits(model, inputs, temperature))
+
+        return batches, {"loss": loss, "entropy": entropy}
+
     # --- helpers ---
 
     def _check_task(self, task: str) -> None:
@@ -890,7 +979,7 @@ class EncoderSuite:
             batch = next(streams[task])
             texts = self._tokenize([t for t, _ in batch])
             gold = torch.tensor([y for _, y in batch])
-            logits = _embed(model, texts) @ _embed(model, label_batches[task]).T / setup.temperature
+            logits = _cosine_logits(model, texts, label_batches[task], setup.temperature)
             loss = nn.functional.cross_entropy(logits, gold)
             opt.zero_grad(set_to_none=True)
             loss.backward()

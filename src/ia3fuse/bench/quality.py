@@ -94,13 +94,18 @@ def run_quality(
     seed: int = 0,
     progress: bool = True,
     methods: Optional[list[str]] = None,
+    search: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prepare ``suite`` (cached), then score every row on the test split.
 
+    With ``search`` (and a suite that has ``search_problem``), the "automatic weights" rows and
+    the "dynamic mixture" router row of `ia3fuse.bench.auto` are added; their summaries are
+    under ``search`` and ``router``.
+
     Returns:
         JSON-able results: ``suite``, ``tasks``, ``describe``, ``rows`` (name, group, params,
-        accuracy per task, average, normalized), ``seconds`` per stage.
+        accuracy per task, average, normalized), ``seconds`` per stage, ``search``.
     """
     from tqdm.auto import tqdm
 
@@ -148,6 +153,26 @@ def run_quality(
             fused = merge(list(adapters.values()), [best[1]["weight"]] * k, m, **params)
             add(f"{m} (tuned)", "ia3fuse tuned", _fused_scores(suite, fused, "test", tmp),
                 {**best[1], "val_average": round(best[0], 4)})
+        search_summary = None
+        if search and hasattr(suite, "search_problem"):
+            from .auto import run_search_rows
+
+            search_rows, search_summary = run_search_rows(
+                suite, quick=quick, seed=seed, progress=progress, log=log,
+                score=lambda fused: _fused_scores(suite, fused, "test", tmp),
+            )
+            for r in search_rows:
+                add(r["name"], r["group"], r["accuracy"], r["params"])
+        router_summary = None
+        if search and hasattr(suite, "search_problem"):
+            from .auto import run_router_rows
+
+            router_rows, router_summary = run_router_rows(
+                suite, quick=quick, seed=seed, progress=progress, log=log,
+                score=lambda mixture: _scores(suite, mixture, "test"),
+            )
+            for r in router_rows:
+                add(r["name"], r["group"], r["accuracy"], r["params"])
         add("multi-task adapter (upper bound)", "reference", _scores(suite, _peft_with(suite, suite.multitask_adapter_dir()), "test"))
     own = {t: next(r["accuracy"][t] for r in rows if r["name"] == f"adapter: {t}") for t in tasks}
     for r in rows:
@@ -163,4 +188,6 @@ def run_quality(
         "describe": suite.describe(),
         "rows": rows,
         "seconds": {"prepare": round(prepared - started, 2), "rows": round(done - prepared, 2)},
+        "search": search_summary,
+        "router": router_summary,
     }

@@ -43,8 +43,7 @@ def quality_markdown(result: dict[str, Any]) -> str:
             + [f"{100 * r['average']:.1f}", f"{100 * r['normalized']:.1f}"]
         )
     table = format_table(["row", "group", "parameters", *tasks, "average", "normalized"], rows)
-    best = max((r for r in result["rows"] if r["group"].startswith("ia3fuse") and r["accuracy"] is not None),
-               key=lambda r: r["normalized"])
+    best = max((r for r in result["rows"] if _ours(r) and r["accuracy"] is not None), key=lambda r: r["normalized"])
     peft = next(r for r in result["rows"] if r["group"] == "baseline")
     return (
         f"## {result['suite']} suite{' (quick)' if result['quick'] else ''}\n\n"
@@ -53,6 +52,37 @@ def quality_markdown(result: dict[str, Any]) -> str:
         f"rows {result['seconds']['rows']} s.\n\n{table}\n\n"
         f"PEFT's add_weighted_adapter (uniform): normalized {100 * peft['normalized']:.1f}%; "
         f"best ia3fuse row: **{best['name']}**, normalized {100 * best['normalized']:.1f}%.\n"
+        + _search_markdown(result)
+    )
+
+
+def _ours(row: dict[str, Any]) -> bool:
+    return row["group"].startswith("ia3fuse") or row["group"] in ("automatic weights", "dynamic mixture")
+
+
+def _search_markdown(result: dict[str, Any]) -> str:
+    """The weight-search runs: budget, objective before and after, passes to reach CMA-ES."""
+    summary = result.get("search")
+    if not summary:
+        return ""
+    by_name = {r["name"]: r for r in result["rows"]}
+    rows = []
+    for label, run in summary["runs"].items():
+        norm = by_name.get(label, {}).get("normalized")
+        rows.append([label, str(run["forwards"]), f"{run['initial_objective']:.4f}", f"{run['final_objective']:.4f}",
+                     "-" if norm is None else f"{100 * norm:.1f}"])
+    table = format_table(["run", "forward passes", "objective at uniform weights", "final objective", "normalized"], rows)
+    reach = summary["adam_layer_passes_to_cma_best"]
+    if reach is None:
+        verdict = "Adam (layer-wise, loss) did not reach CMA-ES's best final loss within the budget."
+    else:
+        verdict = (
+            f"Adam (layer-wise, loss) reached CMA-ES's best final loss ({summary['cma_best_final_loss']:.4f}) after "
+            f"{reach} forward passes; CMA-ES used {summary['cma_forwards']} ({summary['cma_forwards'] / reach:.1f}x more)."
+        )
+    return (
+        f"\n### Weight search ({summary['per_task']} {summary['split']} examples per task, {summary['batches']} batches, "
+        f"budget {summary['budget']} forward passes per run)\n\n{table}\n\n{verdict}\n"
     )
 
 
@@ -75,7 +105,8 @@ def _plot(result: dict[str, Any], path: Path) -> Optional[Path]:
     rows = [r for r in result["rows"] if r["group"] != "individual" and r["accuracy"] is not None]
     tasks = result["tasks"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 2), gridspec_kw={"width_ratios": [1, 1.4]})
-    colors = {"reference": "#888888", "baseline": "#d62728", "ia3fuse default": "#1f77b4", "ia3fuse tuned": "#2ca02c"}
+    colors = {"reference": "#888888", "baseline": "#d62728", "ia3fuse default": "#1f77b4", "ia3fuse tuned": "#2ca02c",
+              "automatic weights": "#ff7f0e", "dynamic mixture": "#9467bd"}
     names = [r["name"] for r in rows]
     left.barh(names, [100 * r["normalized"] for r in rows], color=[colors.get(r["group"], "#9467bd") for r in rows])
     left.invert_yaxis()
@@ -123,6 +154,13 @@ def write_quality(result: dict[str, Any], out_dir: Path) -> list[Path]:
     if _plot(result, tmp_png) is not None:
         os.replace(tmp_png, png)
         paths.append(png)
+    if result.get("search"):
+        from .auto import write_search_plot
+
+        tmp_png = out_dir / f".{stem}_search.tmp.png"
+        if write_search_plot(result["search"], tmp_png, result["suite"]) is not None:
+            os.replace(tmp_png, out_dir / f"{stem}_search.png")
+            paths.append(out_dir / f"{stem}_search.png")
     return paths
 
 
@@ -161,6 +199,8 @@ def benchmarks_doc(results: Path) -> str:
         ]
         if (results / f"quality_{suite}.png").is_file():
             parts += [f"![{suite} suite](../benchmarks/results/quality_{suite}.png)", ""]
+        if (results / f"quality_{suite}_search.png").is_file():
+            parts += [f"![{suite} suite weight search](../benchmarks/results/quality_{suite}_search.png)", ""]
         parts += [f"Tasks and splits: [bench-{suite}.md](bench-{suite}.md).", ""]
     if not found:
         parts += ["No full quality run is recorded yet.", ""]

@@ -8,14 +8,38 @@ and asks the suite to score each fused model on every task; it never looks insid
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping, Sequence, Sized
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["Suite", "SUITE_SPLITS"]
+from ..errors import DataError, IA3FuseError
+
+__all__ = [
+    "SEARCH_BATCH",
+    "SUITE_SPLITS",
+    "SearchObjective",
+    "Suite",
+    "check_search_pick",
+    "even_batches",
+    "mean_entropy",
+]
 
 SUITE_SPLITS = ("train", "val", "test")
+
+# What `ia3fuse.search.search_weights` calls per ready batch: ``objective(model, inputs)`` -> a
+# scalar (lower is better), differentiable with respect to the model's activations.
+SearchObjective = Callable[[nn.Module, dict[str, Any]], Tensor]
+
+# Most examples in one search batch; a task with more is split into near-equal batches, so every
+# example weighs about the same in the search's mean over batches.
+SEARCH_BATCH = 32
+
+_T = TypeVar("_T")
 
 
 class Suite(Protocol):
@@ -46,3 +70,62 @@ class Suite(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Facts for the report: model, tasks with their split sizes and labels, training setup."""
+
+    def search_problem(
+        self, split: str, per_task: int, seed: int
+    ) -> tuple[list[dict[str, Any]], dict[str, SearchObjective]]:
+        """Few-shot data for a weight search: ``per_task`` examples of every task from ``split``
+        (a deterministic pick from ``seed``), as ready batches, and the objectives by name:
+        ``"loss"`` (mean training loss on the labeled examples, the loss the suite's adapters were
+        trained with) and ``"entropy"`` (mean prediction entropy, labels unused, as AdaMerging).
+
+        Each batch holds the examples of one task; the objectives take the suite's base model
+        (as `ia3fuse.search.search_weights` hooks it) or a PeftModel around it.
+        """
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers the suites share for `Suite.search_problem`
+# ---------------------------------------------------------------------------------------------
+
+
+def check_search_pick(split: str, per_task: Any, splits: Mapping[str, Mapping[str, Sized]]) -> None:
+    """Refuse a split or a ``per_task`` that `Suite.search_problem` cannot serve.
+
+    Args:
+        split: the split asked for.
+        per_task: examples asked for per task.
+        splits: task -> split name -> that split's examples.
+
+    Raises:
+        IA3FuseError: unknown split. DataError: ``per_task`` not a positive integer, or more
+            than a task's split holds.
+    """
+    if split not in SUITE_SPLITS:
+        raise IA3FuseError(f"unknown split {split!r}; valid splits are: {', '.join(SUITE_SPLITS)}")
+    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1:
+        raise DataError(f"per_task={per_task!r}; pass the number of examples per task, an integer >= 1")
+    for task, by_split in splits.items():
+        n = len(by_split[split])
+        if per_task > n:
+            raise DataError(
+                f"per_task={per_task} but task {task!r} has only {n} {split!r} examples; pass per_task <= {n}"
+            )
+
+
+def even_batches(items: Sequence[_T], size: int = SEARCH_BATCH) -> list[list[_T]]:
+    """``items`` cut, in order, into the fewest batches of at most ``size``, as equal as possible.
+
+    Example:
+        >>> [len(b) for b in even_batches(list(range(40)), 32)]
+        [20, 20]
+    """
+    count = max(1, math.ceil(len(items) / size))
+    bounds = [round(i * len(items) / count) for i in range(count + 1)]
+    return [list(items[a:b]) for a, b in pairwise(bounds)]
+
+
+def mean_entropy(logits: Tensor) -> Tensor:
+    """Mean entropy (nats) of the softmax of ``logits`` over the last dimension, computed in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()

@@ -326,7 +326,7 @@ def search_weights(
     except StopIteration:
         device = torch.device("cpu")
     stack = TaskStack(loaded, device=device)
-    batches = make_batches(data, model, tokenizer=tokenizer, batch_size=batch_size, need_labels=obj_name == "loss")
+    batches = make_batches(data, model, tokenizer=tokenizer, batch_size=batch_size, need_labels=objective == "loss")
     cost = len(batches)
     total = budget if budget is not None else 100 * cost
     if total < cost:
@@ -340,25 +340,31 @@ def search_weights(
     rank, world = _distributed()
     local = [b.to(device) for b in batches[rank::world]]
 
+    examples = sum(b.size for b in batches)
+
+    def mean_objective(grad_of: Optional[Tensor], scales: Any) -> Tensor:
+        """The objective averaged over examples (each batch's mean weighted by its size),
+        summed across processes; with ``grad_of``, also its gradient (backward per batch)."""
+        value = torch.zeros((), dtype=torch.float64, device=device)
+        for b in local:
+            hooks.scales = scales() if callable(scales) else scales
+            loss = obj_fn(model, b) * (b.size / examples)
+            if grad_of is not None:
+                loss.backward()
+            value += loss.detach().double()
+        hooks.scales = None
+        value = _all_sum(value, world)
+        if not torch.isfinite(value):
+            raise DataError(f"the objective is {float(value)}; check the data (labels all -100?) and the bounds")
+        return value
+
     def evaluate(theta: Tensor, grad: bool) -> tuple[float, float, Optional[Tensor]]:
         th = theta.detach().to(device, torch.float32).requires_grad_(grad)
-        value = torch.zeros((), dtype=torch.float64, device=device)
         with torch.set_grad_enabled(grad):
-            for b in local:
-                hooks.scales = form(space.expand(th))
-                loss = obj_fn(model, b)
-                if not torch.isfinite(loss):
-                    raise DataError(
-                        f"the objective is {loss.item()} on a batch; check the data (labels all -100?) and the bounds"
-                    )
-                if grad:
-                    (loss / cost).backward()
-                value += loss.detach().double()
+            value = mean_objective(th if grad else None, lambda: form(space.expand(th)))
             penalty = l1 * th.abs().mean()
-            if grad and l1:
+            if grad and l1 and rank == 0:  # counted once, not once per process
                 penalty.backward()
-        hooks.scales = None
-        value = _all_sum(value, world) / cost
         g = None
         if grad:
             g = _all_sum(th.grad if th.grad is not None else torch.zeros_like(th), world).to("cpu", torch.float64)
@@ -391,12 +397,7 @@ def search_weights(
         flat = torch.cat([fused.vectors[s.path].reshape(-1).to(device, torch.float32) for s in stack.segments])
 
         with torch.no_grad():
-            final = torch.zeros((), dtype=torch.float64, device=device)
-            hooks.scales = flat
-            for b in local:
-                final += obj_fn(model, b).double()
-            hooks.scales = None
-        final_value = float(_all_sum(final, world) / cost)
+            final_value = float(mean_objective(None, flat))
     finally:
         bar.close()
         hooks.remove()

@@ -10,7 +10,8 @@ A record is one of:
 - ``{"input": str}``: unlabeled, for the entropy objective.
 
 Already-built batches (mappings of model keyword arguments, e.g. with tensors) are taken as
-they are, for a user objective.
+they are, for a user objective; an optional ``prompt_end`` tensor in one (the index of each
+row's last prompt token) lets the built-in entropy objective score a causal LM.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class Batch:
     """Model keyword arguments for one forward, plus where causal-LM prompts end.
 
     Attributes:
-        inputs: passed as ``model(**inputs)`` (tensors are moved to the model's device).
+        inputs: model keyword arguments (tensors are moved to the model's device); a user
+            objective receives them as given, the built-in ones pass `model_inputs`.
         prompt_end: ``(B,)`` index of each row's last prompt token, for the entropy objective
             on causal LMs; None otherwise.
         size: number of examples.
@@ -42,6 +44,11 @@ class Batch:
     inputs: dict[str, Any]
     prompt_end: Optional[Tensor] = None
     size: int = 0
+
+    @property
+    def model_inputs(self) -> dict[str, Any]:
+        """``inputs`` without ``prompt_end`` (where causal prompts end is ours, not the model's)."""
+        return {k: v for k, v in self.inputs.items() if k != "prompt_end"}
 
     def to(self, device: Any) -> "Batch":
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.inputs.items()}
@@ -153,7 +160,7 @@ def make_batches(
     if not records:
         raise DataError("the data hold no examples; pass at least one example (a JSON object per line)")
     if all(isinstance(r, Mapping) and any(isinstance(v, Tensor) for v in r.values()) for r in records):
-        return [Batch(dict(r), None, _rows(r)) for r in records]
+        return [Batch(dict(r), r.get("prompt_end"), _rows(r)) for r in records]
     for i, r in enumerate(records):
         if not isinstance(r, Mapping):
             raise DataError(f"example {i} is a {type(r).__name__}; an example is a mapping such as {{\"input\": ..., \"target\": ...}}")

@@ -28,7 +28,7 @@ def _logits(output: Any) -> Tensor:
 
 def mean_loss(model: Any, batch: Batch) -> Tensor:
     """The model's own mean loss on the labeled batch (causal LMs: target tokens only)."""
-    output = model(**batch.inputs)
+    output = model(**batch.model_inputs)
     loss = getattr(output, "loss", None)
     if loss is None:
         raise DataError(
@@ -45,14 +45,17 @@ def prediction_entropy(model: Any, batch: Batch) -> Tensor:
     prompt (the first answer token). Seq2seq: the decoder's first token. Labels are ignored.
     """
     family = model_family(model)
-    inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.model_inputs.items() if k != "labels"}
     if family == "seq2seq" and "decoder_input_ids" not in inputs:
         start = getattr(model.config, "decoder_start_token_id", None) or 0
         inputs["decoder_input_ids"] = torch.full((batch.size, 1), start, dtype=torch.long, device=inputs["input_ids"].device)
     logits = _logits(model(**inputs))
     if family == "causal":
         if batch.prompt_end is None:
-            raise DataError("the entropy objective on a causal LM needs to know where prompts end; pass text records, not ready batches")
+            raise DataError(
+                "the entropy objective on a causal LM needs to know where prompts end; pass text records, or give each "
+                "ready batch a 'prompt_end' tensor (index of each row's last prompt token)"
+            )
         logits = logits[torch.arange(logits.shape[0], device=logits.device), batch.prompt_end]
     elif family == "seq2seq":
         logits = logits[:, 0]

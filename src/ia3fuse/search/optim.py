@@ -60,10 +60,11 @@ def run_adam(
     trace = Trace()
     steps = budget // cost
     for step in range(steps):
-        objective, penalized, grad = evaluate(theta, True)
+        last = step == steps - 1
+        objective, penalized, grad = evaluate(theta, not last)  # the last point needs no gradient
         trace.record(theta, objective, penalized, cost)
         on_step(trace)
-        if step == steps - 1:
+        if last:
             break
         opt.zero_grad()
         theta.grad = grad
