@@ -140,6 +140,7 @@ class Mixture(nn.Module):
         self.segments = stack.segments
         self.form, self.lam = form, float(lam)
         self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("_ones", torch.ones(1, basis.shape[1], device=basis.device), persistent=False)
         self.router = router
         if router is not None:
             self._check_router(router)
@@ -202,7 +203,8 @@ class Mixture(nn.Module):
                 )
             weights = [float(weights.get(n, 0.0)) for n in self.names]
         try:
-            w = torch.as_tensor(weights, dtype=torch.float32)
+            # a tensor keeps its autograd graph (the mixture is differentiable in its weights)
+            w = weights.to(torch.float32) if isinstance(weights, Tensor) else torch.as_tensor(weights, dtype=torch.float32)
         except (TypeError, ValueError) as exc:
             raise InvalidWeightsError(
                 f"mixture weights {weights!r} are not numbers of shape (K,), (B, K) or (B, T, K) ({exc})"
@@ -218,9 +220,13 @@ class Mixture(nn.Module):
 
     def scales(self, weights: WeightsLike) -> Tensor:
         """The flat IA3 vectors for ``weights``: ``(N,)``, ``(B, N)`` or ``(B, T, N)``."""
-        w = weights if isinstance(weights, Tensor) and weights.requires_grad else self.weights_tensor(weights)
-        mixed = w.to(self.basis) @ self.basis
-        return 1 + self.lam * mixed if self.form == "delta" else mixed.exp()
+        w = self.weights_tensor(weights).to(self.basis.device)
+        rows = w.reshape(-1, w.shape[-1])
+        if self.form == "delta":  # 1 + lam * w @ basis in one kernel
+            flat = torch.addmm(self._ones, rows, self.basis, alpha=self.lam)
+        else:
+            flat = (rows @ self.basis).exp_()
+        return flat.reshape(*w.shape[:-1], flat.shape[-1])
 
     @contextlib.contextmanager
     def using(self, weights: WeightsLike) -> Iterator[None]:
@@ -239,18 +245,39 @@ class Mixture(nn.Module):
             raise IA3FuseError("the mixture has no router; pass mixture_weights=..., or set mixture.router = Router(...)")
         before = self.hooks.scales
         self.hooks.scales = None
+        extra = {k: v for k, v in kwargs.items() if k in ("token_type_ids", "position_ids")}
         try:
             with torch.no_grad():
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                                 **{k: v for k, v in kwargs.items() if k not in ("labels", *_CACHE_KEYS, "use_cache")})
+                if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+                    # route on the encoder's view of the input: the decoder has not started yet
+                    out = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                else:
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
         finally:
             self.hooks.scales = before
-        states = getattr(out, "encoder_hidden_states", None) or out.hidden_states
+        states = out.hidden_states
         hidden = states[self.router.config["layer"]]
         return self.router(hidden, attention_mask)
 
-    def forward(self, *args: Any, mixture_weights: Optional[WeightsLike] = None, **kwargs: Any) -> Any:
-        """``model(*args, **kwargs)`` under ``mixture_weights``, the router's, or those set by `using`."""
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        decoder_input_ids: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        *args: Any,
+        mixture_weights: Optional[WeightsLike] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``model(...)`` under ``mixture_weights``, the router's, or those set by `using`.
+
+        The common inputs are named so that ``Trainer`` keeps those dataset columns.
+        """
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "position_ids": position_ids, "decoder_input_ids": decoder_input_ids, "labels": labels}
+        kwargs = {**{k: v for k, v in named.items() if v is not None}, **kwargs}
         if mixture_weights is not None:
             with self.using(mixture_weights):
                 return self.model(*args, **kwargs)
@@ -260,8 +287,8 @@ class Mixture(nn.Module):
             return self.model(*args, **kwargs)
         cached = any(kwargs.get(k) is not None for k in _CACHE_KEYS)
         if not cached or self._route_cache is None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self._route_cache = self.route(ids, kwargs.get("attention_mask"))
+            self._route_cache = self.route(kwargs.get("input_ids"), kwargs.get("attention_mask"),
+                                           **{k: v for k, v in kwargs.items() if k in ("token_type_ids", "position_ids")})
         weights = self._route_cache
         self.hooks.scales = self.scales(weights)
         try:
@@ -281,7 +308,7 @@ class Mixture(nn.Module):
                     "a token-level router cannot drive generate(): each step sees one new token; use a "
                     "sequence-level router (Router(level='sequence')) for generation"
                 )
-        w = mixture_weights if isinstance(mixture_weights, Tensor) and mixture_weights.requires_grad else self.weights_tensor(mixture_weights)
+        w = self.weights_tensor(mixture_weights)
         if w.dim() == 3:
             raise InvalidWeightsError(
                 "per-token weights (B, T, K) cannot drive generate(): each step sees one new token; pass (K,) or (B, K)"
@@ -297,7 +324,11 @@ class Mixture(nn.Module):
             raise InvalidWeightsError(
                 f"export takes one mixture (K,), not weights of shape {tuple(w.shape)}; export each sample's row separately"
             )
-        values = [float(v) for v in w.tolist()]
+        # the weights as given (float64), not their float32 copy: export equals merge bit for bit
+        if isinstance(weights, Mapping):
+            values = [float(weights.get(n, 0.0)) for n in self.names]
+        else:
+            values = torch.as_tensor(weights, dtype=torch.float64).tolist()
         if self.form == "delta":
             return merge(self.adapters, values, "task_arithmetic", lam=self.lam, name=name)
         return merge(self.adapters, values, "geometric", name=name)
