@@ -628,9 +628,9 @@ def test_bad_search_arguments(world: World) -> None:
          "fraction of each task vector's entries kept; pass a value in (0, 1]", search(method="ties", density=0.0)),
         (InvalidParameterError, "init has shape (3,); pass a number, one value per adapter (2), or a (2, 1) table",
          search(init=[0.2, 0.3, 0.5])),
-        # raised by the optimisers, after the hooks are on the model
-        (InvalidParameterError, "lr=0.0; Adam's learning rate must be > 0", search(lr=0.0)),
-        (InvalidParameterError, "sigma0=-0.1; CMA-ES's initial step size must be > 0",
+        # optimiser settings
+        (InvalidParameterError, "lr=0.0; Adam's learning rate must be a finite number > 0", search(lr=0.0)),
+        (InvalidParameterError, "sigma0=-0.1; CMA-ES's initial step size must be a finite number > 0",
          search(optimizer="cma", sigma0=-0.1, budget=40)),
     ]
     for error, message, call in cases:

@@ -203,7 +203,10 @@ def load_tokenizer(path: PathLike) -> Any:
         ) from None
 
 
-def _check_args(optimizer: str, budget: Optional[int], l1: float, bounds: Any) -> Optional[tuple[float, float]]:
+def _check_args(optimizer: str, budget: Optional[int], l1: float, bounds: Any, lr: float, sigma0: float) -> Optional[tuple[float, float]]:
+    for name, value, what in (("lr", lr, "Adam's learning rate"), ("sigma0", sigma0, "CMA-ES's initial step size")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise InvalidParameterError(f"{name}={value!r}; {what} must be a finite number > 0")
     if optimizer not in OPTIMIZERS:
         raise InvalidParameterError(f"optimizer={optimizer!r} is not an optimizer; pass one of {', '.join(OPTIMIZERS)}")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
@@ -303,7 +306,7 @@ def search_weights(
         ...                                 granularity="layer", budget=200)  # doctest: +SKIP
         >>> result.save("searched")  # doctest: +SKIP
     """
-    box = _check_args(optimizer, budget, l1, bounds)
+    box = _check_args(optimizer, budget, l1, bounds, lr, sigma0)
     if optimizer == "cma" and bounds is None:
         box = (-1.5, 1.5)
     spec = get_method(method)
@@ -342,14 +345,14 @@ def search_weights(
 
     examples = sum(b.size for b in batches)
 
-    def mean_objective(grad_of: Optional[Tensor], scales: Any) -> Tensor:
+    def mean_objective(backward: bool, scales: Any) -> Tensor:
         """The objective averaged over examples (each batch's mean weighted by its size),
-        summed across processes; with ``grad_of``, also its gradient (backward per batch)."""
+        summed across processes; with ``backward``, its gradient too (one backward per batch)."""
         value = torch.zeros((), dtype=torch.float64, device=device)
         for b in local:
             hooks.scales = scales() if callable(scales) else scales
             loss = obj_fn(model, b) * (b.size / examples)
-            if grad_of is not None:
+            if backward:
                 loss.backward()
             value += loss.detach().double()
         hooks.scales = None
@@ -361,7 +364,7 @@ def search_weights(
     def evaluate(theta: Tensor, grad: bool) -> tuple[float, float, Optional[Tensor]]:
         th = theta.detach().to(device, torch.float32).requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            value = mean_objective(th if grad else None, lambda: form(space.expand(th)))
+            value = mean_objective(grad, lambda: form(space.expand(th)))
             penalty = l1 * th.abs().mean()
             if grad and l1 and rank == 0:  # counted once, not once per process
                 penalty.backward()
@@ -397,7 +400,7 @@ def search_weights(
         flat = torch.cat([fused.vectors[s.path].reshape(-1).to(device, torch.float32) for s in stack.segments])
 
         with torch.no_grad():
-            final_value = float(mean_objective(None, flat))
+            final_value = float(mean_objective(False, flat))
     finally:
         bar.close()
         hooks.remove()

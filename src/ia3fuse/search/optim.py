@@ -53,8 +53,6 @@ def run_adam(
     on_step: Callable[[Trace], None] = lambda t: None,
 ) -> Trace:
     """Adam on the full-data objective; projected onto ``bounds`` after each step."""
-    if not lr > 0:
-        raise InvalidParameterError(f"lr={lr!r}; Adam's learning rate must be > 0")
     theta = _clamp(theta0.clone(), bounds).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     trace = Trace()
@@ -96,8 +94,6 @@ def run_cma(
         raise InvalidParameterError(
             "optimizer 'cma' needs the cma package; install it with pip install 'ia3fuse[search]'"
         ) from None
-    if not sigma0 > 0:
-        raise InvalidParameterError(f"sigma0={sigma0!r}; CMA-ES's initial step size must be > 0")
     shape = theta0.shape
     x0 = _clamp(theta0, bounds).reshape(-1).double()
     options: dict[str, Any] = {"seed": seed + 1, "verbose": -9}
