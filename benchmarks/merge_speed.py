@@ -359,7 +359,8 @@ def _check_outputs(adapter_dirs: list[str], weights: list[float], outputs: dict[
     return out
 
 
-def _machine(setup_info: dict[str, Any], dtype: str) -> dict[str, Any]:
+def host_facts() -> dict[str, Any]:
+    """The machine a benchmark ran on: CPUs, RAM, Python, platform, package versions."""
     cpu_model = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -385,12 +386,14 @@ def _machine(setup_info: dict[str, Any], dtype: str) -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu_model,
         "ram_gib": round(ram, 1) if ram else None,
-        "torch_threads": setup_info.get("torch_threads"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
-        "dtype": dtype,
     }
+
+
+def _machine(setup_info: dict[str, Any], dtype: str) -> dict[str, Any]:
+    return {**host_facts(), "torch_threads": setup_info.get("torch_threads"), "dtype": dtype}
 
 
 def _fmt_s(s: dict[str, Any]) -> str:

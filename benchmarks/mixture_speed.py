@@ -45,7 +45,6 @@ import contextlib
 import copy
 import gc
 import os
-import platform
 import re
 import resource
 import statistics
@@ -53,7 +52,6 @@ import sys
 import tempfile
 import time
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -63,7 +61,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from merge_speed import LLAMA_SHAPE, _machine_busy_seconds, _write_json_atomic, _write_text_atomic
+from merge_speed import LLAMA_SHAPE, _machine_busy_seconds, _write_json_atomic, _write_text_atomic, host_facts
 
 RESULTS = HERE / "results"
 MiB = 1024 * 1024
@@ -228,31 +226,9 @@ def _summary(samples: list[float]) -> dict[str, Any]:
 def _machine(device: Any) -> dict[str, Any]:
     import torch
 
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("ia3fuse", "torch", "transformers", "peft", "accelerate"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    out = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "cuda": torch.version.cuda if device.type == "cuda" else None, "cpu_model": cpu_model,
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "platform": platform.platform(), "versions": versions}
-    try:
-        import psutil
-
-        out["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        out["ram_gib"] = None
-    return out
+    cuda = device.type == "cuda"
+    return {**host_facts(), "device": str(device), "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads()}
 
 
 def _diff(a: Any, b: Any) -> dict[str, float]:
