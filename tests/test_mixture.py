@@ -833,7 +833,7 @@ def test_adapters_of_another_base_are_refused(llama):
     )
     with raises_exactly(
         IncompatibleAdaptersError,
-        f"the adapters do not fit the model (LlamaForCausalLM): {problems}; pass the base model the adapters were trained on",
+        f"the adapters do not fit the model (LlamaForCausalLM, model type 'llama'): {problems}; pass the base model the adapters were trained on",
     ):
         Mixture(other, dict(llama.paths))
     assert _hook_count(other) == 0  # nothing was hooked

@@ -706,7 +706,7 @@ def test_adapters_of_another_base(world: World, tmp_path: Path) -> None:
         "module 'model.layers.1.mlp.down_proj' has 64 input features but the adapters' vectors have 96",
     ]
     message = (
-        "the adapters do not fit the model (LlamaForCausalLM): " + "; ".join(problems) + "; and 2 more; "
+        "the adapters do not fit the model (LlamaForCausalLM, model type 'llama'): " + "; ".join(problems) + "; and 2 more; "
         "pass the base model the adapters were trained on"
     )
     _refused(world.base, world.ids, world.targets, [world.root, tmp_path], IncompatibleAdaptersError, message,

@@ -169,8 +169,10 @@ class ScaleHooks:
                 targets.append((s, module))
         if problems:
             shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            what = type(model).__name__ + (f", model type {model_type!r}" if model_type else "")
             raise IncompatibleAdaptersError(
-                f"the adapters do not fit {model_name} ({type(model).__name__}): {shown}; pass the base model the "
+                f"the adapters do not fit {model_name} ({what}): {shown}; pass the base model the "
                 "adapters were trained on"
             )
         self.scales: Optional[Tensor] = None

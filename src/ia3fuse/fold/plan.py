@@ -99,12 +99,15 @@ def plan_fold(model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[st
     """Decide, for every IA3 vector, which weight module takes it and how; check shapes.
 
     Raises:
-        FoldError: a module the model lacks, an unsupported layer type, or a length mismatch,
-            listing every problem before anything is changed.
+        FoldError: a module the model lacks, an unsupported layer type, a weight tied to another
+            module's, or a length mismatch, listing every problem before anything is changed.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     works: dict[str, Work] = {}
     problems: list[str] = []
+    names: dict[int, list[str]] = {}  # id(parameter) -> all its names: more than one = tied weights
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
 
     def work(path: str) -> Optional[Work]:
         if path not in works:
@@ -116,6 +119,13 @@ def plan_fold(model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[st
                     "nn.Linear, Conv1D, Conv2d/Conv3d and bitsandbytes Linear8bitLt/Linear4bit"
                 )
                 return None
+            tied = [n for n in names.get(id(getattr(module, "weight", None)), []) if not n.startswith(f"{path}.")]
+            if tied:
+                raise FoldError(
+                    f"{path!r} (model type {model_type!r}) has its weight tied to {', '.join(map(repr, tied))}; "
+                    "folding it would change those too: keep this adapter unmerged (PEFT or ia3fuse.Mixture) "
+                    "or untie the weights first"
+                )
             works[path] = Work(path, module, backend)
         return works[path]
 
