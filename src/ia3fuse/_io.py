@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -52,12 +55,54 @@ def check_output_path(out: Path, inputs: Sequence[Path] = (), *, overwrite: bool
     return resolved
 
 
+def _writer_id() -> str:
+    """This host and pid namespace, hashed: within both, a pid names one process."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+
+
+def _remove_stale_temps(parent: Path, name: str) -> None:
+    """Delete ``.NAME.tmp-<writer>-<pid>-*`` directories whose writer, on this host, is dead (killed).
+
+    ``.old-`` siblings are kept: after a kill between the two renames of an overwrite, one
+    holds the only complete copy of the output.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return
+    pattern = re.compile(rf"\.{re.escape(name)}\.tmp-{_writer_id()}-(\d+)-[a-z0-9_]+")
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found and entry.is_dir(follow_symlinks=False) and not _alive(int(found.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, e.g. owned by another user
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to ``out``, on error remove it.
 
     An existing ``out`` (with ``overwrite``) is moved aside first and deleted only after the
-    new directory is in place, so a crash never leaves neither.
+    new directory is in place; a process killed between those two renames leaves no ``out``,
+    its previous copy in ``.NAME.old-*/x``. The temporary sibling is named after this process
+    (``.NAME.tmp-<host>-<pid>-*``), so a later write of ``out`` removes one a killed writer left.
     """
     out = Path(out).absolute()
     parent = out.parent
@@ -65,21 +110,22 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise OutputPathError(
             f"the folder {str(parent)!r} of output {str(out)!r} does not exist; create it first"
         )
+    _remove_stale_temps(parent, out.name)  # left by a writer that was killed (no cleanup ran)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_writer_id()}-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise OutputPathError(f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder") from None
     try:
         try:
             yield tmp
+            for root, _dirs, files in os.walk(tmp):  # a full disk may only show here (delayed allocation)
+                for name in files:
+                    with open(os.path.join(root, name), "rb") as fh:
+                        os.fsync(fh.fileno())
         except OSError as exc:
             raise OutputPathError(
                 f"writing output {str(out)!r} failed ({exc.strerror or exc}); nothing was written"
             ) from exc
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as fh:
-                    os.fsync(fh.fileno())
         if out.exists():
             if not overwrite:
                 raise OutputPathError(f"output {str(out)!r} appeared while writing; pass another path")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ._io import atomic_output_dir, check_output_path
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, InvalidParameterError
 
 __all__ = ["IA3Adapter", "load_adapter", "is_feedforward_module", "KEY_PREFIX"]
 
@@ -71,6 +71,9 @@ class IA3Adapter:
     recipe: Optional[dict[str, Any]] = None
     source: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+
     @property
     def base_model(self) -> Optional[str]:
         """The ``base_model_name_or_path`` the adapter was trained on, if recorded."""
@@ -115,10 +118,14 @@ class IA3Adapter:
         """
         out = check_output_path(Path(path), overwrite=overwrite)
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-            save_file(self.state_dict(), str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
-            (tmp / "README.md").write_text(self._model_card())
+            self._write_files(tmp)
         return out
+
+    def _write_files(self, folder: Path) -> None:
+        """Write the three files into an existing ``folder`` (callers own its atomicity)."""
+        (folder / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        _save_safetensors(self.state_dict(), folder / SAFETENSORS_NAME, metadata={"format": "pt"})
+        (folder / "README.md").write_text(self._model_card())
 
     def _model_card(self) -> str:
         lines = [
@@ -138,6 +145,30 @@ class IA3Adapter:
         return "\n".join(lines) + "\n"
 
 
+def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures (e.g. a full disk) raised as OSError.
+
+    safetensors reports them as its own SafetensorError; as an OSError they reach
+    `atomic_output_dir`, which turns them into an OutputPathError naming the output.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        raise OSError(f"{exc}") from exc
+
+
+def _check_name(name: str) -> None:
+    # PEFT saves an adapter to a folder of its name (save_pretrained writes DIR/<name>), so a
+    # name that climbs out of a folder is refused wherever it comes from.
+    parts = re.split(r"[/\\]", name)
+    if ".." in parts or name.startswith(("/", "\\")):
+        plain = next((q for q in reversed(parts) if q not in ("", ".", "..")), "adapter")
+        raise InvalidParameterError(
+            f"adapter name {name!r} is a path that leaves its folder ('..' or a leading '/'); PEFT saves each "
+            f"adapter to a folder of its name, so pass a plain name such as {plain!r}"
+        )
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
@@ -146,7 +177,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         )
     try:
         config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int of >4300 digits, deep nesting
         raise AdapterFormatError(f"{str(cfg_path)!r} is not valid JSON ({exc}); re-save the adapter with PEFT") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{str(cfg_path)!r} holds a {type(config).__name__}, not a JSON object")
@@ -159,8 +190,21 @@ def _read_config(path: Path) -> dict[str, Any]:
         value = config.get(key)
         if value is not None and not isinstance(value, (str, list)):
             raise AdapterFormatError(
-                f"{str(cfg_path)!r}: {key} is a {type(value).__name__}; PEFT writes a list of names or a regex string"
+                f"{str(cfg_path)!r}: {key} is {value!r} (a {type(value).__name__}); PEFT writes a list of names or a regex string"
             )
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            bad = next(v for v in value if not isinstance(v, str))
+            raise AdapterFormatError(
+                f"{str(cfg_path)!r}: {key} holds {bad!r} (a {type(bad).__name__}); PEFT writes a list of module names (strings)"
+            )
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise AdapterFormatError(
+                    f"{str(cfg_path)!r}: {key} {value!r} is not a valid regular expression ({exc}); "
+                    "PEFT matches a string with re.fullmatch: fix it or write a list of module names"
+                ) from None
     return config
 
 
@@ -181,7 +225,10 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, Tensor]:
         try:
             data = torch.load(str(pk), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for bad pickles
-            raise AdapterFormatError(f"{str(pk)!r} could not be read with weights_only=True ({exc})") from None
+            raise AdapterFormatError(
+                f"{str(pk)!r} could not be read with weights_only=True ({_unpickle_reason(exc)}); it is not a plain file of "
+                "tensors, so it is refused: re-save the adapter as safetensors where you trust the file"
+            ) from None
         if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
             raise AdapterFormatError(f"{str(pk)!r} does not hold a mapping of tensors")
         return dict(data)
@@ -190,9 +237,20 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, Tensor]:
     )
 
 
+def _unpickle_reason(exc: Exception) -> str:
+    """The one line of torch's long weights_only message that says what was refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n\n|$)", text, re.DOTALL)
+    reason = found.group(1) if found else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return " ".join(reason.split())
+
+
 def _check_vector(source: str, module: str, vec: Tensor, ff: bool) -> None:
-    if not vec.is_floating_point():
-        raise AdapterFormatError(f"{source}: the vector of {module!r} has dtype {vec.dtype}; IA3 vectors are floating point")
+    if vec.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):  # not fp8: torch cannot check it
+        raise AdapterFormatError(
+            f"{source}: the vector of {module!r} has dtype {vec.dtype}; IA3 vectors are floating point "
+            "(float32, float16, bfloat16 or float64)"
+        )
     shape = tuple(vec.shape)
     if vec.dim() == 2:
         ok = shape[0] == 1 if ff else shape[1] == 1

@@ -352,19 +352,20 @@ class Mixture(nn.Module):
 
     def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
         """Write the mixture (its adapters, form, and router if any) to a directory, atomically."""
-        from safetensors.torch import save_file
+        from .adapter import _save_safetensors
 
         out = check_output_path(Path(path), overwrite=overwrite)
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             (tmp / "adapters").mkdir()
             for i, a in enumerate(self.adapters):
-                a.save(tmp / "adapters" / str(i))
+                (tmp / "adapters" / str(i)).mkdir()
+                a._write_files(tmp / "adapters" / str(i))  # inside this atomic write: errors name `out`
             meta = {"format": "ia3fuse-mixture", "version": 1, "names": self.names, "form": self.form, "lam": self.lam,
                     "router": None if self.router is None else self.router.config}
             (tmp / "mixture.json").write_text(json.dumps(meta, indent=2) + "\n")
             if self.router is not None:
                 state = {k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()}
-                save_file(state, str(tmp / "router.safetensors"))
+                _save_safetensors(state, tmp / "router.safetensors")
         return out
 
     @classmethod

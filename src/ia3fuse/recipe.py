@@ -51,6 +51,14 @@ class Schedule(BaseModel):
     overrides: list[Override] = Field(default_factory=list)
 
 
+_WEIGHTS = pydantic.TypeAdapter(Optional[Union[Schedule, PerAdapter]])
+
+
+def _names(adapters: list[Union[str, AdapterRef]]) -> list[str]:
+    refs = [a if isinstance(a, AdapterRef) else AdapterRef(path=a) for a in adapters]
+    return [r.name or Path(r.path).name for r in refs]
+
+
 class Recipe(BaseModel):
     """A complete fusion: inputs, weights, method and parameters, output.
 
@@ -74,8 +82,7 @@ class Recipe(BaseModel):
         return [a if isinstance(a, AdapterRef) else AdapterRef(path=a) for a in self.adapters]
 
     def adapter_names(self) -> list[str]:
-        names = [r.name or Path(r.path).name for r in self.refs]
-        return names
+        return _names(self.adapters)
 
     def weights_arg(self) -> Any:
         """The weights in the form `ia3fuse.merge` takes."""
@@ -85,6 +92,22 @@ class Recipe(BaseModel):
                 default=w.default, kinds=w.kinds, overrides=[(o.filter, o.weights) for o in w.overrides]
             )
         return w
+
+    @pydantic.field_validator("weights", mode="before")
+    @classmethod
+    def _weights_form(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        # pydantic reports a value that fits no branch of the union once per branch, naming
+        # neither the value nor the fix; plan_weights' message names both.
+        if value is None or "adapters" not in info.data:
+            return value
+        try:
+            _WEIGHTS.validate_python(value)
+        except pydantic.ValidationError:
+            try:
+                plan_weights(value, _names(info.data["adapters"]))
+            except IA3FuseError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -117,7 +140,7 @@ def _format(exc: pydantic.ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        parts.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
     return "; ".join(dict.fromkeys(parts))
 
 
@@ -148,8 +171,9 @@ def load_recipe(path: Union[str, Path]) -> Recipe:
         raise RecipeError(f"recipe {str(path)!r} cannot be read ({exc})") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    except Exception as exc:  # PyYAML's constructors also raise ValueError, KeyError... on bad tags, RecursionError on nesting
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML ({detail}); fix the syntax") from None
     return parse_recipe(data, source=f"recipe {str(path)!r}").resolved(p.parent)
 
 

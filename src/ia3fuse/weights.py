@@ -192,6 +192,10 @@ def plan_weights(weights: WeightsArg, names: Sequence[str]) -> WeightPlan:
 
 
 def _pairs(overrides: Any) -> list[tuple[str, PerAdapter]]:
+    if not isinstance(overrides, (list, tuple)):
+        raise InvalidWeightsError(
+            f"weights.overrides is {overrides!r}; pass a list of {{filter: REGEX, weights: [...]}} entries"
+        )
     out = []
     for i, item in enumerate(overrides):
         if isinstance(item, Mapping) and set(item) == {"filter", "weights"}:

@@ -134,7 +134,8 @@ class SearchResult:
 
         out = check_output_path(Path(path), overwrite=overwrite)
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            self.adapter.save(tmp / "adapter")
+            (tmp / "adapter").mkdir()
+            self.adapter._write_files(tmp / "adapter")  # inside this atomic write: errors name `out`
             (tmp / "recipe.yaml").write_text(
                 "# ia3fuse search result; reproduce the adapter with: ia3fuse merge recipe.yaml -o OUT\n"
                 + yaml.safe_dump(self.recipe(relative_to=out), sort_keys=False)
