@@ -587,7 +587,7 @@ def test_seq2seq_layer_search(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 8. bad input
 
 
-def _refused(model: Any, ids: Tensor, targets: list[str], roots: list[Path], error: type, message: str,
+def assert_refused(model: Any, ids: Tensor, targets: list[str], roots: list[Path], error: type, message: str,
              call: Callable[[], Any]) -> None:
     """``call`` raises ``error`` with exactly ``message``; the model and files are as they were."""
     state = ModelState.of(model, ids)
@@ -634,7 +634,7 @@ def test_bad_search_arguments(world: World) -> None:
          search(optimizer="cma", sigma0=-0.1, budget=40)),
     ]
     for error, message, call in cases:
-        _refused(world.base, world.ids, world.targets, [world.root], error, message, call)
+        assert_refused(world.base, world.ids, world.targets, [world.root], error, message, call)
 
 
 def test_bad_data(text: TextWorld, tmp_path: Path) -> None:
@@ -677,7 +677,7 @@ def test_bad_data(text: TextWorld, tmp_path: Path) -> None:
     ids = torch.tensor([_tok("hello")])
     targets = list(load_adapter(text.adapters["x"]).vectors)
     for error, message, call in cases:
-        _refused(text.model, ids, targets, [text.root, tmp_path], error, message, call)
+        assert_refused(text.model, ids, targets, [text.root, tmp_path], error, message, call)
 
 
 def test_peft_model_is_refused(world: World) -> None:
@@ -690,7 +690,7 @@ def test_peft_model_is_refused(world: World) -> None:
     with pytest.raises(IA3FuseError, match=re.escape(message)):
         search_weights(peft_model, [world.a, world.b], world.batches["a"], budget=4)
     assert torch.equal(_logits(peft_model, world.ids), before)
-    _refused(world.base, world.ids, world.targets, [world.root], IA3FuseError,
+    assert_refused(world.base, world.ids, world.targets, [world.root], IA3FuseError,
              message.replace(type(peft_model).__name__, "PeftModel"),
              lambda: search_weights(PeftModel(copy.deepcopy(world.base), load_adapter(world.a).peft_config()),
                                     [world.a], world.batches["a"], budget=4))
@@ -709,7 +709,7 @@ def test_adapters_of_another_base(world: World, tmp_path: Path) -> None:
         "the adapters do not fit the model (LlamaForCausalLM, model type 'llama'): " + "; ".join(problems) + "; and 2 more; "
         "pass the base model the adapters were trained on"
     )
-    _refused(world.base, world.ids, world.targets, [world.root, tmp_path], IncompatibleAdaptersError, message,
+    assert_refused(world.base, world.ids, world.targets, [world.root, tmp_path], IncompatibleAdaptersError, message,
              lambda: search_weights(world.base, [other], world.batches["a"], budget=4))
 
 
@@ -723,7 +723,7 @@ def test_geometric_needs_positive_vectors(world: World) -> None:
         "geometric fusion takes log(l), so every IA3 value must be > 0, but the adapters hold -0.25; "
         "use method 'task_arithmetic' (delta space), which accepts any value"
     )
-    _refused(world.base, world.ids, world.targets, [world.root], MethodInputError, message,
+    assert_refused(world.base, world.ids, world.targets, [world.root], MethodInputError, message,
              lambda: search_weights(world.base, [holding, world.b], world.batches["a"], method="geometric", budget=4))
 
 
@@ -744,10 +744,10 @@ def test_errors_during_the_search_restore_the_model(world: World) -> None:
     ids = world.ids
     unlabeled = [{"input_ids": b["input_ids"], "labels": torch.full_like(b["labels"], -100)} for b in world.batches["a"]]
     for optimizer in ("adam", "cma"):
-        _refused(model, ids, world.targets, [world.root], DataError,
+        assert_refused(model, ids, world.targets, [world.root], DataError,
                  "the objective is nan; check the data (labels all -100?) and the bounds",
                  lambda: search_weights(model, [world.a, world.b], unlabeled, optimizer=optimizer, budget=40))
-    _refused(model, ids, world.targets, [world.root], DataError,
+    assert_refused(model, ids, world.targets, [world.root], DataError,
              "the entropy objective on a causal LM needs to know where prompts end; pass text records, or give each "
              "ready batch a 'prompt_end' tensor (index of each row's last prompt token)",
              lambda: search_weights(model, [world.a, world.b], world.batches["a"], objective="entropy", budget=4))
@@ -759,7 +759,7 @@ def test_errors_during_the_search_restore_the_model(world: World) -> None:
             raise DataError("stop here")
         return m(**inputs).loss
 
-    _refused(model, ids, world.targets, [world.root], DataError, "stop here",
+    assert_refused(model, ids, world.targets, [world.root], DataError, "stop here",
              lambda: search_weights(model, [world.a, world.b], world.batches["a"], objective=failing, budget=40))
     assert len(calls) == 6
 
