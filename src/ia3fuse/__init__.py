@@ -22,6 +22,7 @@ from .errors import (
 )
 from .fold import FoldReport, fold, unfold
 from .fold.checkpoint import fold_checkpoint
+from .fold.gguf import GGUFFoldReport, fold_gguf
 from .merge import IA3FuseWarning, merge
 from .methods import get_method, methods
 from .peft import adapter_from_peft, add_weighted_adapter
@@ -48,6 +49,8 @@ __all__ = [
     "fold",
     "unfold",
     "fold_checkpoint",
+    "fold_gguf",
+    "GGUFFoldReport",
     "FoldReport",
     "FoldError",
     "DataError",

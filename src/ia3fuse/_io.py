@@ -14,18 +14,22 @@ from typing import Iterator, Sequence
 
 from .errors import OutputPathError
 
-__all__ = ["atomic_output_dir", "check_output_path"]
+__all__ = ["atomic_output_dir", "atomic_output_file", "check_output_path"]
 
 
-def check_output_path(out: Path, inputs: Sequence[Path] = (), *, overwrite: bool = False) -> Path:
+def check_output_path(out: Path, inputs: Sequence[Path] = (), *, overwrite: bool = False, file: bool = False) -> Path:
     """Refuse an output that exists (unless ``overwrite``), is a symlink, is an input or lies inside one.
+
+    Args:
+        file: the output is one file (else a directory).
 
     Returns:
         The absolute output path.
     """
     out = Path(out)
+    what = "file" if file else "directory"
     if out.is_symlink():
-        raise OutputPathError(f"output {str(out)!r} is a symbolic link; pass a real directory path")
+        raise OutputPathError(f"output {str(out)!r} is a symbolic link; pass a real {what} path")
     resolved = out.resolve()
     for inp in inputs:
         inp_r = Path(inp).resolve()
@@ -50,7 +54,9 @@ def check_output_path(out: Path, inputs: Sequence[Path] = (), *, overwrite: bool
         raise OutputPathError(
             f"output {str(out)!r} already exists; pass another path, or overwrite=True (--force on the command line)"
         )
-    if out.exists() and not out.is_dir():
+    if out.exists() and file and out.is_dir():
+        raise OutputPathError(f"output {str(out)!r} exists and is a directory; pass a file path")
+    if out.exists() and not file and not out.is_dir():
         raise OutputPathError(f"output {str(out)!r} exists and is not a directory; pass a directory path")
     return resolved
 
@@ -79,8 +85,12 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
         return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        if found and entry.is_dir(follow_symlinks=False) and not _alive(int(found.group(1))):
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if found and not _alive(int(found.group(1))):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _alive(pid: int) -> bool:
@@ -137,4 +147,39 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling file path; on success fsync it and rename it to ``out``, else remove it.
+
+    The rename replaces an existing ``out`` (with ``overwrite``) in one step, so readers see the old
+    file or the new one, never a part. The temporary file is named after this process, as in
+    `atomic_output_dir`, so a later write of ``out`` removes one that a killed writer left.
+    """
+    out = Path(out).absolute()
+    parent = out.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"the folder {str(parent)!r} of output {str(out)!r} does not exist; create it first")
+    _remove_stale_temps(parent, out.name)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{_writer_id()}-{os.getpid()}-", dir=parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder") from None
+    tmp = Path(name)
+    try:
+        try:
+            yield tmp
+            with open(tmp, "rb") as fh:  # a full disk may only show here (delayed allocation)
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise OutputPathError(f"writing output {str(out)!r} failed ({exc.strerror or exc}); nothing was written") from exc
+        if out.exists() and not overwrite:
+            raise OutputPathError(f"output {str(out)!r} appeared while writing; pass another path")
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
