@@ -1,0 +1,466 @@
+"""GGUF fold: folded tensors equal diag(l) dequant(W) for every ggml type with fp16 block scales, in the
+row order llama.cpp's converter writes, with everything else in the file byte for byte."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+import gguf_files as gf  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
+
+import ia3fuse  # noqa: E402
+from ia3fuse import FoldError, OutputPathError  # noqa: E402
+from ia3fuse.archs import tiny_arch_model  # noqa: E402
+from ia3fuse.examples import random_ia3_adapter  # noqa: E402
+from ia3fuse.fold import gguf_blocks  # noqa: E402
+from ia3fuse.fold.gguf_map import llama_permute, qkv_by_heads, qkv_falcon  # noqa: E402
+
+TARGETS = {
+    "llama": (["q_proj", "k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+}
+SCALED_TYPES = sorted(gguf_blocks.exact_types())
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Per model type: the tiny model, an adapter, and its F32 GGUF file."""
+    root = tmp_path_factory.mktemp("gguf_zoo")
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mt, (targets, ff) in TARGETS.items():
+            model = tiny_arch_model(mt)
+            adapter = random_ia3_adapter(model, root / f"ad_{mt}", seed=3, target_modules=targets,
+                                         feedforward_modules=ff, spread=0.2)
+            out[mt] = (model, adapter, gf.convert(model, root / f"{mt}.gguf", model_type=mt))
+    return out
+
+
+def fold(src, adapter, out, **kw):
+    kw.setdefault("progress", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ia3fuse.fold_gguf(src, adapter, out, **kw)
+
+
+def outside(path: Path, report) -> bytes:
+    """The file's bytes with every changed tensor's data cut out (metadata and unaffected tensors)."""
+    data = path.read_bytes()
+    tensors = {t.name: t for t in __import__("gguf").GGUFReader(str(path)).tensors}
+    spans = sorted((tensors[e.module].data_offset, tensors[e.module].n_bytes) for e in report.entries)
+    parts, pos = [], 0
+    for off, n in spans:
+        parts.append(data[pos:off])
+        pos = off + n
+    parts.append(data[pos:])
+    return b"".join(parts)
+
+
+# --- end to end against "fold the HF model, then convert" ----------------------------------------
+
+
+@pytest.mark.parametrize("model_type", list(TARGETS))
+def test_f32_fold_equals_converting_the_folded_model(zoo, tmp_path, model_type):
+    """Same float32 products: bit-identical to folding the HF model first and converting it after,
+    which checks names, the q/k permutation and fused-qkv regrouping for each architecture."""
+    model, adapter, src = zoo[model_type]
+    report = fold(src, adapter, tmp_path / "out.gguf")
+    assert report.exact and report.output == (tmp_path / "out.gguf").resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folded = ia3fuse.fold(copy.deepcopy(model), adapter)
+    ref = gf.read(gf.convert(folded, tmp_path / "ref.gguf", model_type=model_type))
+    got = gf.read(tmp_path / "out.gguf")
+    assert got.keys() == ref.keys()
+    for name in got:
+        assert np.array_equal(got[name][1], ref[name][1]), name
+    assert len(report.entries) >= 4
+
+
+def test_llama_permutation_is_needed_and_wrong_one_fails(zoo, tmp_path):
+    model, adapter, src = zoo["llama"]
+    report = fold(src, adapter, tmp_path / "ok.gguf")
+    assert report.permuted_qk
+    assert "q/k permuted" in next(e for e in report.entries if e.module == "blk.0.attn_q.weight").carries
+    wrong = fold(src, adapter, tmp_path / "wrong.gguf", permute_qk=False)
+    assert not wrong.permuted_qk
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folded = ia3fuse.fold(copy.deepcopy(model), adapter)
+    ref = gf.read(gf.convert(folded, tmp_path / "ref.gguf", model_type="llama"))
+    got_ok, got_wrong = gf.read(tmp_path / "ok.gguf"), gf.read(tmp_path / "wrong.gguf")
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight"):
+        assert np.array_equal(got_ok[name][1], ref[name][1])
+        err = np.abs(gf.dequant(got_wrong[name]) - gf.dequant(ref[name])).max()
+        assert err > 1e-3, (name, err)
+    # v is not permuted, so the override changes nothing there
+    assert np.array_equal(got_wrong["blk.0.attn_v.weight"][1], ref["blk.0.attn_v.weight"][1])
+
+
+def test_permutations_match_the_converter():
+    """Our vector permutations are the converter's weight permutations, applied to a (rows, 1) column."""
+    rng = np.random.default_rng(0)
+    l = rng.standard_normal(48).astype(np.float32)
+    col = torch.from_numpy(l).reshape(-1, 1)
+    assert np.array_equal(llama_permute(l, 3), gf.llama_permute(col, 3).reshape(-1).numpy())
+    assert np.array_equal(qkv_by_heads(l, 4), gf._qkv_heads(col, 4).reshape(-1).numpy())
+    assert np.array_equal(qkv_falcon(l, 4, 2), gf._qkv_falcon(col, 4, 2).reshape(-1).numpy())
+    assert not np.array_equal(llama_permute(l, 3), l)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.F16, Q.BF16], ids=lambda t: Q(t).name)
+def test_quantized_llama_equals_scaled_dequantized_weights(zoo, tmp_path, qtype):
+    """A Llama file quantized with the gguf package: q/k/v rows and, for down_proj, ffn_up's rows
+    (the gated-MLP rewrite) carry l; every block equals l * dequant(W) up to fp16 scale rounding."""
+    model, adapter, _ = zoo["llama"]
+    src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=qtype)
+    report = fold(src, adapter, tmp_path / "out.gguf", measure_error=True)
+    assert report.exact
+    before, after = gf.read(src), gf.read(tmp_path / "out.gguf")
+    vecs = ia3fuse.load_adapter(adapter).vectors
+    n_head, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    for layer in range(2):
+        p = f"model.layers.{layer}"
+        scales = {
+            f"blk.{layer}.attn_q.weight": llama_permute(vecs[f"{p}.self_attn.q_proj"].numpy().reshape(-1), n_head),
+            f"blk.{layer}.attn_k.weight": llama_permute(vecs[f"{p}.self_attn.k_proj"].numpy().reshape(-1), n_kv),
+            f"blk.{layer}.attn_v.weight": vecs[f"{p}.self_attn.v_proj"].numpy().reshape(-1),
+        }
+        if qtype in (Q.F16, Q.BF16):  # float down_proj takes its own columns
+            w = gf.dequant(before[f"blk.{layer}.ffn_down.weight"]) * vecs[f"{p}.mlp.down_proj"].numpy().reshape(1, -1)
+            tol = 1e-3 if qtype == Q.F16 else 8e-3
+            np.testing.assert_allclose(gf.dequant(after[f"blk.{layer}.ffn_down.weight"]), w, rtol=tol, atol=1e-6)
+            assert np.array_equal(after[f"blk.{layer}.ffn_up.weight"][1], before[f"blk.{layer}.ffn_up.weight"][1])
+        else:
+            scales[f"blk.{layer}.ffn_up.weight"] = vecs[f"{p}.mlp.down_proj"].numpy().reshape(-1)
+            assert np.array_equal(after[f"blk.{layer}.ffn_down.weight"][1], before[f"blk.{layer}.ffn_down.weight"][1])
+        for name, l in scales.items():
+            want = gf.dequant(before[name]) * l.reshape(-1, 1)
+            got = gf.dequant(after[name])
+            # fp16 rounding of d (and of the min m): |d q| + |m| <= 3 max|w| per row, plus subnormal steps
+            bound = 3 * 2.0**-11 * np.abs(want).max(axis=1, keepdims=True) + 2.0**-20
+            if qtype in (Q.F16, Q.BF16):  # elementwise: one rounding of each product
+                bound = (2.0**-8 if qtype == Q.BF16 else 2.0**-11) * np.abs(want) + 2.0**-24
+            assert (np.abs(got - want) <= bound).all(), name
+            rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+            entry = next(e for e in report.entries if e.module == name)
+            assert entry.rel_error == pytest.approx(rel, rel=1e-3, abs=1e-9)
+
+
+# --- every quant type with fp16 scales, on hand-built blocks -------------------------------------
+
+
+@pytest.mark.parametrize("qtype", SCALED_TYPES + [Q.F32, Q.F16, Q.BF16], ids=lambda t: Q(t).name)
+def test_every_type_scales_rows_exactly_and_only_scale_bytes_change(tmp_path, qtype):
+    rng = np.random.default_rng(int(qtype))
+    ne0 = 512
+    k = gf.random_blocks(qtype, 32, ne0, rng)
+    v = gf.random_blocks(qtype, 32, ne0, rng)
+    src = gf.write_raw(tmp_path / "in.gguf", "qwen2", {
+        "token_embd.weight": (Q.F32, gf.random_blocks(Q.F32, 8, ne0, rng), (8, ne0)),
+        "blk.0.attn_k.weight": (qtype, k, (32, ne0)),
+        "blk.0.attn_v.weight": (qtype, v, (32, ne0)),
+    })
+    lk = rng.uniform(-2, 2, 32).astype(np.float32)  # negative l included
+    lv = rng.uniform(0.5, 1.5, 32).astype(np.float32)
+    adapter = make_adapter(tmp_path / "ad", {"model.layers.0.self_attn.k_proj": lk, "model.layers.0.self_attn.v_proj": lv})
+    report = fold(src, adapter, tmp_path / "out.gguf", measure_error=True)
+    assert report.exact
+    before, after = gf.read(src), gf.read(tmp_path / "out.gguf")
+    for name, l in (("blk.0.attn_k.weight", lk), ("blk.0.attn_v.weight", lv)):
+        want = gf.dequant(before[name]) * l.reshape(-1, 1)
+        got = gf.dequant(after[name])
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err < (4e-3 if qtype == Q.BF16 else 6e-4), (name, err)
+        # the fold is not a no-op: the unscaled tensor is far off
+        assert np.linalg.norm(gf.dequant(before[name]) - want) / np.linalg.norm(want) > 0.05
+        if qtype in gguf_blocks._fields():
+            bs, ts = GGML_QUANT_SIZES[qtype]
+            old_b = before[name][1].reshape(32, -1, ts)
+            new_b = after[name][1].reshape(32, -1, ts)
+            mask = np.ones(ts, bool)
+            for off in gguf_blocks._fields()[qtype]:
+                mask[off:off + 2] = False
+            assert np.array_equal(old_b[:, :, mask], new_b[:, :, mask])  # only scale bytes changed
+            for off in gguf_blocks._fields()[qtype]:
+                d_old = old_b[:, :, off:off + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+                d_new = new_b[:, :, off:off + 2].copy().view(np.float16)[..., 0]
+                assert np.array_equal(d_new, (d_old * l.reshape(-1, 1)).astype(np.float16))
+    assert gf.read(tmp_path / "out.gguf")["token_embd.weight"][1].tobytes() == before["token_embd.weight"][1].tobytes()
+
+
+def test_iq1_m_scale_is_repacked_across_the_four_scale_words(tmp_path):
+    rng = np.random.default_rng(5)
+    raw = gf.random_blocks(Q.IQ1_M, 4, 256, rng)
+    l = np.array([2.0, -0.5, 1.0, 0.25], dtype=np.float32)
+    new, stats = gguf_blocks.scale_rows(raw, Q.IQ1_M, l)
+    assert stats.overflow == 0
+    np.testing.assert_allclose(gguf_blocks.dequantize(new, Q.IQ1_M), gguf_blocks.dequantize(raw, Q.IQ1_M) * l[:, None], rtol=0, atol=1e-9)
+    # the low 12 bits of each scale word (the 3-bit sub-scales) are untouched
+    old_w = raw.reshape(4, -1, 56)[:, :, 48:56].copy().view(np.uint16)
+    new_w = new.reshape(4, -1, 56)[:, :, 48:56].copy().view(np.uint16)
+    assert np.array_equal(old_w & 0x0FFF, new_w & 0x0FFF)
+    assert not np.array_equal(old_w, new_w)
+
+
+def make_adapter(path: Path, vectors: dict, feedforward: tuple = (), base: str = "tiny") -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    targets = sorted({p.rsplit(".", 1)[-1] for p in vectors})
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "IA3", "target_modules": targets,
+        "feedforward_modules": sorted({p.rsplit(".", 1)[-1] for p in feedforward}),
+        "base_model_name_or_path": base, "fan_in_fan_out": False, "init_ia3_weights": True, "task_type": "CAUSAL_LM",
+    }))
+    tensors = {}
+    for p, l in vectors.items():
+        t = torch.tensor(np.asarray(l), dtype=torch.float32)
+        tensors[f"base_model.model.{p}.ia3_l"] = t.reshape(1, -1) if p in feedforward else t.reshape(-1, 1)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
+# --- file-level guarantees ----------------------------------------------------------------------
+
+
+def test_metadata_and_unaffected_tensors_are_byte_identical(zoo, tmp_path):
+    model, adapter, _ = zoo["llama"]
+    src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=Q.Q8_0)
+    report = fold(src, adapter, tmp_path / "out.gguf")
+    out = tmp_path / "out.gguf"
+    assert out.stat().st_size == src.stat().st_size
+    assert outside(out, report) == outside(src, report)
+    assert outside(out, report) != src.read_bytes()
+    import gguf
+
+    meta = gguf.GGUFReader(str(out)).fields["ia3fuse.test.note"].contents()
+    assert meta == "metadata that must survive a fold"
+    changed = {e.module for e in report.entries}
+    assert changed == {f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_q", "attn_k", "attn_v", "ffn_up")}
+
+
+def test_identity_adapter_round_trips_byte_identical(zoo, tmp_path):
+    model, adapter, _ = zoo["llama"]
+    src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=Q.Q4_1)
+    ones = {p: np.ones(v.numel(), np.float32) for p, v in ia3fuse.load_adapter(adapter).vectors.items()}
+    ff = [p for p, f in ia3fuse.load_adapter(adapter).feedforward.items() if f]
+    ident = make_adapter(tmp_path / "ones", ones, feedforward=tuple(ff))
+    report = fold(src, ident, tmp_path / "out.gguf")
+    assert len(report.entries) == 8
+    assert (tmp_path / "out.gguf").read_bytes() == src.read_bytes()
+
+
+def test_input_is_unchanged_and_no_temp_left(zoo, tmp_path):
+    _, adapter, src = zoo["qwen2"]
+    before = src.read_bytes()
+    fold(src, adapter, tmp_path / "out.gguf")
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+
+
+def test_overwrite_replaces_only_with_force(zoo, tmp_path):
+    _, adapter, src = zoo["qwen2"]
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(OutputPathError, match="already exists; pass another path, or overwrite=True"):
+        fold(src, adapter, out)
+    assert out.read_bytes() == b"old"
+    fold(src, adapter, out, overwrite=True)
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_experts_fold_onto_their_slice_of_ffn_up_exps(tmp_path):
+    rng = np.random.default_rng(9)
+    E, ff, h = 3, 64, 256
+    tensors = {
+        "blk.0.ffn_up_exps.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, E * ff, h, rng), (E, ff, h)),
+        "blk.0.ffn_gate_exps.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, E * ff, h, rng), (E, ff, h)),
+        "blk.0.ffn_down_exps.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, E * h, ff, rng), (E, h, ff)),
+    }
+    src = gf.write_raw(tmp_path / "in.gguf", "llama", tensors)
+    l = rng.uniform(0.5, 1.5, ff).astype(np.float32)
+    p = "model.layers.0.block_sparse_moe.experts.1.w2"
+    adapter = make_adapter(tmp_path / "ad", {p: l}, feedforward=(p,))
+    report = fold(src, adapter, tmp_path / "out.gguf")
+    assert [e.module for e in report.entries] == ["blk.0.ffn_up_exps.weight"]
+    assert "of expert 1" in report.entries[0].carries
+    before, after = gf.read(src), gf.read(tmp_path / "out.gguf")
+    want = gf.dequant(before["blk.0.ffn_up_exps.weight"]).reshape(E, ff, h).copy()
+    want[1] *= l.reshape(-1, 1)
+    got = gf.dequant(after["blk.0.ffn_up_exps.weight"]).reshape(E, ff, h)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
+    assert np.array_equal(got[0], gf.dequant(before["blk.0.ffn_up_exps.weight"]).reshape(E, ff, h)[0])
+
+
+# --- lossy paths and refusals ---------------------------------------------------------------------
+
+
+def test_gelu_mlp_requantizes_under_auto_and_is_refused_under_require(zoo, tmp_path):
+    model, adapter, _ = zoo["gpt2"]
+    src = gf.convert(model, tmp_path / "in.gguf", model_type="gpt2", qtype=Q.Q8_0)
+    with pytest.raises(FoldError) as exc:
+        ia3fuse.fold_gguf(src, adapter, tmp_path / "req.gguf", exact="require", progress=False)
+    assert str(exc.value).startswith(
+        "2 tensor(s) can only be folded by dequantize-scale-requantize ('blk.0.ffn_down.weight': Q8_0 blocks span "
+        "input columns; no exact rewrite for this input (the MLP has no gate: GELU/ReLU)"
+    )
+    assert str(exc.value).endswith("pass exact='allow_requant' (--exact allow_requant) to accept that error, or keep the adapter unmerged")
+    assert not (tmp_path / "req.gguf").exists()
+    with pytest.warns(UserWarning, match=r"2 tensor\(s\) were folded by dequantize-scale-requantize"):
+        report = ia3fuse.fold_gguf(src, adapter, tmp_path / "auto.gguf", progress=False)
+    lossy = [e for e in report.entries if not e.exact]
+    assert [e.module for e in lossy] == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    assert all(e.path == "requantize" and 0 < e.rel_error < 0.05 for e in lossy)
+    before, after = gf.read(src), gf.read(tmp_path / "auto.gguf")
+    l = ia3fuse.load_adapter(adapter).vectors["transformer.h.0.mlp.c_proj"].numpy().reshape(1, -1)
+    want = gf.dequant(before["blk.0.ffn_down.weight"]) * l
+    got = gf.dequant(after["blk.0.ffn_down.weight"])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) == pytest.approx(lossy[0].rel_error, rel=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ia3fuse.fold_gguf(src, adapter, tmp_path / "quiet.gguf", exact="allow_requant", progress=False)
+
+
+def test_mxfp4_requantizes_and_nvfp4_is_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    for qtype, ok in ((Q.MXFP4, True), (Q.NVFP4, False)):
+        d = tmp_path / Q(qtype).name
+        d.mkdir()
+        src = gf.write_raw(d / "in.gguf", "qwen2", {"blk.0.attn_v.weight": (qtype, gf.random_blocks(qtype, 16, 128, rng), (16, 128))})
+        adapter = make_adapter(d / "ad", {"model.layers.0.self_attn.v_proj": rng.uniform(0.5, 1.5, 16)})
+        if ok:
+            with pytest.raises(FoldError, match=r"^1 tensor\(s\) can only be folded by dequantize-scale-requantize"):
+                ia3fuse.fold_gguf(src, adapter, d / "out.gguf", exact="require", progress=False)
+        if ok:
+            report = fold(src, adapter, d / "out.gguf")
+            assert report.entries[0].path == "requantize"
+            assert report.entries[0].reason == "MXFP4 has no exact row scale (its block scales are not fp16)"
+        else:
+            with pytest.raises(FoldError) as exc:
+                fold(src, adapter, d / "out.gguf")
+            assert str(exc.value) == (
+                "cannot fold the adapter into this GGUF file: 'blk.0.attn_v.weight' (NVFP4) cannot be folded exactly "
+                "(NVFP4 has no exact row scale (its block scales are not fp16)), and the gguf package cannot quantize "
+                "NVFP4 again; fold the Hugging Face checkpoint instead (ia3fuse fold --base) and convert that, or keep "
+                "the adapter unmerged"
+            )
+            assert not (d / "out.gguf").exists()
+
+
+def test_subnormal_scales_warn(tmp_path):
+    rng = np.random.default_rng(4)
+    raw = gf.random_blocks(Q.Q6_K, 8, 256, rng, scale=(2e-5, 5e-5))  # already subnormal super-scales
+    src = gf.write_raw(tmp_path / "in.gguf", "qwen2", {"blk.0.attn_v.weight": (Q.Q6_K, raw, (8, 256))})
+    adapter = make_adapter(tmp_path / "ad", {"model.layers.0.self_attn.v_proj": np.full(8, 0.1)})
+    with pytest.warns(UserWarning, match=r"8 new block scale\(s\) in 1 tensor\(s\) of type Q6_K .* below fp16's normal range"):
+        report = ia3fuse.fold_gguf(src, adapter, tmp_path / "out.gguf", progress=False, measure_error=True)
+    assert report.entries[0].rel_error > 1e-3  # the absolute rounding shows
+    assert report.notes and "Q6_K" in report.notes[0]
+
+
+def test_scale_overflow_is_refused(tmp_path):
+    rng = np.random.default_rng(4)
+    src = gf.write_raw(tmp_path / "in.gguf", "qwen2",
+                       {"blk.0.attn_v.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 4, 64, rng, scale=(6e4, 6.5e4)), (4, 64))})
+    adapter = make_adapter(tmp_path / "ad", {"model.layers.0.self_attn.v_proj": np.full(4, 3.0)})
+    with pytest.raises(FoldError) as exc:
+        fold(src, adapter, tmp_path / "out.gguf")
+    assert str(exc.value) == (
+        "'blk.0.attn_v.weight': 8 block scale(s) times the adapter's scale exceed fp16's range (65504); "
+        "the adapter's values are far too large for this file"
+    )
+    assert list(tmp_path.glob("*out.gguf*")) == []
+
+
+BAD = [
+    ("not gguf", "notgguf", "is not a readable GGUF file (GGUF magic invalid); re-download or re-convert it"),
+    ("missing", "missing", "does not exist; pass a .gguf model file"),
+    ("other model", "other", "cannot fold the adapter into this GGUF file: the adapter's module "
+     "'model.layers.0.self_attn.k_proj' has blk.0.attn_k.weight, which the file lacks in this GGUF file "
+     "(architecture 'qwen2'); the adapter was trained on another base model"),
+    ("length", "length", "cannot fold the adapter into this GGUF file: 'blk.0.attn_v.weight' has 16 output rows but the "
+     "adapter's vector for 'model.layers.0.self_attn.v_proj' has 8; the adapter was trained on another base model "
+     "(architecture 'qwen2')"),
+    ("unknown permute", "perm", "cannot fold the adapter into this GGUF file: llama.cpp's converter may or may not permute "
+     "q/k rows for architecture 'mistral3' ('model.layers.0.self_attn.k_proj' -> 'blk.0.attn_k.weight'); pass "
+     "permute_qk=True or False (--permute-qk yes/no)"),
+]
+
+
+@pytest.mark.parametrize("case,kind,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_give_exact_errors_and_write_nothing(tmp_path, case, kind, message):
+    rng = np.random.default_rng(1)
+    v = {"blk.0.attn_v.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 16, 64, rng), (16, 64))}
+    src = tmp_path / "in.gguf"
+    vecs = {"model.layers.0.self_attn.v_proj": np.ones(16)}
+    if kind == "notgguf":
+        src.write_bytes(b"GGML" + bytes(100))
+    elif kind == "missing":
+        pass
+    elif kind == "perm":
+        v["blk.0.attn_k.weight"] = (Q.Q8_0, gf.random_blocks(Q.Q8_0, 16, 64, rng), (16, 64))
+        gf.write_raw(src, "mistral3", v)
+        vecs["model.layers.0.self_attn.k_proj"] = np.ones(16)
+    else:
+        gf.write_raw(src, "qwen2", v)
+        if kind == "other":
+            vecs["model.layers.0.self_attn.k_proj"] = np.ones(16)
+        if kind == "length":
+            vecs["model.layers.0.self_attn.v_proj"] = np.ones(8)
+    adapter = make_adapter(tmp_path / "ad", vecs)
+    snapshot = src.read_bytes() if src.exists() else None
+    with pytest.raises(FoldError) as exc:
+        ia3fuse.fold_gguf(src, adapter, tmp_path / "out.gguf", progress=False)
+    assert str(exc.value).endswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ad"] + (["in.gguf"] if snapshot is not None else []))
+    if snapshot is not None:
+        assert src.read_bytes() == snapshot
+
+
+def test_bad_arguments(zoo, tmp_path):
+    _, adapter, src = zoo["qwen2"]
+    with pytest.raises(FoldError, match=r"^exact='yes' is not a policy; pass 'auto', 'require' or 'allow_requant'$"):
+        ia3fuse.fold_gguf(src, adapter, tmp_path / "o.gguf", exact="yes")
+    with pytest.raises(FoldError, match=r"^permute_qk='auto' is not a choice; pass None \(by architecture\), True or False$"):
+        ia3fuse.fold_gguf(src, adapter, tmp_path / "o.gguf", permute_qk="auto")
+    with pytest.raises(OutputPathError, match="is also an input"):
+        ia3fuse.fold_gguf(src, adapter, src)
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(OutputPathError, match=r"exists and is a directory; pass a file path"):
+        ia3fuse.fold_gguf(src, adapter, tmp_path / "dir.gguf", overwrite=True)
+
+
+def test_truncated_file_is_refused(zoo, tmp_path):
+    _, adapter, src = zoo["qwen2"]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src.read_bytes()[:-100])
+    with pytest.raises(FoldError, match=r"is truncated: tensor '.*' ends past the end of the file|is not a readable GGUF file"):
+        ia3fuse.fold_gguf(cut, adapter, tmp_path / "out.gguf", progress=False)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_stale_temp_of_a_killed_writer_is_removed(zoo, tmp_path):
+    from ia3fuse._io import _writer_id
+
+    _, adapter, src = zoo["qwen2"]
+    stale = tmp_path / f".out.gguf.tmp-{_writer_id()}-999999999-abc"
+    stale.write_bytes(b"partial")
+    fold(src, adapter, tmp_path / "out.gguf")
+    assert not stale.exists()
+    assert os.path.exists(tmp_path / "out.gguf")
