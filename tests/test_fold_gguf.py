@@ -392,8 +392,8 @@ BAD = [
     ("not gguf", "notgguf", "is not a readable GGUF file (GGUF magic invalid); re-download or re-convert it"),
     ("missing", "missing", "does not exist; pass a .gguf model file"),
     ("other model", "other", "cannot fold the adapter into this GGUF file: the adapter's module "
-     "'model.layers.0.self_attn.k_proj' has blk.0.attn_k.weight, which the file lacks in this GGUF file "
-     "(architecture 'qwen2'); the adapter was trained on another base model"),
+     "'model.layers.0.self_attn.k_proj' maps to 'blk.0.attn_k.weight', which the file lacks "
+     "(GGUF architecture 'qwen2'); the adapter was trained on another base model"),
     ("length", "length", "cannot fold the adapter into this GGUF file: 'blk.0.attn_v.weight' has 16 output rows but the "
      "adapter's vector for 'model.layers.0.self_attn.v_proj' has 8; the adapter was trained on another base model "
      "(architecture 'qwen2')"),
@@ -464,3 +464,54 @@ def test_stale_temp_of_a_killed_writer_is_removed(zoo, tmp_path):
     fold(src, adapter, tmp_path / "out.gguf")
     assert not stale.exists()
     assert os.path.exists(tmp_path / "out.gguf")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def cli(*args, capsys):
+    from ia3fuse.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_folds_a_gguf_file(zoo, tmp_path, capsys):
+    _, adapter, _ = zoo["llama"]
+    model = zoo["llama"][0]
+    src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=Q.Q8_0)
+    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "out.gguf", "--no-progress",
+                         "--exact", "require", "--measure-error", capsys=capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == (
+        f"wrote {tmp_path / 'out.gguf'}: folded 8 IA3 modules into 8 of 21 tensors (llama), 8 exact, 0 requantized; "
+        "q/k rows permuted as llama.cpp's converter does"
+    )
+    assert "| blk.0.ffn_up.weight | Q8_0 64x128 | block scales + neighbour |" in out
+    api = fold(src, adapter, tmp_path / "api.gguf")
+    assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "api.gguf").read_bytes()
+    assert api.exact
+    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "no.gguf", "--no-progress",
+                         "--permute-qk", "no", capsys=capsys)
+    assert code == 0 and "q/k rows permuted" not in out
+    assert (tmp_path / "no.gguf").read_bytes() != (tmp_path / "out.gguf").read_bytes()
+
+
+def test_cli_refusals_are_one_line(zoo, tmp_path, capsys):
+    model, adapter, src = zoo["gpt2"]
+    q8 = gf.convert(model, tmp_path / "q8.gguf", model_type="gpt2", qtype=Q.Q8_0)
+    code, out, err = cli("fold", "--gguf", q8, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--exact", "require",
+                         capsys=capsys)
+    assert code == 2 and err.startswith("ia3fuse: error: 2 tensor(s) can only be folded by dequantize-scale-requantize")
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--dtype", "float16",
+                         capsys=capsys)
+    assert (code, err.strip()) == (2, "ia3fuse: error: --dtype applies to --base only; a GGUF fold keeps every tensor's type")
+    code, out, err = cli("fold", "--base", tmp_path, "--adapter", adapter, "-o", tmp_path / "o", "--exact", "require",
+                         "--permute-qk", "yes", capsys=capsys)
+    assert (code, err.strip()) == (2, "ia3fuse: error: --exact, --permute-qk apply to --gguf only; a --base fold is always exact")
+    with pytest.raises(SystemExit) as exc:
+        cli("fold", "--base", tmp_path, "--gguf", src, "--adapter", adapter, "-o", tmp_path / "o", capsys=capsys)
+    assert exc.value.code == 2
+    assert not (tmp_path / "o.gguf").exists() and not (tmp_path / "o").exists()

@@ -83,16 +83,26 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
     fp = sub.add_parser(
         "fold",
-        help="fold an adapter into a safetensors checkpoint on disk, one tensor at a time",
-        description="ia3fuse fold --base MODEL_DIR --adapter ADAPTER_DIR -o OUT [--dtype bfloat16] [--max-shard-size 5GB]",
+        help="fold an adapter into a safetensors checkpoint or a GGUF file on disk",
+        description="ia3fuse fold --base MODEL_DIR --adapter ADAPTER_DIR -o OUT [--dtype bfloat16] [--max-shard-size 5GB]\n"
+                    "ia3fuse fold --gguf MODEL.gguf --adapter ADAPTER_DIR -o OUT.gguf [--exact require] [--permute-qk yes]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fp.add_argument("--base", required=True, help="base model directory (config.json + safetensors)")
+    src = fp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--base", help="base model directory (config.json + safetensors)")
+    src.add_argument("--gguf", help="base model as a llama.cpp GGUF file (any quant type)")
     fp.add_argument("--adapter", required=True, help="IA3 adapter directory trained on that base")
-    fp.add_argument("-o", "--output", required=True, help="output model directory (must not exist unless --force)")
+    fp.add_argument("-o", "--output", required=True,
+                    help="output model directory (--base) or .gguf file (--gguf); must not exist unless --force")
     fp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                    help="convert float tensors to this dtype (default: keep each tensor's dtype)")
-    fp.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
-    fp.add_argument("--force", action="store_true", help="replace an existing output directory")
+                    help="--base only: convert float tensors to this dtype (default: keep each tensor's dtype)")
+    fp.add_argument("--max-shard-size", default=None, help="--base only: largest output shard, e.g. 5GB or 500MiB (default 5GB)")
+    fp.add_argument("--exact", choices=["auto", "require", "allow_requant"], default=None,
+                    help="--gguf only: 'require' refuses any dequantize-scale-requantize step (default auto: warn)")
+    fp.add_argument("--permute-qk", choices=["auto", "yes", "no"], default=None,
+                    help="--gguf only: were q/k rows permuted by llama.cpp's converter (default auto: by architecture)")
+    fp.add_argument("--measure-error", action="store_true", help="--gguf only: report every changed tensor's error")
+    fp.add_argument("--force", action="store_true", help="replace an existing output")
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
     fp.add_argument("--allow-pickle", action="store_true", help="read a legacy adapter_model.bin (weights_only=True)")
 
@@ -200,12 +210,38 @@ def _cmd_methods() -> int:
 
 def _cmd_fold(args: argparse.Namespace) -> int:
     from .adapter import load_adapter
+    from .errors import FoldError
     from .fold.checkpoint import fold_checkpoint
 
+    if args.gguf is not None:
+        return _cmd_fold_gguf(args)
+    wrong = [f for f, v in (("--exact", args.exact), ("--permute-qk", args.permute_qk)) if v is not None]
+    wrong += ["--measure-error"] if args.measure_error else []
+    if wrong:
+        raise FoldError(f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to --gguf only; a --base fold is always exact")
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     report = fold_checkpoint(
-        args.base, adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        args.base, adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size or "5GB",
         overwrite=args.force, progress=not args.no_progress,
+    )
+    print(report.summary())
+    print(report.table())
+    return 0
+
+
+def _cmd_fold_gguf(args: argparse.Namespace) -> int:
+    from .adapter import load_adapter
+    from .errors import FoldError
+    from .fold.gguf import fold_gguf
+
+    wrong = [f for f, v in (("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)) if v is not None]
+    if wrong:
+        raise FoldError(f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to --base only; a GGUF fold keeps every tensor's type")
+    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    permute = {None: None, "auto": None, "yes": True, "no": False}[args.permute_qk]
+    report = fold_gguf(
+        args.gguf, adapter, args.output, exact=args.exact or "auto", permute_qk=permute,
+        measure_error=True if args.measure_error else "lossy", overwrite=args.force, progress=not args.no_progress,
     )
     print(report.summary())
     print(report.table())

@@ -212,9 +212,9 @@ def plan_gguf(
         l = np.asarray(vec, dtype=np.float32).reshape(-1)
         found = _gguf_name(path, tmap)
         if found is None or f"{found[0]}.weight" not in tensors:
-            where = "no tensor name" if found is None else f"{found[0]}.weight, which the file lacks"
+            where = "has no llama.cpp tensor name" if found is None else f"maps to {found[0] + '.weight'!r}, which the file lacks"
             problems.append(
-                f"the adapter's module {path!r} has {where} in this GGUF file (architecture {arch.name!r}); "
+                f"the adapter's module {path!r} {where} (GGUF architecture {arch.name!r}); "
                 "the adapter was trained on another base model"
             )
             continue

@@ -1,0 +1,60 @@
+"""End to end in llama.cpp itself: logits of a folded GGUF file against PEFT's unmerged IA3 model.
+
+Runs where the llama.cpp Python binding is installed (llama-cpp-python builds from source for
+about an hour on two cores, so CI does not install it; see docs/gguf.md)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+import gguf_files as gf  # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+import ia3fuse  # noqa: E402
+from ia3fuse.archs import tiny_arch_model  # noqa: E402
+from ia3fuse.examples import random_ia3_adapter  # noqa: E402
+
+TOKENS = [1, 5, 9, 33, 70, 12, 99, 4, 17, 64]
+
+
+def logits(path) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, n_threads=1)
+    llm.eval(TOKENS)
+    return np.array(llm.scores[: len(TOKENS)])
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda t: Q(t).name)
+def test_llama_cpp_logits_of_folded_file_match_peft(tmp_path, qtype):
+    from peft import PeftModel
+
+    model = tiny_arch_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = random_ia3_adapter(model, tmp_path / "ad", seed=3, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+                                     feedforward_modules=["down_proj"], spread=0.3)
+        with torch.no_grad():
+            base = model(torch.tensor([TOKENS])).logits[0].numpy()
+            peft = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter))(torch.tensor([TOKENS])).logits[0].numpy()
+        src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=qtype, vocab=True)
+        ia3fuse.fold_gguf(src, adapter, tmp_path / "out.gguf", progress=False)
+        ia3fuse.fold_gguf(src, adapter, tmp_path / "wrong.gguf", progress=False, permute_qk=False)
+    unfolded, folded, wrong = logits(src), logits(tmp_path / "out.gguf"), logits(tmp_path / "wrong.gguf")
+    converter_error = rel(unfolded, base)  # llama.cpp vs torch on the base model: the floor
+    assert rel(unfolded, peft) > 0.3  # the adapter matters
+    assert rel(wrong, peft) > 0.1  # an unpermuted q/k scale is wrong
+    if qtype == Q.F32:
+        assert rel(folded, peft) < 3e-3
+    else:  # Q8_0: quantization noise of the same size as the base file's
+        assert rel(folded, peft) < 2 * converter_error + 1e-2
