@@ -58,3 +58,25 @@ def test_llama_cpp_logits_of_folded_file_match_peft(tmp_path, qtype):
         assert rel(folded, peft) < 3e-3
     else:  # Q8_0: quantization noise of the same size as the base file's
         assert rel(folded, peft) < 2 * converter_error + 1e-2
+
+
+def test_every_type_against_ggml_c_quantizer_and_dequantizer():
+    """Real blocks from ggml's C quantizer (K-quants and IQ types included, which the gguf package
+    cannot quantize); the folded bytes, read back by ggml's C dequantizer, equal l * W up to fp16
+    rounding of the new scales, negative l included."""
+    import ggml_c
+    from ia3fuse.fold import gguf_blocks
+
+    ggml = ggml_c.load()
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 512)).astype(np.float32) * 0.05
+    l = rng.uniform(-2, 2, 16).astype(np.float32)
+    for qtype in sorted(gguf_blocks.exact_types()):
+        raw = ggml.quantize(w, qtype)
+        before = ggml.dequantize(raw, qtype, 512)
+        assert np.array_equal(gguf_blocks.dequantize(raw, qtype), before), Q(qtype).name
+        new, stats = gguf_blocks.scale_rows(raw, qtype, l)
+        want = before * l[:, None]
+        err = np.linalg.norm(ggml.dequantize(new, qtype, 512) - want) / np.linalg.norm(want)
+        assert err < 1e-3 and stats.overflow == 0, (Q(qtype).name, err)
+        assert np.linalg.norm(before - want) / np.linalg.norm(want) > 0.5  # not a no-op
