@@ -367,8 +367,9 @@ def test_subnormal_scales_warn(tmp_path):
     rng = np.random.default_rng(4)
     raw = gf.random_blocks(Q.Q6_K, 8, 256, rng, scale=(2e-5, 5e-5))  # already subnormal super-scales
     src = gf.write_raw(tmp_path / "in.gguf", "qwen2", {"blk.0.attn_v.weight": (Q.Q6_K, raw, (8, 256))})
-    adapter = make_adapter(tmp_path / "ad", {"model.layers.0.self_attn.v_proj": np.full(8, 0.1)})
-    with pytest.warns(UserWarning, match=r"8 new block scale\(s\) in 1 tensor\(s\) of type Q6_K .* below fp16's normal range"):
+    adapter = make_adapter(tmp_path / "ad", {"model.layers.0.self_attn.v_proj": np.full(8, 0.02)})
+    with pytest.warns(UserWarning, match=r"[1-8] new block scale\(s\) in 1 tensor\(s\) of type Q6_K .* below fp16's normal "
+                      r"range, where rounding is absolute, not relative: those blocks are off by more than 1% \(Q6_K store"):
         report = ia3fuse.fold_gguf(src, adapter, tmp_path / "out.gguf", progress=False, measure_error=True)
     assert report.entries[0].rel_error > 1e-3  # the absolute rounding shows
     assert report.notes and "Q6_K" in report.notes[0]

@@ -274,8 +274,8 @@ def fold_gguf(
         notes.append(
             f"{sum(subnormal.values())} new block scale(s) in {len(subnormal)} tensor(s) of type {', '.join(types)} "
             f"(e.g. {next(iter(subnormal))!r}) fall below fp16's normal range, where rounding is absolute, not "
-            "relative: those blocks lose more than 0.1% (small |l| values of the adapter)"
-            + (f" ({', '.join(prone)} often store tiny super-scales; a small |l| pushes them below fp16's normal range)" if prone else "")
+            "relative: those blocks are off by more than 1%"
+            + (f" ({', '.join(prone)} store super-scales near fp16's limit already; small |l| values push them below it)" if prone else "")
         )
     if lossy and exact == "auto":
         notes.append(f"{len(lossy)} tensor(s) were folded by dequantize-scale-requantize (lossy); see the fold report")

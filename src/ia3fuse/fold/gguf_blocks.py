@@ -37,7 +37,7 @@ import numpy as np
 __all__ = ["ScaleStats", "exact_types", "float_types", "scale_rows", "scale_cols", "dequantize", "requantize", "can_requantize"]
 
 _F16_SUBNORMAL = np.float32(2.0**-14)  # smallest normal fp16: below it rounding is absolute
-_COARSE = 2.0**-10  # a relative rounding error beyond twice fp16's normal bound
+_COARSE = 1e-2  # a relative rounding error of a scale that the fold warns about
 
 
 def _types():  # the gguf package is optional: import on first use
@@ -75,7 +75,7 @@ class ScaleStats:
     """How the rewritten fp16 scales of one tensor compare with the exact products."""
 
     max_rel: float = 0.0  # largest |fp16(s * l) - s * l| / |s * l| over non-zero products
-    subnormal: int = 0  # new scales below fp16's normal range that rounding changed by > 2^-10 relative
+    subnormal: int = 0  # new scales below fp16's normal range that rounding moved by more than 1%
     overflow: int = 0  # products beyond fp16's range (the fold refuses these)
 
 
@@ -95,8 +95,8 @@ def _round_f16(exact: np.ndarray, stats: ScaleStats) -> np.ndarray:
     if nz.any():
         err = np.abs(new.astype(np.float64)[nz] - exact[nz]) / np.abs(exact[nz])
         stats.max_rel = max(stats.max_rel, float(err.max()))
-        # below fp16's normal range the rounding step is fixed (2^-24): count the scales it coarsens
-        # beyond twice the normal bound (2^-11), including products that underflow to 0
+        # below fp16's normal range the rounding step is fixed (2^-24): count the scales it moves by
+        # more than 1% (fewer than ~50 steps), including products that underflow to 0
         coarse = (np.abs(new[nz]) < _F16_SUBNORMAL) & (err > _COARSE)
         stats.subnormal += int(np.count_nonzero(coarse))
     return new
