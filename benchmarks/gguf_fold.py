@@ -23,7 +23,7 @@ tensor, dequantized by ggml's reference (the gguf package). Writes
 Usage::
 
     python benchmarks/gguf_fold.py            # full, ~10 minutes on 2 CPUs, ~2.5 GB of temporary files
-    python benchmarks/gguf_fold.py --layers 2 # same widths, 2 layers: a smoke run
+    python benchmarks/gguf_fold.py --quick    # same widths, 2 layers: a smoke run
 """
 
 from __future__ import annotations
@@ -141,22 +141,26 @@ def raw_of(t: Any) -> np.ndarray:
 
 def run_path(name: str, jobs: list[tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]],
              fn: Callable[[np.ndarray, int, Optional[np.ndarray], Optional[np.ndarray], int], np.ndarray]) -> dict[str, Any]:
-    """Time and trace ``fn`` over the jobs, then measure each result's error (untimed)."""
+    """Time and trace ``fn`` tensor by tensor (peak: the largest working memory of one tensor's step,
+    above what was allocated before it), then measure each result's error (untimed, untraced)."""
+    seconds, peak, errors = 0.0, 0, []
     tracemalloc.start()
-    tracemalloc.reset_peak()
-    outs = []
-    t0 = time.perf_counter()
     for t, rows, cols in jobs:
-        outs.append(fn(raw_of(t), int(t.tensor_type), rows, cols, int(t.shape[0])))
-    seconds = time.perf_counter() - t0
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    errors = []
-    for (t, rows, cols), new in zip(jobs, outs):
-        before = gguf_blocks.dequantize(raw_of(t), int(t.tensor_type)).astype(np.float64)
+        raw = raw_of(t)
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        t0 = time.perf_counter()
+        new = fn(raw, int(t.tensor_type), rows, cols, int(t.shape[0]))
+        seconds += time.perf_counter() - t0
+        peak = max(peak, tracemalloc.get_traced_memory()[1] - base)
+        tracemalloc.stop()
+        before = gguf_blocks.dequantize(raw, int(t.tensor_type)).astype(np.float64)
         want = before * (rows.reshape(-1, 1) if rows is not None else 1) * (cols.reshape(1, -1) if cols is not None else 1)
         after = gguf_blocks.dequantize(new, int(t.tensor_type))
         errors.append(float(np.linalg.norm(after - want) / np.linalg.norm(want)))
+        del new, before, want, after
+        tracemalloc.start()
+    tracemalloc.stop()
     return {"path": name, "tensors": len(jobs), "seconds": seconds, "peak_mib": peak / 2**20,
             "max_error": max(errors), "mean_error": statistics.fmean(errors)}
 
@@ -183,10 +187,13 @@ def naive_c(ggml: Any) -> Callable[..., np.ndarray]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=SHAPE["layers"])
+    ap.add_argument("--quick", action="store_true", help="2 layers (same widths): a smoke run")
     ap.add_argument("--layouts", nargs="+", default=["Q4_K_M", "Q8_0", "Q4_0"])
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--workdir", default=None, help="folder for the temporary GGUF files (default: a temp dir)")
     args = ap.parse_args()
+    if args.quick:
+        args.layers = 2
     import gguf
 
     ggml = ggml_c.load()
@@ -240,7 +247,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Random weights, {s['layers']} layers, hidden {s['hidden']}, ffn {s['ffn']}, {s['heads']} heads / {s['kv']} kv heads, "
         f"vocab {s['vocab']}. Host: {result['host'].get('cpu_model')}, {result['host'].get('cpu_count')} CPUs. "
-        "Times and peak traced memory (numpy allocations) are for the per-tensor work over the IA3 modules' tensors; "
+        "Times (summed) and peak traced memory (numpy allocations of the largest single-tensor step) are for the per-tensor work over the IA3 modules' tensors; "
         "the end-to-end column is `ia3fuse.fold_gguf` writing the whole output file. Error: "
         "||W_new - W_exact|| / ||W_exact|| per tensor, dequantized by ggml's reference.",
         "",

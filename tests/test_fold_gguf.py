@@ -516,3 +516,25 @@ def test_cli_refusals_are_one_line(zoo, tmp_path, capsys):
         cli("fold", "--base", tmp_path, "--gguf", src, "--adapter", adapter, "-o", tmp_path / "o", capsys=capsys)
     assert exc.value.code == 2
     assert not (tmp_path / "o.gguf").exists() and not (tmp_path / "o").exists()
+
+
+def test_phi3_fused_gate_up_takes_the_scale_on_its_up_half(tmp_path):
+    """Phi-3 keeps [gate; up] in one ffn_up tensor (llama.cpp splits it at run time): down_proj's
+    input scale goes to rows n..2n only."""
+    rng = np.random.default_rng(6)
+    n, h = 64, 128
+    tensors = {
+        "blk.0.ffn_up.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 2 * n, h, rng), (2 * n, h)),
+        "blk.0.ffn_down.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, h, n, rng), (h, n)),
+    }
+    src = gf.write_raw(tmp_path / "in.gguf", "phi3", tensors)
+    l = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    p = "model.layers.0.mlp.down_proj"
+    report = fold(src, make_adapter(tmp_path / "ad", {p: l}, feedforward=(p,)), tmp_path / "out.gguf", exact="require")
+    assert [(e.module, e.path) for e in report.entries] == [("blk.0.ffn_up.weight", "block scales + neighbour")]
+    assert "up half of the fused ffn_up rows" in report.entries[0].carries
+    before, after = gf.read(src), gf.read(tmp_path / "out.gguf")
+    up0, up1 = gf.dequant(before["blk.0.ffn_up.weight"]), gf.dequant(after["blk.0.ffn_up.weight"])
+    assert np.array_equal(up1[:n], up0[:n])  # the gate half is untouched
+    np.testing.assert_allclose(up1[n:], up0[n:] * l[:, None], rtol=1e-3, atol=1e-7)
+    assert np.array_equal(after["blk.0.ffn_down.weight"][1], before["blk.0.ffn_down.weight"][1])

@@ -153,7 +153,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     rp = bsub.add_parser("report", help="rewrite docs/benchmarks.md from benchmarks/results/")
     rp.add_argument("--results", default="benchmarks/results", help="folder of the results")
     rp.add_argument("-o", "--output", default="docs/benchmarks.md", help="the page to write")
-    sp = bsub.add_parser("speed", help="merge and fold timings against PEFT's path (runs the scripts in benchmarks/)")
+    sp = bsub.add_parser("speed", help="merge, fold and GGUF fold timings against the baselines (runs the scripts in benchmarks/)")
     sp.add_argument("--quick", action="store_true", help="2-layer models: a smoke run")
 
     dp = sub.add_parser("demo", help="build a tiny model and adapters, fuse with every method, check in PEFT")
@@ -288,7 +288,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"'ia3fuse bench speed' runs the scripts in the repository's benchmarks/ folder, not found at "
                 f"{str(scripts)!r}; run it from a source checkout (pip install -e .)"
             )
-        for script in ("merge_speed.py", "fold_speed.py"):
+        for script in ("merge_speed.py", "fold_speed.py", "gguf_fold.py"):
             cmd = [sys.executable, str(scripts / script)] + (["--quick"] if args.quick else [])
             if subprocess.call(cmd) != 0:
                 raise IA3FuseError(f"{script} failed; run it alone to see why: {' '.join(cmd)}")

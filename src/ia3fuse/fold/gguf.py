@@ -115,9 +115,10 @@ def _raw(reader: Any, t: GGUFTensor) -> np.ndarray:
 def _new_bytes(raw: np.ndarray, job: Job) -> tuple[np.ndarray, blocks.ScaleStats, str]:
     t = job.tensor
     stats = blocks.ScaleStats()
-    if len(t.ne) == 1:  # a bias: its one row holds the output features
+    if _is_bias(job):  # a bias holds one value per output row (per expert and row for experts)
         assert job.rows is not None and job.cols is None
-        return blocks.scale_cols(raw, t.qtype, job.rows), stats, "elementwise"
+        flat = blocks.scale_cols(raw.reshape(1, -1), t.qtype, job.rows.reshape(-1))
+        return flat.reshape(raw.shape), stats, "elementwise"
     if job.lossy is not None:
         return blocks.requantize(raw, t.qtype, job.rows, job.cols), stats, "requantize"
     new = raw
@@ -128,10 +129,14 @@ def _new_bytes(raw: np.ndarray, job: Job) -> tuple[np.ndarray, blocks.ScaleStats
     return new, stats, "elementwise" if t.qtype in blocks.float_types() else "block scales"
 
 
+def _is_bias(job: Job) -> bool:
+    return job.tensor.name.endswith(".bias") or len(job.tensor.ne) == 1
+
+
 def _error(before: np.ndarray, after: np.ndarray, job: Job) -> float:
     want = before.astype(np.float64)
-    if len(job.tensor.ne) == 1:
-        want = want * job.rows.reshape(1, -1)  # type: ignore[union-attr]
+    if _is_bias(job):
+        want = (want.reshape(-1) * job.rows.reshape(-1)).reshape(want.shape)  # type: ignore[union-attr]
     else:
         if job.rows is not None:
             want = want * job.rows.reshape(-1, 1)
