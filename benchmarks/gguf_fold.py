@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # test support: random blocks, g
 
 import ggml_c  # noqa: E402
 import gguf_files  # noqa: E402
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
 from merge_speed import host_facts  # noqa: E402
 
 import ia3fuse  # noqa: E402

@@ -29,6 +29,7 @@ functions take and return numpy arrays of one tensor's bytes, ``(rows, bytes per
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -179,19 +180,16 @@ def dequantize(raw: np.ndarray, qtype: int) -> np.ndarray:
     return quants.dequantize(raw, qtype).reshape(n, -1)
 
 
+@functools.lru_cache(maxsize=None)
 def can_requantize(qtype: int) -> bool:
     """True when the gguf package can quantize this type again (dequantize-scale-requantize)."""
-    from gguf import quants
+    from gguf import GGML_QUANT_SIZES, quants
 
-    T = _types()
     if qtype in float_types():
         return True
-    trait = quants._type_traits.get(qtype)  # noqa: SLF001 - the package's own registry of quantizers
-    if trait is None:
-        return False
     try:
-        trait.quantize_blocks(np.zeros((1, trait.block_size), dtype=np.float32))
-    except NotImplementedError:
+        quants.quantize(np.zeros((1, GGML_QUANT_SIZES[qtype][0]), dtype=np.float32), qtype)
+    except (NotImplementedError, KeyError):
         return False
     return True
 
