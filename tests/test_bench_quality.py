@@ -113,8 +113,16 @@ def test_speed_ratio_plot_from_results(tmp_path):
 
     (tmp_path / "merge_speed.json").write_text(json.dumps({"ratios": {"peft_wall_over_cli_wall": 2.5, "unknown": 3}}))
     (tmp_path / "fold_speed.json").write_text(json.dumps({"ratios": {"int8 (b)/(a)": 200.0}}))
+    (tmp_path / "gguf_fold.json").write_text(json.dumps({"rows": [
+        {"layout": "Q4_K_M", "path": "ia3fuse (block scales)", "seconds": 0.5},
+        {"layout": "Q4_K_M", "path": "requantize (gguf-py numpy)", "seconds": None},
+        {"layout": "Q4_K_M", "path": "requantize (ggml C)", "seconds": 20.0},
+    ]}))
+    (tmp_path / "gguf_fold.md").write_text("# GGUF fold\n\n| x |\n|---|\n| 1 |\n")
     assert speed_ratios(tmp_path) == [("merge 8 adapters: PEFT process / ia3fuse CLI", 2.5),
-                                      ("fold int8: per-layer requantize / ia3fuse", 200.0)]
+                                      ("fold int8: per-layer requantize / ia3fuse", 200.0),
+                                      ("fold GGUF Q4_K_M: ggml requantize / ia3fuse", 40.0)]
     doc = write_benchmarks_doc(tmp_path, tmp_path / "docs" / "benchmarks.md").read_text()
     assert (tmp_path / "speed_ratios.png").stat().st_size > 1000
     assert "![speed ratios](../benchmarks/results/speed_ratios.png)" in doc
+    assert "### Folding into a GGUF file (`python benchmarks/gguf_fold.py`)\n\n| x |" in doc

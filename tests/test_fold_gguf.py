@@ -538,3 +538,14 @@ def test_phi3_fused_gate_up_takes_the_scale_on_its_up_half(tmp_path):
     assert np.array_equal(up1[:n], up0[:n])  # the gate half is untouched
     np.testing.assert_allclose(up1[n:], up0[n:] * l[:, None], rtol=1e-3, atol=1e-7)
     assert np.array_equal(after["blk.0.ffn_down.weight"][1], before["blk.0.ffn_down.weight"][1])
+
+
+def test_cli_prints_lossy_warning_as_one_line(zoo, tmp_path, capsys):
+    model, adapter, _ = zoo["gpt2"]
+    q8 = gf.convert(model, tmp_path / "q8.gguf", model_type="gpt2", qtype=Q.Q8_0)
+    code, out, err = cli("fold", "--gguf", q8, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--no-progress", capsys=capsys)
+    assert code == 0
+    assert ("ia3fuse: warning: 2 tensor(s) were folded by dequantize-scale-requantize (lossy); see the fold report"
+            in err.splitlines())
+    row = next(line for line in out.splitlines() if line.startswith("| blk.0.ffn_down.weight "))
+    assert [c.strip() for c in row.split("|")[2:4]] == ["Q8_0 256x64", "requantize"]  # ggml order: ne0 (inputs) first

@@ -207,11 +207,16 @@ def benchmarks_doc(results: Path) -> str:
     parts += ["## Speed and memory", ""]
     if (results / "speed_ratios.png").is_file():
         parts += ["![speed ratios](../benchmarks/results/speed_ratios.png)", ""]
-    for name, title in (("merge_speed", "Merging 8 adapters"), ("fold_speed", "Folding into a quantized model")):
+    for name, title, script in (
+        ("merge_speed", "Merging 8 adapters", "merge_speed.py"),
+        ("fold_speed", "Folding into a quantized model", "fold_speed.py"),
+        ("gguf_fold", "Folding into a GGUF file", "gguf_fold.py"),
+        ("mixture_speed_cuda", "Serving per-request mixtures on a GPU", "mixture_speed.py --device cuda --dtype bfloat16"),
+    ):
         md = results / f"{name}.md"
         if md.is_file():
             body = md.read_text().split("\n", 1)[1].strip()
-            parts += [f"### {title} (`python benchmarks/{name}.py`)", "", body, ""]
+            parts += [f"### {title} (`python benchmarks/{script}`)", "", body, ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -231,6 +236,13 @@ def speed_ratios(results: Path) -> list[tuple[str, float]]:
         if path.is_file():
             ratios = json.loads(path.read_text()).get("ratios", {})
             pairs += [(labels[k], float(v)) for k, v in ratios.items() if k in labels and v]
+    gguf = results / "gguf_fold.json"
+    if gguf.is_file():
+        rows = {(r["layout"], r["path"]): r for r in json.loads(gguf.read_text()).get("rows", [])}
+        for layout in ("Q4_K_M", "Q4_0"):
+            ours, theirs = rows.get((layout, "ia3fuse (block scales)")), rows.get((layout, "requantize (ggml C)"))
+            if ours and theirs and ours.get("seconds") and theirs.get("seconds"):
+                pairs.append((f"fold GGUF {layout}: ggml requantize / ia3fuse", theirs["seconds"] / ours["seconds"]))
     return pairs
 
 

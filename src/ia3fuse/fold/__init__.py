@@ -233,12 +233,8 @@ def fold(
     target = base if base is not None else _peek_base(model)
     works = plan_fold(target, vectors, feedforward)
     lossy = [w for w in works if w.lossy]
-    if lossy and exact == "require":
-        listing = "; ".join(f"{w.path!r}: {w.lossy}" for w in lossy[:5])
-        raise FoldError(
-            f"{len(lossy)} module(s) can only be folded by dequantize-scale-requantize ({listing}); "
-            "pass exact='allow_requant' to accept that error, or keep the adapter unmerged"
-        )
+    if exact == "require":
+        refuse_lossy([(w.path, w.lossy) for w in lossy], "module")
     if base is None:
         target = _strip_ia3(model)
     options = FoldOptions(double_quant=double_quant)
@@ -257,6 +253,16 @@ def fold(
         )
     object.__setattr__(target, REPORT_ATTR, report)
     return target
+
+
+def refuse_lossy(lossy: list[tuple[str, Optional[str]]], what: str, flag: str = "") -> None:
+    """Under ``exact="require"``: refuse, naming up to five (item, reason) pairs that have no exact path."""
+    if lossy:
+        listing = "; ".join(f"{name!r}: {why}" for name, why in lossy[:5])
+        raise FoldError(
+            f"{len(lossy)} {what}(s) can only be folded by dequantize-scale-requantize ({listing}); "
+            f"pass exact='allow_requant'{flag} to accept that error, or keep the adapter unmerged"
+        )
 
 
 def _peek_base(peft_model: Any) -> nn.Module:

@@ -19,8 +19,9 @@ import numpy as np
 from .._io import atomic_output_file, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
+from ..merge import IA3FuseWarning
 from . import gguf_blocks as blocks
-from . import FoldEntry, FoldReport
+from . import FoldEntry, FoldReport, refuse_lossy
 from .gguf_map import Arch, GGUFTensor, Job, plan_gguf
 
 __all__ = ["fold_gguf", "GGUFFoldReport"]
@@ -34,7 +35,11 @@ _SUBNORMAL_PRONE = ("Q6_K", "Q5_K", "IQ4_XS")
 
 @dataclass
 class GGUFFoldReport(FoldReport):
-    """What `fold_gguf` wrote: one entry per changed tensor (``module`` is the GGUF tensor name)."""
+    """What `fold_gguf` wrote: one entry per changed tensor.
+
+    Each entry's ``module`` is the GGUF tensor name and its ``layer`` the type and shape in ggml
+    order, ``ne0`` (the input features) first, as llama.cpp prints it.
+    """
 
     output: Optional[Path] = None
     tensors: int = 0  # tensors in the file
@@ -229,12 +234,8 @@ def fold_gguf(
         exact_types=blocks.exact_types(), float_types=blocks.float_types(), requantizable=blocks.can_requantize,
     )
     lossy = [j for j in jobs if j.lossy]
-    if lossy and exact == "require":
-        listing = "; ".join(f"{j.tensor.name!r}: {j.lossy}" for j in lossy[:5])
-        raise FoldError(
-            f"{len(lossy)} tensor(s) can only be folded by dequantize-scale-requantize ({listing}); "
-            "pass exact='allow_requant' (--exact allow_requant) to accept that error, or keep the adapter unmerged"
-        )
+    if exact == "require":
+        refuse_lossy([(j.tensor.name, j.lossy) for j in lossy], "tensor", " (--exact allow_requant)")
     jobs.sort(key=lambda j: j.tensor.offset)
 
     from tqdm.auto import tqdm
@@ -285,7 +286,7 @@ def fold_gguf(
     if lossy and exact == "auto":
         notes.append(f"{len(lossy)} tensor(s) were folded by dequantize-scale-requantize (lossy); see the fold report")
     for note in notes:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, IA3FuseWarning, stacklevel=2)
     return GGUFFoldReport(
         entries=entries, model_type=arch.name, output=out, tensors=len(tensors),
         modules=len({s for j in jobs for s in j.sources}), permuted_qk=permuted, notes=notes,
