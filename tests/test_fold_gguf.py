@@ -549,3 +549,43 @@ def test_cli_prints_lossy_warning_as_one_line(zoo, tmp_path, capsys):
             in err.splitlines())
     row = next(line for line in out.splitlines() if line.startswith("| blk.0.ffn_down.weight "))
     assert [c.strip() for c in row.split("|")[2:4]] == ["Q8_0 256x64", "requantize"]  # ggml order: ne0 (inputs) first
+
+
+def test_sigkill_during_a_gguf_fold_leaves_no_output_or_a_complete_one(tmp_path):
+    """Kill the CLI while it writes (copying, then patching): OUT is absent or complete, and the
+    next run removes the dead writer's temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(8)
+    src = gf.write_raw(tmp_path / "in.gguf", "qwen2", {
+        "token_embd.weight": (Q.F32, gf.random_blocks(Q.F32, 6144, 2048, rng), (6144, 2048)),  # 48 MiB to copy
+        "blk.0.attn_k.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 2048, 2048, rng), (2048, 2048)),
+        "blk.0.attn_v.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 2048, 2048, rng), (2048, 2048)),
+    })
+    adapter = make_adapter(tmp_path / "ad", {f"model.layers.0.self_attn.{m}_proj": rng.uniform(0.5, 1.5, 2048) for m in "kv"})
+    fold(src, adapter, tmp_path / "ref.gguf")
+    ref = (tmp_path / "ref.gguf").read_bytes()
+    out = tmp_path / "out.gguf"
+    argv = [sys.executable, "-m", "ia3fuse.cli", "fold", "--gguf", str(src), "--adapter", str(adapter), "-o", str(out),
+            "--no-progress", "--force"]
+    outcomes = []
+    for delay in (0.0, 0.02, 0.1, 0.3, 2.0):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out.gguf.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists() or out.read_bytes() == ref
+        outcomes.append((out.exists(), len(list(tmp_path.glob(".out.gguf.tmp-*")))))
+        if out.exists():
+            out.unlink()
+    assert any(left for _, left in outcomes)  # at least one kill landed inside the write window
+    assert subprocess.run(argv, capture_output=True).returncode == 0
+    assert out.read_bytes() == ref
+    assert list(tmp_path.glob(".out.gguf.tmp-*")) == []
+    assert src.exists() and (tmp_path / "ref.gguf").read_bytes() == ref

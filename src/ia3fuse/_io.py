@@ -70,8 +70,9 @@ def _writer_id() -> str:
     return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
 
 
-def _remove_stale_temps(parent: Path, name: str) -> None:
-    """Delete ``.NAME.tmp-<writer>-<pid>-*`` directories whose writer, on this host, is dead (killed).
+def _remove_stale_temps(parent: Path, name: str, *, files: bool = False) -> None:
+    """Delete ``.NAME.tmp-<writer>-<pid>-*`` directories (``files``: files) whose writer, on this host,
+    is dead (killed): a directory output's temporaries are directories, a file output's are files.
 
     ``.old-`` siblings are kept: after a kill between the two renames of an overwrite, one
     holds the only complete copy of the output.
@@ -85,12 +86,13 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
         return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        if found and not _alive(int(found.group(1))):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            elif entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+        if not found or _alive(int(found.group(1))):
+            continue
+        if not files and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif files and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def _alive(pid: int) -> bool:
@@ -162,7 +164,7 @@ def atomic_output_file(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     parent = out.parent
     if not parent.is_dir():
         raise OutputPathError(f"the folder {str(parent)!r} of output {str(out)!r} does not exist; create it first")
-    _remove_stale_temps(parent, out.name)
+    _remove_stale_temps(parent, out.name, files=True)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{_writer_id()}-{os.getpid()}-", dir=parent)
         os.close(fd)

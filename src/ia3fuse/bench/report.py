@@ -229,9 +229,10 @@ def speed_ratios(results: Path) -> list[tuple[str, float]]:
         "nf4 (c)/(a fresh load)": "fold nf4: PEFT bf16 merge + requantize / ia3fuse",
         "nf4 after inference (b)/(a)": "fold nf4 after CPU repack: requantize / ia3fuse",
         "int8 (b)/(a)": "fold int8: per-layer requantize / ia3fuse",
+        "a_speedup_peft_loop_over_mixture": "serve 32 mixtures on a GPU: PEFT loop / Mixture",
     }
     pairs = []
-    for name in ("merge_speed.json", "fold_speed.json"):
+    for name in ("merge_speed.json", "fold_speed.json", "mixture_speed_cuda.json"):
         path = results / name
         if path.is_file():
             ratios = json.loads(path.read_text()).get("ratios", {})
