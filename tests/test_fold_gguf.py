@@ -589,3 +589,26 @@ def test_sigkill_during_a_gguf_fold_leaves_no_output_or_a_complete_one(tmp_path)
     assert out.read_bytes() == ref
     assert list(tmp_path.glob(".out.gguf.tmp-*")) == []
     assert src.exists() and (tmp_path / "ref.gguf").read_bytes() == ref
+
+
+def test_unknown_fused_qkv_order_and_bad_head_counts_are_refused(tmp_path):
+    rng = np.random.default_rng(3)
+    src = gf.write_raw(tmp_path / "glm.gguf", "chatglm",
+                       {"blk.0.attn_qkv.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 48, 64, rng), (48, 64))})
+    p = "transformer.encoder.layers.0.self_attention.query_key_value"
+    with pytest.raises(FoldError) as exc:
+        fold(src, make_adapter(tmp_path / "ad", {p: np.ones(48)}), tmp_path / "out.gguf")
+    assert str(exc.value) == (
+        "cannot fold the adapter into this GGUF file: the row order of the fused 'blk.0.attn_qkv.weight' in "
+        f"architecture 'chatglm' is unknown to ia3fuse ({p!r}); fold the Hugging Face checkpoint instead "
+        "(ia3fuse fold --base) and convert it"
+    )
+    src = gf.write_raw(tmp_path / "llama.gguf", "llama",
+                       {"blk.0.attn_q.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 16, 64, rng), (16, 64))}, heads=3)
+    with pytest.raises(FoldError) as exc:
+        fold(src, make_adapter(tmp_path / "ad2", {"model.layers.0.self_attn.q_proj": np.ones(16)}), tmp_path / "out.gguf")
+    assert str(exc.value) == (
+        "cannot fold the adapter into this GGUF file: cannot permute 'blk.0.attn_q.weight' like llama.cpp's converter: "
+        "head count 3 does not divide its 16 rows in pairs; the file's metadata does not match the tensor"
+    )
+    assert not (tmp_path / "out.gguf").exists()

@@ -41,6 +41,7 @@ UNPERMUTED_QK = frozenset({
 _QKV_HEADS = frozenset({"bloom", "gptneox"})  # per head [q k v] -> [q; k; v]
 _QKV_KEPT = frozenset({"gpt2", "starcoder", "phi3", "mpt", "qwen", "jais", "codeshell", "refact", "phi2"})
 _FUSED_GATE_UP = frozenset({"phi3"})  # ffn_up holds [gate; up]
+_QK_PERMUTED = "rows (q/k permuted as llama.cpp's converter does)"
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,6 @@ def plan_gguf(
         FoldError: a module without a tensor in the file, a length mismatch, a fused layout or
             permutation that is unknown for this architecture.
     """
-    import gguf
-
-    T = gguf.MODEL_TENSOR
     tmap = _name_map(arch)
     jobs: dict[str, Job] = {}
     problems: list[str] = []
@@ -236,38 +234,12 @@ def plan_gguf(
                     f"the adapter was trained on another base model (architecture {arch.name!r})"
                 )
                 continue
-            how = "rows"
-            if kind in (T.ATTN_Q, T.ATTN_K):
-                flag = qk_permuted()
-                if flag is None:
-                    problems.append(
-                        f"llama.cpp's converter may or may not permute q/k rows for architecture {arch.name!r} "
-                        f"({path!r} -> {t.name!r}); pass permute_qk=True or False (--permute-qk yes/no)"
-                    )
-                    continue
-                if flag:
-                    heads = arch.per_layer(arch.heads if kind == T.ATTN_Q else (arch.kv_heads or arch.heads), layer or 0)
-                    if not heads or l.size % (2 * heads):
-                        problems.append(f"cannot permute {t.name!r}: head count {heads!r} does not divide {l.size} rows")
-                        continue
-                    l = llama_permute(l, heads)
-                    permuted = True
-                    how = "rows (q/k permuted as llama.cpp's converter does)"
-            elif kind == T.ATTN_QKV:
-                heads = arch.per_layer(arch.heads, layer or 0)
-                if arch.name in _QKV_HEADS:
-                    l = qkv_by_heads(l, heads)
-                    how = "rows (fused qkv regrouped as llama.cpp's converter does)"
-                elif arch.name == "falcon":
-                    kv = arch.per_layer(arch.kv_heads, layer or 0) or 1
-                    l = qkv_falcon(l, heads, kv)
-                    how = "rows (fused qkv regrouped as llama.cpp's converter does)"
-                elif arch.name not in _QKV_KEPT:
-                    problems.append(
-                        f"the row order of the fused {t.name!r} in architecture {arch.name!r} is unknown to ia3fuse "
-                        f"({path!r}); fold the Hugging Face checkpoint instead (ia3fuse fold --base) and convert it"
-                    )
-                    continue
+            try:
+                l, how = _row_order(l, kind, t, arch, layer or 0, qk_permuted(), path)
+            except FoldError as exc:
+                problems.append(str(exc))
+                continue
+            permuted = permuted or how == _QK_PERMUTED
             scale = np.ones(t.rows, dtype=np.float32)
             if expert is None:
                 scale[:] = l
@@ -328,6 +300,45 @@ def plan_gguf(
             "instead (ia3fuse fold --base) and convert that, or keep the adapter unmerged"
         )
     return list(jobs.values()), permuted
+
+
+def _row_order(
+    l: np.ndarray, kind: Any, t: GGUFTensor, arch: Arch, layer: int, permute: Optional[bool], path: str
+) -> tuple[np.ndarray, str]:
+    """``l`` in the file's row order (the converter's permutation or regrouping), and how."""
+    import gguf
+
+    T = gguf.MODEL_TENSOR
+    if kind in (T.ATTN_Q, T.ATTN_K):
+        if permute is None:
+            raise FoldError(
+                f"llama.cpp's converter may or may not permute q/k rows for architecture {arch.name!r} "
+                f"({path!r} -> {t.name!r}); pass permute_qk=True or False (--permute-qk yes/no)"
+            )
+        if not permute:
+            return l, "rows"
+        heads = arch.per_layer(arch.heads if kind == T.ATTN_Q else (arch.kv_heads or arch.heads), layer)
+        if not heads or l.size % (2 * heads):
+            raise FoldError(f"cannot permute {t.name!r} like llama.cpp's converter: head count {heads!r} does not "
+                            f"divide its {l.size} rows in pairs; the file's metadata does not match the tensor")
+        return llama_permute(l, heads), _QK_PERMUTED
+    if kind != T.ATTN_QKV or arch.name in _QKV_KEPT:
+        return l, "rows"
+    heads = arch.per_layer(arch.heads, layer)
+    kv = arch.per_layer(arch.kv_heads, layer) or 1
+    if arch.name not in _QKV_HEADS and arch.name != "falcon":
+        raise FoldError(
+            f"the row order of the fused {t.name!r} in architecture {arch.name!r} is unknown to ia3fuse ({path!r}); "
+            "fold the Hugging Face checkpoint instead (ia3fuse fold --base) and convert it"
+        )
+    try:
+        regrouped = qkv_by_heads(l, heads) if arch.name in _QKV_HEADS else qkv_falcon(l, heads, kv)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise FoldError(
+            f"cannot regroup the fused {t.name!r} like llama.cpp's converter: head counts {heads!r}/{kv!r} do not "
+            f"fit its {l.size} rows; the file's metadata does not match the tensor"
+        ) from None
+    return regrouped, "rows (fused qkv regrouped as llama.cpp's converter does)"
 
 
 def _neighbour(
