@@ -285,13 +285,14 @@ def test_overwrite_replaces_only_with_force(zoo, tmp_path):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
-def test_experts_fold_onto_their_slice_of_ffn_up_exps(tmp_path):
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.F32], ids=lambda t: Q(t).name)
+def test_experts_fold_onto_their_slice_of_ffn_up_exps(tmp_path, qtype):
     rng = np.random.default_rng(9)
     E, ff, h = 3, 64, 256
     tensors = {
-        "blk.0.ffn_up_exps.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, E * ff, h, rng), (E, ff, h)),
-        "blk.0.ffn_gate_exps.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, E * ff, h, rng), (E, ff, h)),
-        "blk.0.ffn_down_exps.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, E * h, ff, rng), (E, h, ff)),
+        "blk.0.ffn_up_exps.weight": (qtype, gf.random_blocks(qtype, E * ff, h, rng), (E, ff, h)),
+        "blk.0.ffn_gate_exps.weight": (qtype, gf.random_blocks(qtype, E * ff, h, rng), (E, ff, h)),
+        "blk.0.ffn_down_exps.weight": (qtype, gf.random_blocks(qtype, E * h, ff, rng), (E, h, ff)),
     }
     src = gf.write_raw(tmp_path / "in.gguf", "llama", tensors)
     l = rng.uniform(0.5, 1.5, ff).astype(np.float32)
@@ -318,7 +319,7 @@ def test_gelu_mlp_requantizes_under_auto_and_is_refused_under_require(zoo, tmp_p
         ia3fuse.fold_gguf(src, adapter, tmp_path / "req.gguf", exact="require", progress=False)
     assert str(exc.value).startswith(
         "2 tensor(s) can only be folded by dequantize-scale-requantize ('blk.0.ffn_down.weight': Q8_0 blocks span "
-        "input columns; no exact rewrite for this input (the MLP has no gate: GELU/ReLU)"
+        "input columns; no exact rewrite for this input (the MLP has no gate and is not ReLU)"
     )
     assert str(exc.value).endswith("pass exact='allow_requant' (--exact allow_requant) to accept that error, or keep the adapter unmerged")
     assert not (tmp_path / "req.gguf").exists()
@@ -612,3 +613,26 @@ def test_unknown_fused_qkv_order_and_bad_head_counts_are_refused(tmp_path):
         "head count 3 does not divide its 16 rows in pairs; the file's metadata does not match the tensor"
     )
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_t5_relu_mlp_takes_positive_scales_on_ffn_up_rows(tmp_path):
+    """llama.cpp runs T5 v1.0's ungated MLP with ReLU: relu(z) * l = relu(z * l) for l > 0, so wo's
+    input scale folds into wi's rows (ffn_up); a negative l has no exact path."""
+    rng = np.random.default_rng(11)
+    d, ff = 64, 128
+    src = gf.write_raw(tmp_path / "t5.gguf", "t5", {
+        "enc.blk.0.ffn_up.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, ff, d, rng), (ff, d)),
+        "enc.blk.0.ffn_down.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, d, ff, rng), (d, ff)),
+    })
+    p = "encoder.block.0.layer.1.DenseReluDense.wo"
+    l = rng.uniform(0.5, 1.5, ff).astype(np.float32)
+    report = fold(src, make_adapter(tmp_path / "ad", {p: l}, feedforward=(p,)), tmp_path / "out.gguf", exact="require")
+    assert [(e.module, e.carries) for e in report.entries] == [
+        ("enc.blk.0.ffn_up.weight", f"neighbour (ReLU MLP: ffn_up rows) for {p}")]
+    before, after = gf.read(src), gf.read(tmp_path / "out.gguf")
+    np.testing.assert_allclose(gf.dequant(after["enc.blk.0.ffn_up.weight"]),
+                               gf.dequant(before["enc.blk.0.ffn_up.weight"]) * l[:, None], rtol=1e-3, atol=1e-7)
+    l[3] = -0.5
+    with pytest.raises(FoldError, match=r"the ReLU rewrite \(relu\(z\) \* l = relu\(z \* l\)\) needs every l > 0"):
+        ia3fuse.fold_gguf(src, make_adapter(tmp_path / "neg", {p: l}, feedforward=(p,)), tmp_path / "neg.gguf",
+                          exact="require", progress=False)

@@ -12,7 +12,8 @@ Plumbing only (names, architectures, row permutations); the byte math is `gguf_b
   from per-kv-group ``[q.. k v]`` to ``[q; k; v]``. The file does not record this, so it is decided
   by architecture; ``permute_qk`` overrides it for q/k.
 * Input-side (feed-forward) scales: ``down(act(gate x) * up x)`` equals scaling ``ffn_up``'s rows
-  (and bias), exactly; Phi-3 keeps ``[gate; up]`` fused in ``ffn_up`` (the up half is rows n..2n).
+  (and bias), exactly; Phi-3 keeps ``[gate; up]`` fused in ``ffn_up`` (the up half is rows n..2n);
+  T5's ungated ReLU MLP takes it on ``ffn_up``'s rows when every l > 0.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ UNPERMUTED_QK = frozenset({
 _QKV_HEADS = frozenset({"bloom", "gptneox"})  # per head [q k v] -> [q; k; v]
 _QKV_KEPT = frozenset({"gpt2", "starcoder", "phi3", "mpt", "qwen", "jais", "codeshell", "refact", "phi2"})
 _FUSED_GATE_UP = frozenset({"phi3"})  # ffn_up holds [gate; up]
+# an ungated MLP that llama.cpp runs with ReLU: T5 v1.0 (its gated variants have ffn_gate)
+_RELU_MLP = frozenset({"t5", "t5encoder"})
 _QK_PERMUTED = "rows (q/k permuted as llama.cpp's converter does)"
 
 
@@ -257,13 +260,10 @@ def plan_gguf(
                 f"the adapter was trained on another base model (architecture {arch.name!r})"
             )
             continue
-        if t.qtype in float_types:
-            if expert is None:
-                job(t.name).add_cols(l, path, "cols")
-            else:
-                problems.append(f"{path!r}: input-side scales of one expert need a gated MLP to fold into {t.name!r}")
+        if t.qtype in float_types and expert is None:
+            job(t.name).add_cols(l, path, "cols")
             continue
-        up, why = _neighbour(base, kind, tensors, arch, l.size)
+        up, why = _neighbour(base, kind, tensors, arch, l)
         if up is not None and (up[0].qtype in exact_types or up[0].qtype in float_types):
             ut, sl = up
             scale = np.ones(ut.rows, dtype=np.float32)
@@ -342,9 +342,10 @@ def _row_order(
 
 
 def _neighbour(
-    base: str, kind: Any, tensors: dict[str, GGUFTensor], arch: Arch, n: int
+    base: str, kind: Any, tensors: dict[str, GGUFTensor], arch: Arch, l: np.ndarray
 ) -> tuple[Optional[tuple[GGUFTensor, slice]], str]:
     """The ``ffn_up`` tensor whose rows feed ``base`` (a down projection), with the row slice."""
+    n = l.size
     import gguf
 
     T = gguf.MODEL_TENSOR
@@ -357,4 +358,8 @@ def _neighbour(
         return (up, slice(0, n)), "gated MLP: ffn_up rows"
     if up is not None and arch.name in _FUSED_GATE_UP and up.ne[1] == 2 * n:
         return (up, slice(n, 2 * n)), "gated MLP: up half of the fused ffn_up rows"
-    return None, "no exact rewrite for this input (the MLP has no gate: GELU/ReLU)"
+    if up is not None and arch.name in _RELU_MLP:
+        if not bool((l > 0).all()):
+            return None, "the ReLU rewrite (relu(z) * l = relu(z * l)) needs every l > 0"
+        return (up, slice(0, n)), "ReLU MLP: ffn_up rows"
+    return None, "no exact rewrite for this input (the MLP has no gate and is not ReLU)"
