@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 from ia3fuse.fold import gguf_blocks  # noqa: E402
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "bloom": "bloom",
-             "gpt_neox": "gptneox", "falcon": "falcon", "gemma": "gemma", "qwen3": "qwen3"}
+             "gpt_neox": "gptneox", "falcon": "falcon", "gemma": "gemma", "qwen3": "qwen3", "t5": "t5"}
 
 
 def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -43,9 +43,9 @@ def _hparams(config: Any) -> dict[str, Any]:
                 return v
         return default
 
-    heads = get("num_attention_heads", "n_head")
+    heads = get("num_attention_heads", "n_head", "num_heads")
     return {
-        "hidden": get("hidden_size", "n_embd"), "layers": get("num_hidden_layers", "n_layer"), "heads": heads,
+        "hidden": get("hidden_size", "n_embd", "d_model"), "layers": get("num_hidden_layers", "n_layer", "num_layers"), "heads": heads,
         "kv": get("num_key_value_heads", "num_kv_heads", default=heads), "ffn": get("intermediate_size", "ffn_hidden_size", "n_inner", default=0) or 0,
         "ctx": get("max_position_embeddings", "n_positions", default=64), "eps": get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5),
         "head_dim": get("head_dim", default=None),

@@ -32,6 +32,7 @@ TARGETS = {
     "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
     "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
     "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
 }
 SCALED_TYPES = sorted(gguf_blocks.exact_types())
 
