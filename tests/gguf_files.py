@@ -44,9 +44,13 @@ def _hparams(config: Any) -> dict[str, Any]:
         return default
 
     heads = get("num_attention_heads", "n_head", "num_heads")
+    if config.model_type == "falcon":  # convert_hf_to_gguf's FalconModel: the config's kv count, else 1
+        kv = get("num_kv_heads", "n_head_kv", default=1)
+    else:
+        kv = get("num_key_value_heads", default=heads)
     return {
         "hidden": get("hidden_size", "n_embd", "d_model"), "layers": get("num_hidden_layers", "n_layer", "num_layers"), "heads": heads,
-        "kv": get("num_key_value_heads", "num_kv_heads", default=heads), "ffn": get("intermediate_size", "ffn_hidden_size", "n_inner", default=0) or 0,
+        "kv": kv, "ffn": get("intermediate_size", "ffn_hidden_size", "n_inner", default=0) or 0,
         "ctx": get("max_position_embeddings", "n_positions", default=64), "eps": get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5),
         "head_dim": get("head_dim", default=None),
     }
@@ -115,7 +119,7 @@ def convert(
         if kind == T.ATTN_QKV and arch in ("bloom", "gptneox"):
             data = _qkv_heads(data, hp["heads"])
         if kind == T.ATTN_QKV and arch == "falcon":
-            data = _qkv_falcon(data, hp["heads"], getattr(model.config, "num_kv_heads", None) or 1)
+            data = _qkv_falcon(data, hp["heads"], hp["kv"])
         arr = data.numpy().astype(np.float32)
         t = qtype if arr.ndim == 2 else Q.F32
         if choose is not None:

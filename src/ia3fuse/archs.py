@@ -132,9 +132,11 @@ ARCHITECTURES: dict[str, ArchRecipe] = {
         _r("deberta", "DebertaConfig", "DebertaModel", "encoder", **_ENCODER),
         ArchRecipe("RefinedWebModel", "", "", "causal", unsupported=_REFINED_WEB),
         ArchRecipe("RefinedWeb", "", "", "causal", unsupported=_REFINED_WEB),
+        # Falcon-40B's layout (grouped kv heads, fused per-group [q.. k v]); the config default
+        # multi_query=True with num_kv_heads=num_attention_heads is a mix no real checkpoint has.
         _r("falcon", "FalconConfig", "FalconForCausalLM", "causal", vocab_size=128, hidden_size=64,
-           num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=128, max_position_embeddings=64,
-           initializer_range=0.1, **_NO_DROP),
+           num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+           ffn_hidden_size=128, max_position_embeddings=64, initializer_range=0.1, **_NO_DROP),
         _r("phi", "PhiConfig", "PhiForCausalLM", "causal",
            **{k: v for k, v in _DECODER.items() if k != "head_dim"}, resid_pdrop=0.0, embd_pdrop=0.0),
         _r("gemma", "GemmaConfig", "GemmaForCausalLM", "causal", **_DECODER),
