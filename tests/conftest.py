@@ -1,8 +1,13 @@
-"""Session fixtures: tiny transformers models and random PEFT IA3 adapters, built once.
+"""Session fixtures: tiny transformers models and random PEFT IA3 adapters, built once; the two
+quick quality suites, trained once; and the test tiers.
 
 Every model is built from a config (no downloads) and saved under ``tmp_path_factory``; each
 architecture gets three adapters with different seeds (the third targets fewer modules than
 the others) and one feed-forward-only adapter for the disjoint-modules tests.
+
+Tiers: a test that uses a trained suite (``causal_quick``, ``encoder_quick``, directly or through
+another fixture) is marked ``slow`` here, so no test file has to remember it; other slow tests
+carry ``@pytest.mark.slow`` themselves. ``python -m pytest -m "not slow"`` is the fast tier.
 """
 
 from __future__ import annotations
@@ -110,3 +115,37 @@ def _build(arch: str, root: Path) -> TinySetup:
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
     """A tiny model of each architecture with its IA3 adapters, built once per session."""
     return _build(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+# --------------------------------------------------------------------------- trained suites, tiers
+
+# Session fixtures that train a model; every test that depends on one is slow.
+TRAINED = ("causal_quick", "encoder_quick")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(name in TRAINED for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def causal_quick(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The quick causal quality suite, prepared (trained) once for the whole session: (suite, cache)."""
+    from ia3fuse.bench.causal import CausalSuite
+
+    cache = tmp_path_factory.mktemp("causal-cache")
+    suite = CausalSuite()
+    suite.prepare(cache, quick=True, seed=0, progress=False)
+    return suite, cache
+
+
+@pytest.fixture(scope="session")
+def encoder_quick(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The quick encoder quality suite, prepared (trained) once for the whole session: (suite, cache)."""
+    from ia3fuse.bench.encoder import EncoderSuite
+
+    cache = tmp_path_factory.mktemp("encoder-cache")
+    suite = EncoderSuite()
+    suite.prepare(cache, quick=True, seed=0, progress=False)
+    return suite, cache

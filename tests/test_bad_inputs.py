@@ -550,6 +550,7 @@ def test_api_and_cli_refuse_with_the_message_and_change_nothing(
     state.check("the CLI")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", SUBPROCESS)
 def test_the_real_entry_point_agrees(case_id: str, good: Inputs, tmp_path: Path) -> None:
     case = next(c for c in CASES if c.id == case_id)

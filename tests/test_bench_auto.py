@@ -15,10 +15,9 @@ from ia3fuse.bench.report import quality_markdown, write_quality
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> CausalSuite:
-    s = CausalSuite()
-    s.prepare(tmp_path_factory.mktemp("auto-cache"), quick=True, seed=0, progress=False)
-    return s
+def suite(causal_quick: tuple[CausalSuite, Path]) -> CausalSuite:
+    """The session's quick causal suite (conftest's causal_quick, shared with test_bench_causal.py)."""
+    return causal_quick[0]
 
 
 def test_passes_to_reach_counts_forwards_of_the_first_point_at_or_below_the_target() -> None:

@@ -1,7 +1,7 @@
 """The causal quality suite: data, tokenizer, scorer, decoding, training gains and the cache.
 
 One quick-mode suite is prepared once per session in a temporary cache (about a minute on two
-CPU cores); every other test only reads it.
+CPU cores), shared with test_bench_auto.py; every other test only reads it.
 """
 
 from __future__ import annotations
@@ -37,12 +37,9 @@ TASK_NAMES = [t.name for t in TASKS]
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[CausalSuite, Path]:
-    """A quick-mode suite trained once into a temporary cache."""
-    cache = tmp_path_factory.mktemp("causal-cache")
-    suite = CausalSuite()
-    suite.prepare(cache, quick=True, seed=0, progress=False)
-    return suite, cache
+def prepared(causal_quick: tuple[CausalSuite, Path]) -> tuple[CausalSuite, Path]:
+    """A quick-mode suite trained once into a temporary cache (conftest's causal_quick)."""
+    return causal_quick
 
 
 @pytest.fixture(scope="session")

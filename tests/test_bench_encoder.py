@@ -36,16 +36,14 @@ TASKS = list(enc.TASKS)
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("encoder-cache")
+def cache(encoder_quick: tuple[enc.EncoderSuite, Path]) -> Path:
+    return encoder_quick[1]
 
 
 @pytest.fixture(scope="session")
-def suite(cache: Path) -> enc.EncoderSuite:
-    """The quick suite, prepared (trained) once for the whole session."""
-    s = enc.EncoderSuite()
-    s.prepare(cache, quick=True, seed=0, progress=False)
-    return s
+def suite(encoder_quick: tuple[enc.EncoderSuite, Path]) -> enc.EncoderSuite:
+    """The quick suite, prepared (trained) once for the whole session (conftest's encoder_quick)."""
+    return encoder_quick[0]
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +87,7 @@ print(hashlib.sha256(json.dumps([make_splits(t, SplitSizes(24, 12, 24), 0) for t
 """
 
 
+@pytest.mark.slow  # one interpreter per hash seed
 def test_splits_do_not_depend_on_the_hash_seed() -> None:
     # set and dict orders change with PYTHONHASHSEED (faker's it_IT cities come from a set)
     here = hashlib.sha256(

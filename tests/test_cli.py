@@ -1,8 +1,10 @@
-"""The ``ia3fuse`` command, run through its real entry point in a subprocess.
+"""The ``ia3fuse`` command: in-process through ``ia3fuse.cli.main`` (see ``cli_runner``), and
+through its real entry point in a subprocess for a smoke test and, in the full suite, the whole
+bad-input matrix again.
 
-Each run costs a torch import (~2-3 s), so the inputs are built once per module and each test
-groups its assertions. Bad input must give exit status 2, one ``ia3fuse: error:`` line naming
-the problem, untouched inputs and no output (nor a temporary directory) left behind.
+The inputs are built once per module and each test groups its assertions. Bad input must give
+exit status 2, one ``ia3fuse: error:`` line naming the problem, untouched inputs and no output
+(nor a temporary directory) left behind.
 """
 
 from __future__ import annotations
@@ -11,22 +13,19 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import ia3fuse
+from cli_runner import RUNNERS, run_cli
 from ia3fuse.examples import random_ia3_adapter, tiny_model
 
-_SCRIPT = Path(sys.executable).parent / "ia3fuse"
-CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ia3fuse.cli"]
 
 METHOD_PAPERS = {
     "linear": "https://arxiv.org/abs/2205.05638",
@@ -41,13 +40,6 @@ METHOD_PAPERS = {
 }
 PREFIX = "base_model.model."
 K_PROJ0 = "model.layers.0.self_attn.k_proj"
-
-
-def run_cli(*args: object, cwd: Optional[Path] = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [*CLI, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -163,7 +155,7 @@ def test_merge_flags_writes_the_api_result_with_model_card(inputs: Inputs, tmp_p
     out = tmp_path / "OUT"
     before = snapshot(inputs.root)
     res = run_cli("merge", inputs.a, inputs.b, "--weights", "0.3", "0.7", "--method", "ties", "--density", "0.5",
-                  "-o", out, cwd=tmp_path)
+                  "-o", out, cwd=tmp_path, real=True)  # the installed console script, end to end
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert f"wrote {out}" in res.stdout and "ties" in res.stdout
@@ -371,12 +363,13 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("case", list(BAD.values()), ids=list(BAD))
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, inputs: Inputs, tmp_path: Path) -> None:
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, inputs: Inputs, tmp_path: Path, runner: str) -> None:
     argv = case.build(inputs, tmp_path)
     out = case.out(inputs, tmp_path)
     before_inputs, before_here = snapshot(inputs.root), snapshot(tmp_path)
-    res = run_cli(*argv, cwd=tmp_path)
+    res = run_cli(*argv, cwd=tmp_path, real=runner == "subprocess")
     assert res.returncode == 2, (res.stdout, res.stderr)
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("ia3fuse: error: "), res.stderr
@@ -388,7 +381,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, inputs: In
 
 
 def test_debug_shows_the_traceback(inputs: Inputs, tmp_path: Path) -> None:
-    res = run_cli("--debug", "merge", inputs.a, inputs.lora, "-o", tmp_path / "OUT", cwd=tmp_path)
+    res = run_cli("--debug", "merge", inputs.a, inputs.lora, "-o", tmp_path / "OUT", cwd=tmp_path, real=True)
     assert res.returncode != 0
     assert "Traceback" in res.stderr and "AdapterFormatError" in res.stderr and "not IA3" in res.stderr
     assert not (tmp_path / "OUT").exists()

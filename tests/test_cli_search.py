@@ -1,5 +1,5 @@
-"""``ia3fuse search`` through the real entry point: what it writes, and one-line errors that
-leave nothing behind."""
+"""``ia3fuse search`` from the command line (in-process; the error matrix also through the real
+entry point in the full suite): what it writes, and one-line errors that leave nothing behind."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 
 import ia3fuse
 from ia3fuse.examples import random_ia3_adapter, save_tiny_model, tiny_model, tiny_tokenizer
-from test_cli import leftovers, run_cli, snapshot
+from cli_runner import RUNNERS, run_cli
+from test_cli import leftovers, snapshot
 
 RECORDS = [{"input": w + "=", "target": w[::-1]} for w in ("abc", "hello", "ia3", "fuse", "xyz", "merge")]
 
@@ -111,11 +112,14 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("case", list(BAD.values()), ids=list(BAD))
-def test_bad_search_is_one_line_exit_2_and_writes_nothing(case: Case, inputs: SearchInputs, tmp_path: Path) -> None:
+def test_bad_search_is_one_line_exit_2_and_writes_nothing(
+    case: Case, inputs: SearchInputs, tmp_path: Path, runner: str
+) -> None:
     argv = case.build(inputs, tmp_path)
     before_inputs, before_here = snapshot(inputs.root), snapshot(tmp_path)
-    res = run_cli(*argv, cwd=tmp_path)
+    res = run_cli(*argv, cwd=tmp_path, real=runner == "subprocess")
     assert res.returncode == 2, (res.stdout, res.stderr)
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("ia3fuse: error: "), res.stderr

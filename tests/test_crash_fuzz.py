@@ -41,7 +41,8 @@ from ia3fuse import AdapterFormatError, RecipeError
 from ia3fuse._io import atomic_output_dir
 from ia3fuse.examples import random_ia3_adapter, tiny_model
 from ia3fuse.recipe import load_recipe, parse_recipe
-from test_cli import CLI, leftovers, snapshot
+from cli_runner import CLI
+from test_cli import leftovers, snapshot
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fuzz  # benchmarks/fuzz.py: the shared strategies and targets
@@ -180,6 +181,7 @@ def _plan(n: int, rng: random.Random, t_tmp: float, write: float) -> list[tuple[
     return [("start", rng.uniform(0.1, 0.8) * t_tmp), *spread[:1], ("out", 0.0), *spread[1:]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(KILLS))
 def test_sigkill_leaves_no_output_or_a_complete_one(name: str, jobs: dict[str, Job], tmp_path: Path) -> None:
     job = jobs[name]

@@ -12,8 +12,6 @@ import errno
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +24,12 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from cli_runner import run_cli
 import ia3fuse
 from ia3fuse import FoldError, IA3Adapter, OutputPathError, fold_checkpoint
 from ia3fuse.examples import random_ia3_adapter, tiny_config, tiny_model
 from ia3fuse.fold import checkpoint as ck
 
-_SCRIPT = Path(sys.executable).parent / "ia3fuse"
 K_PROJ0 = "model.layers.0.self_attn.k_proj"
 
 
@@ -74,12 +72,6 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     for k in want:
         assert got[k].dtype == want[k].dtype, k
         assert torch.equal(got[k], want[k]), k
-
-
-def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
-    cmd = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ia3fuse.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*cmd, *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
 
 
 def with_random_biases(model: Any) -> Any:
@@ -475,7 +467,7 @@ def test_cli_fold_writes_the_api_result(inputs: Inputs, tmp_path: Path) -> None:
     api = tmp_path / "api"
     report = fold_checkpoint(inputs.llama_dir, inputs.adapter, api, progress=False)
     out = tmp_path / "cli"
-    res = run_cli("fold", "--base", inputs.llama_dir, "--adapter", inputs.adapter, "-o", out, "--no-progress")
+    res = run_cli("fold", "--base", inputs.llama_dir, "--adapter", inputs.adapter, "-o", out, "--no-progress", real=True)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == report.summary().replace(str(api), str(out))

@@ -553,6 +553,7 @@ def test_cli_prints_lossy_warning_as_one_line(zoo, tmp_path, capsys):
     assert [c.strip() for c in row.split("|")[2:4]] == ["Q8_0 256x64", "requantize"]  # ggml order: ne0 (inputs) first
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_gguf_fold_leaves_no_output_or_a_complete_one(tmp_path):
     """Kill the CLI while it writes (copying, then patching): OUT is absent or complete, and the
     next run removes the dead writer's temporary file."""

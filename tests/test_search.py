@@ -11,10 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,6 +21,7 @@ import torch
 from peft import PeftModel
 from torch import Tensor
 
+from cli_runner import run_cli
 from ia3fuse import IA3Adapter, WeightSchedule, load_adapter, merge
 from ia3fuse._runtime import torch_threads
 from ia3fuse.errors import (
@@ -342,10 +340,7 @@ def test_cli_merge_reproduces_the_adapter(world: World, tmp_path: Path) -> None:
     result = search_weights(world.base, [world.a, world.b, world.c], world.batches["mixed"], granularity="module",
                             method="ties", density=0.5, budget=6, lr=0.2)
     out = result.save(tmp_path / "out")
-    script = Path(sys.executable).parent / "ia3fuse"
-    cli = [str(script)] if script.is_file() else [sys.executable, "-m", "ia3fuse.cli"]
-    done = subprocess.run([*cli, "merge", str(out / "recipe.yaml"), "-o", str(tmp_path / "cli")],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    done = run_cli("merge", out / "recipe.yaml", "-o", tmp_path / "cli")
     assert done.returncode == 0, done.stderr
     assert str(tmp_path / "cli") in done.stdout
     assert _equal_adapters(load_adapter(tmp_path / "cli"), result.adapter)

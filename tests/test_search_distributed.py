@@ -15,6 +15,8 @@ import torch
 
 from ia3fuse.examples import random_ia3_adapter, tiny_model
 
+pytestmark = pytest.mark.slow  # two torchrun processes per test
+
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys

@@ -177,7 +177,7 @@ def benchmarks_doc(results: Path) -> str:
         "## Quality",
         "",
         "```bash",
-        'python -m pip install torch==2.13.0 -e ".[dev]"',
+        'python -m pip install torch==2.13.0 -e ".[dev]" -c constraints.txt',
         "ia3fuse bench quality            # both suites; trained models are cached",
         "ia3fuse bench report             # rewrites this page",
         "```",
