@@ -10,7 +10,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .errors import OutputPathError
 
@@ -19,6 +19,9 @@ __all__ = ["atomic_output_dir", "atomic_output_file", "check_output_path"]
 
 def check_output_path(out: Path, inputs: Sequence[Path] = (), *, overwrite: bool = False, file: bool = False) -> Path:
     """Refuse an output that exists (unless ``overwrite``), is a symlink, is an input or lies inside one.
+
+    Missing folders above the output are fine: the atomic writers create them (and remove them
+    again if the write fails).
 
     Args:
         file: the output is one file (else a directory).
@@ -46,9 +49,11 @@ def check_output_path(out: Path, inputs: Sequence[Path] = (), *, overwrite: bool
                 f"output {str(out)!r} contains the input {str(inp)!r}, which writing it would delete; "
                 "pass a directory that holds no input"
             )
-    if not resolved.parent.is_dir():
+    blocker = _non_directory_ancestor(resolved)
+    if blocker is not None:
         raise OutputPathError(
-            f"the folder {str(resolved.parent)!r} of output {str(out)!r} does not exist or is not a directory; create it first"
+            f"the folder {str(blocker)!r} of output {str(out)!r} is not a directory; pass an output path "
+            "whose folders are directories (missing ones are created)"
         )
     if out.exists() and not overwrite:
         raise OutputPathError(
@@ -59,6 +64,53 @@ def check_output_path(out: Path, inputs: Sequence[Path] = (), *, overwrite: bool
     if out.exists() and not file and not out.is_dir():
         raise OutputPathError(f"output {str(out)!r} exists and is not a directory; pass a directory path")
     return resolved
+
+
+def _non_directory_ancestor(path: Path) -> Optional[Path]:
+    """The nearest existing ancestor of ``path`` if it is not a directory, else None."""
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _make_parents(parent: Path, out: Path) -> list[Path]:
+    """Create ``parent`` and its missing ancestors (as ``mkdir -p``); return those created, outermost first."""
+    missing = []
+    for p in (parent, *parent.parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    missing.reverse()
+    try:
+        for p in missing:
+            os.mkdir(p)
+    except OSError as exc:
+        _remove_created(missing)
+        raise OutputPathError(
+            f"cannot create the folder {str(parent)!r} of output {str(out)!r} ({exc.strerror or exc}); "
+            "pick a writable folder"
+        ) from None
+    return missing
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove folders `_make_parents` created (innermost first) if they are still empty: nothing is left."""
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            os.rmdir(p)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_mode(path: Path, *, directory: bool) -> None:
+    """Give a temporary (created 0700 / 0600) the mode an ordinary mkdir / open would: umask applied,
+    so a server running as another user can read the output."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def _writer_id() -> str:
@@ -118,20 +170,23 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     parent = out.parent
-    if not parent.is_dir():
-        raise OutputPathError(
-            f"the folder {str(parent)!r} of output {str(out)!r} does not exist; create it first"
-        )
+    created = _make_parents(parent, out)
     _remove_stale_temps(parent, out.name)  # left by a writer that was killed (no cleanup ran)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_writer_id()}-{os.getpid()}-", dir=parent))
+        _ordinary_mode(tmp, directory=True)
     except OSError as exc:
+        _remove_created(created)
         raise OutputPathError(f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder") from None
     try:
         try:
             yield tmp
-            for root, _dirs, files in os.walk(tmp):  # a full disk may only show here (delayed allocation)
+            for root, dirs, files in os.walk(tmp):  # a full disk may only show here (delayed allocation)
+                for name in dirs:
+                    _ordinary_mode(Path(root, name), directory=True)
                 for name in files:
+                    # Some writers (safetensors) create files 0600 whatever the umask.
+                    _ordinary_mode(Path(root, name), directory=False)
                     with open(os.path.join(root, name), "rb") as fh:
                         os.fsync(fh.fileno())
         except OSError as exc:
@@ -149,6 +204,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
 
 
@@ -162,13 +218,14 @@ def atomic_output_file(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     parent = out.parent
-    if not parent.is_dir():
-        raise OutputPathError(f"the folder {str(parent)!r} of output {str(out)!r} does not exist; create it first")
+    created = _make_parents(parent, out)
     _remove_stale_temps(parent, out.name, files=True)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{_writer_id()}-{os.getpid()}-", dir=parent)
         os.close(fd)
+        _ordinary_mode(Path(name), directory=False)
     except OSError as exc:
+        _remove_created(created)
         raise OutputPathError(f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder") from None
     tmp = Path(name)
     try:
@@ -184,4 +241,5 @@ def atomic_output_file(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _remove_created(created)
         raise
