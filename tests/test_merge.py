@@ -19,6 +19,7 @@ from ia3fuse.errors import (
     InvalidParameterError,
     MethodInputError,
     OutputPathError,
+    RecipeError,
 )
 from ia3fuse.recipe import parse_recipe, run_recipe
 
@@ -321,3 +322,19 @@ def test_schedule_in_a_recipe_with_an_adapter_named_default(tmp_path, two):
     out = ia3fuse.load_adapter(run_recipe(recipe, output=tmp_path / "out"))
     torch.testing.assert_close(out.vectors[K], a.vectors[K])
     torch.testing.assert_close(out.vectors[V], b.vectors[V])
+
+
+def test_a_recipe_reports_every_problem_at_once():
+    """Field errors used to hide the cross-field checks, and an unknown parameter hid the others."""
+    data = {"adapters": ["a", "b"], "method": "ties", "weights": [1], "missing": "nope", "unknown": 1,
+            "parameters": {"density": 1.5, "majority_sign_method": "x", "foo": 1}}
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(data)
+    assert str(caught.value) == (
+        "recipe is invalid: missing: Input should be 'identity' or 'zero'; unknown: Extra inputs are not permitted; "
+        "method 'ties' has no parameter 'foo'; its parameters are: density, majority_sign_method, lam; "
+        "method 'ties': density=1.5 is invalid (Input should be less than or equal to 1); density is the fraction "
+        "of each task vector's entries kept; pass a value in (0, 1]; majority_sign_method='x' is invalid (Input "
+        "should be 'total' or 'frequency'); majority_sign_method elects each entry's sign by summed mass ('total') "
+        "or by vote count ('frequency'); weights has 1 value for 2 adapters; pass one weight per adapter or a mapping"
+    )

@@ -1,7 +1,7 @@
 """Exception types raised by ia3fuse.
 
 Every message names what was wrong, the offending value and the fix. The CLI turns any
-`IA3FuseError` into a one-line message and exit status 2.
+`IA3FuseError` into a one-line message and exit status 2. Every one is also a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ __all__ = [
 ]
 
 
-class IA3FuseError(Exception):
-    """Base class of every error ia3fuse raises on bad input."""
+class IA3FuseError(ValueError):
+    """Base class of every error ia3fuse raises on bad input.
+
+    A ``ValueError``, as the errors PEFT raises for the same mistakes (unknown adapter, bad
+    weights...), so ``except ValueError`` code written for PEFT keeps working.
+    """
 
 
 class AdapterFormatError(IA3FuseError):

@@ -135,13 +135,30 @@ class Recipe(BaseModel):
         return self.model_copy(update={"adapters": refs, "output": out})
 
 
-def _format(exc: pydantic.ValidationError) -> str:
+# The fields the cross-field checks (Recipe._check) read.
+_CROSS_FIELDS = ("adapters", "method", "weights", "parameters")
+
+
+def _problems(exc: pydantic.ValidationError) -> list[str]:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
-    return "; ".join(dict.fromkeys(parts))
+    return parts
+
+
+def _all_problems(data: dict[str, Any], exc: pydantic.ValidationError) -> list[str]:
+    """Every problem of ``data``: pydantic skips the cross-field checks when any field fails, so
+    they run again on the cross-checked fields alone when those are all valid."""
+    problems = _problems(exc)
+    failed = {err["loc"][0] for err in exc.errors() if err["loc"]}
+    if not failed & set(_CROSS_FIELDS):
+        try:
+            Recipe.model_validate({k: data[k] for k in _CROSS_FIELDS if k in data})
+        except pydantic.ValidationError as more:
+            problems += _problems(more)
+    return list(dict.fromkeys(problems))
 
 
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
@@ -155,7 +172,7 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise RecipeError(f"{source} is invalid: {_format(exc)}") from None
+        raise RecipeError(f"{source} is invalid: {'; '.join(_all_problems(data, exc))}") from None
 
 
 def load_recipe(path: Union[str, Path]) -> Recipe:

@@ -65,23 +65,25 @@ class MethodSpec:
         """
         valid = [p.name for p in self.params]
         unknown = sorted(set(params) - set(valid))
-        if unknown:
+        problems = []
+        if unknown:  # reported together with the known parameters' problems, all in one message
             listing = ", ".join(valid) if valid else "none"
-            raise InvalidParameterError(
+            problems.append(
                 f"method {self.name!r} has no parameter {', '.join(repr(u) for u in unknown)}; "
                 f"its parameters are: {listing}"
             )
+        known = {k: v for k, v in params.items() if k in valid}
         try:
-            model = self._model(**params)
+            model = self._model(**known)
         except pydantic.ValidationError as exc:
-            problems = []
+            bad = []
             for err in exc.errors():
                 name = str(err["loc"][0]) if err["loc"] else "?"
                 spec = next(p for p in self.params if p.name == name)
-                problems.append(
-                    f"{name}={params.get(name)!r} is invalid ({err['msg']}); {spec.description}"
-                )
-            raise InvalidParameterError(f"method {self.name!r}: " + "; ".join(problems)) from None
+                bad.append(f"{name}={params.get(name)!r} is invalid ({err['msg']}); {spec.description}")
+            problems.append(f"method {self.name!r}: " + "; ".join(bad))
+        if problems:
+            raise InvalidParameterError("; ".join(problems))
         values = {p.name: getattr(model, p.name) for p in self.params}
         if self._check is not None:
             self._check(values)
