@@ -4,9 +4,19 @@ Example:
     >>> import ia3fuse
     >>> "ties" in [m.name for m in ia3fuse.methods()]
     True
+
+The public names load on first use, so ``import ia3fuse`` and ``ia3fuse --help`` do not import
+torch, transformers or PEFT.
 """
 
-from .adapter import IA3Adapter, load_adapter
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AdapterFormatError,
     DataError,
@@ -20,15 +30,35 @@ from .errors import (
     RecipeError,
     UnknownMethodError,
 )
-from .fold import FoldReport, fold, unfold
-from .fold.checkpoint import fold_checkpoint
-from .fold.gguf import GGUFFoldReport, fold_gguf
-from .merge import IA3FuseWarning, merge
-from .methods import get_method, methods
-from .peft import adapter_from_peft, add_weighted_adapter
-from .mixture import Mixture, Router, train_router
-from .search import SearchResult, search_weights
-from .weights import WeightSchedule
+
+if TYPE_CHECKING:
+    from .adapter import IA3Adapter, load_adapter
+    from .fold import FoldReport, fold, unfold
+    from .fold.checkpoint import fold_checkpoint
+    from .fold.gguf import GGUFFoldReport, fold_gguf
+    from .merge import IA3FuseWarning, merge
+    from .methods import get_method, methods
+    from .mixture import Mixture, Router, train_router
+    from .peft import adapter_from_peft, add_weighted_adapter
+    from .search import SearchResult, search_weights
+    from .weights import WeightSchedule
+
+# Where each lazily loaded public name lives (the imports above, for type checkers).
+_LAZY = {
+    ".adapter": ("IA3Adapter", "load_adapter"),
+    ".fold": ("FoldReport", "fold", "unfold"),
+    ".fold.checkpoint": ("fold_checkpoint",),
+    ".fold.gguf": ("GGUFFoldReport", "fold_gguf"),
+    ".merge": ("IA3FuseWarning", "merge"),
+    ".methods": ("get_method", "methods"),
+    ".mixture": ("Mixture", "Router", "train_router"),
+    ".peft": ("adapter_from_peft", "add_weighted_adapter"),
+    ".search": ("SearchResult", "search_weights"),
+    ".weights": ("WeightSchedule",),
+}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+# Functions named like the submodule that holds them: ``ia3fuse.merge`` is the function.
+_SHADOWED = ("merge", "fold", "methods")
 
 __version__ = "0.1.0"
 
@@ -65,3 +95,30 @@ __all__ = [
     "RecipeError",
     "UnknownMethodError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name], __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a subpackage, e.g. ia3fuse.search
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule sets the package's attribute of its name to it; for the shadowed
+    names, this keeps the function instead, as when this package imported them eagerly."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            value = getattr(value, name, value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

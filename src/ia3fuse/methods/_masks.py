@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # imported in the functions, as in fusion.py: the method registry loads without torch
+    import torch
+    from torch import Tensor
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -15,6 +17,8 @@ def keep_count(fraction: float, n: int) -> int:
 
 def top_magnitude_mask(taus: Tensor, density: float) -> Tensor:
     """Per row of ``taus`` (k, n), keep the ``density`` fraction of entries of largest |tau|."""
+    import torch
+
     k, n = taus.shape
     keep = keep_count(density, n)
     mask = torch.zeros_like(taus, dtype=torch.bool)
@@ -26,6 +30,8 @@ def top_magnitude_mask(taus: Tensor, density: float) -> Tensor:
 
 def band_mask(taus: Tensor, density: float, gamma: float) -> Tensor:
     """Per row, drop the top ``gamma`` fraction by |tau| and keep the next ``density`` fraction."""
+    import torch
+
     k, n = taus.shape
     drop_top = math.floor(gamma * n + 1e-9)
     keep = keep_count(density, n)
@@ -38,6 +44,8 @@ def band_mask(taus: Tensor, density: float, gamma: float) -> Tensor:
 
 def random_mask(shape: torch.Size, density: float, seed: int) -> Tensor:
     """Bernoulli(density) keep mask from a private generator: same seed, same mask."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=gen, dtype=torch.float64) < density
 
@@ -49,6 +57,8 @@ def elect_and_merge(weighted: Tensor, weights: Tensor, majority: str) -> Tensor:
     (``frequency``); only agreeing entries are averaged, normalised by the weights' magnitudes,
     so uniform weights give the plain mean of the agreeing entries.
     """
+    import torch
+
     signs = weighted.sign()
     votes = weighted.sum(0) if majority == "total" else signs.sum(0)
     elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)

@@ -7,15 +7,16 @@ so pruning never zeroes an activation and a missing adapter (tau = 0) changes no
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
 from ..errors import InvalidParameterError, MethodInputError
 from . import _masks
 from .registry import register
+
+if TYPE_CHECKING:  # torch is imported in the functions: registering the methods (CLI flags) needs only their schema
+    from torch import Tensor
 
 Lam = Annotated[float, Field(allow_inf_nan=False, description="lam scales the merged task vector: l = 1 + lam * merged tau")]
 Density = Annotated[
@@ -49,7 +50,7 @@ def _weighted_sum(taus: Tensor, weights: Tensor) -> Tensor:
 @register("linear", summary="Weighted sum of the raw vectors, sum_i w_i l_i (what PEFT's add_weighted_adapter computes)", paper="https://arxiv.org/abs/2205.05638")
 def linear(vectors: Tensor, weights: Tensor) -> Tensor:
     # Accumulate in adapter order exactly as PEFT does, so missing="zero" is bit-for-bit.
-    out = torch.zeros_like(vectors[0])
+    out = vectors[0].new_zeros(vectors[0].shape)
     for vec, w in zip(vectors, weights.tolist()):
         out += vec * w
     return out
@@ -152,6 +153,8 @@ def svd(vectors: Tensor, weights: Tensor, *, svd_rank: SvdRank = None, lam: Lam 
         raise InvalidParameterError(
             f"method 'svd': svd_rank={rank} exceeds the number of adapters ({k}); pass an integer in 1..{k}"
         )
+    import torch
+
     taus = (_flat(vectors) - 1).double()
     u, s, vh = torch.linalg.svd(taus, full_matrices=False)
     low = (u[:, :rank] * s[:rank]) @ vh[:rank]

@@ -13,16 +13,18 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pydantic
-from torch import Tensor
 
 from ..errors import InvalidParameterError, UnknownMethodError
 
+if TYPE_CHECKING:  # the schema is read without torch, so the CLI's --help does not import it
+    from torch import Tensor
+
 __all__ = ["MethodSpec", "ParamSpec", "register", "get_method", "methods", "method_names"]
 
-MethodFn = Callable[..., Tensor]
+MethodFn = Callable[..., "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def register(
     def decorate(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise RuntimeError(f"fusion method {name!r} is registered twice")
-        hints = typing.get_type_hints(fn, include_extras=True)
+        hints = _keyword_hints(fn)
         fields: dict[str, Any] = {}
         params = []
         for p in inspect.signature(fn).parameters.values():
@@ -134,6 +136,14 @@ def register(
         return fn
 
     return decorate
+
+
+def _keyword_hints(fn: MethodFn) -> dict[str, Any]:
+    """The resolved type hints of ``fn``'s keyword-only parameters (the schema) alone: the
+    tensors' hints stay unresolved, so a module of methods needs torch only inside its functions."""
+    keyword = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    holder = types.SimpleNamespace(__annotations__={n: fn.__annotations__[n] for n in keyword})
+    return typing.get_type_hints(holder, globalns=fn.__globals__, include_extras=True)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -29,6 +29,7 @@ class Trace:
     best_theta: Optional[Tensor] = None
     best_value: float = float("inf")
     forwards: int = 0
+    stopped: str = ""  # why the search ended before its budget ("" when it spent it)
 
     def record(self, theta: Tensor, objective: float, penalized: float, cost: int) -> None:
         self.forwards += cost
@@ -86,7 +87,10 @@ def run_cma(
 ) -> Trace:
     """CMA-ES (the ``cma`` package) from ``theta0``, as LoraHub searches LoRA weights.
 
-    The starting point is evaluated first; then whole generations run while the budget lasts.
+    The starting point is evaluated first; then generations run while the budget lasts. Of a
+    last generation that does not fit, the candidates that do are evaluated (and not told: the
+    search ends there), so ``budget // cost`` candidates in all, unless CMA-ES stops itself
+    (``trace.stopped`` names its criteria).
     """
     try:
         import cma
@@ -106,14 +110,17 @@ def run_cma(
     objective, penalized, _ = evaluate(x0.reshape(shape), False)
     trace.record(x0.reshape(shape), objective, penalized, cost)
     on_step(trace)
-    while trace.forwards + es.popsize * cost <= budget and not es.stop():
+    while trace.forwards + cost <= budget and not es.stop():
         xs = es.ask()
         values = []
-        for x in xs:
+        for x in xs[: (budget - trace.forwards) // cost]:
             theta = torch.as_tensor(x, dtype=torch.float64).reshape(shape)
             objective, penalized, _ = evaluate(theta, False)
             trace.record(theta, objective, penalized, cost)
             values.append(penalized)
-        es.tell(xs, values)
+        if len(values) == len(xs):
+            es.tell(xs, values)
         on_step(trace)
+    if trace.forwards + cost <= budget:
+        trace.stopped = "CMA-ES stopped itself: " + ", ".join(es.stop())
     return trace

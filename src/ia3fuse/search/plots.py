@@ -38,7 +38,7 @@ def plot_weights(result: Any, path: Path) -> Path:
             for j in range(g):
                 dark = abs(w[i, j]) > 0.6 * bound
                 ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    ax.set_title(f"searched weights ({result.granularity}-wise, {result.optimizer}, {result.method})", fontsize=10)
+    ax.set_title(f"searched weights of {result.adapter.name} ({result.granularity}-wise, {result.optimizer}, {result.method})", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
