@@ -89,3 +89,45 @@ def test_fold_matches_peft_and_unfolds(files, arch, quant, mode):
         if mode == "eval":
             base_model(input_ids=ids)  # same repacking history as the folded model
         torch.testing.assert_close(restored, base_model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def _wrapped_rows(table: str) -> list[list[str]]:
+    """The body rows of a wrapped markdown table, each continuation row (blank first cell) joined to its row."""
+    rows: list[list[str]] = []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0]:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], cells)]
+    return rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_report_table_fits_100_columns_and_keeps_every_cell(files, arch):
+    """Neighbour rows (llama) and requantized rows with their reasons (gpt2) are wider than 100
+    columns on one line; the table wraps them, and nothing is cut."""
+    base_dir, adapter = files[arch]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**QUANT["nf4"]),
+                                                 dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = ia3fuse.fold(PeftModel.from_pretrained(model, str(adapter)), measure_error=True).ia3fuse_report
+    assert max(len(line) for line in report.table(max_width=None).splitlines()) > 100
+    text = report.table()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    table, _, notes = text.partition("\n\nlossy because:\n")
+    squeeze = lambda s: "".join(s.split())  # a long word may be split across lines
+    rows = _wrapped_rows(table)
+    assert [squeeze(c) for r in rows for c in r] == [
+        squeeze(c) for e in report.entries
+        for c in (e.module, e.layer, e.path, e.carries, "-" if e.rel_error is None else f"{e.rel_error:.2e}")
+    ]
+    reasons = {e.reason for e in report.entries if e.reason}
+    if arch == "gpt2":
+        assert len(reasons) == 1 and not report.exact
+        c_proj = [e.module for e in report.entries if e.reason]
+        assert " ".join(notes.split()) == f"- {c_proj[0]} and {len(c_proj) - 1} more: {reasons.pop()}"
+    else:
+        assert report.exact and not reasons and not notes
+        assert any("neighbour" in r[3] for r in rows)

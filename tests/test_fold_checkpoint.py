@@ -150,7 +150,7 @@ def test_streamed_fold_equals_peft_and_the_in_memory_fold(tiny: Any, tmp_path: P
     out = tmp_path / "folded"
     report = fold_checkpoint(tiny.base_dir, adapter, out, progress=False)
     # Checked before loading: without config.json, from_pretrained would build a 7B default Llama.
-    assert sorted(os.listdir(out)) == sorted(os.listdir(tiny.base_dir))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tiny.base_dir) + ["README.md"])  # the card: see below
 
     cls = type(tiny.model)
     folded = cls.from_pretrained(str(out)).eval()
@@ -359,10 +359,17 @@ def _refused(out: Path) -> None:
     assert not out.exists() and leftovers(out.parent, out.name) == []
 
 
-def test_adapter_of_another_base_is_refused_naming_the_module(inputs: Inputs, tmp_path: Path) -> None:
+def test_adapter_of_another_base_is_refused_once_with_a_count_and_two_examples(inputs: Inputs, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(FoldError, match=rf"'{K_PROJ0}' has 16 output features but the adapter's vector has 24"):
+    with pytest.raises(FoldError) as exc:
         fold_checkpoint(inputs.llama_dir, inputs.wide, out, progress=False)
+    assert str(exc.value) == (
+        "cannot fold the adapter into this checkpoint: 4 of the adapter's 6 modules do not fit the model built from "
+        "config.json (LlamaForCausalLM, model type 'llama'): e.g. 'model.layers.0.self_attn.k_proj' (16 output "
+        "features, the adapter's vector 24) and 'model.layers.0.self_attn.v_proj' (16 output features, the adapter's "
+        "vector 24); the adapter was trained on another base model ('tiny', as its adapter_config.json records): "
+        "fold it into that base, or use an adapter trained on this one"
+    )
     _refused(out)
 
 
@@ -373,7 +380,10 @@ def _adapter(vectors: dict[str, torch.Tensor], **kw: Any) -> IA3Adapter:
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("absent", r"'model\.layers\.7\.self_attn\.k_proj' is absent from the model built from config\.json"),
+        ("absent", (r"^cannot fold the adapter into this checkpoint: the adapter's module does not fit the model "
+                    r"built from config\.json \(LlamaForCausalLM, model type 'llama'\): "
+                    r"'model\.layers\.7\.self_attn\.k_proj' \(absent\); the adapter was trained on another base "
+                    r"model: fold it into that base, or use an adapter trained on this one$")),
         ("ambiguous", r"'self_attn\.k_proj' matches 2 modules .*'model\.layers\.0\.self_attn\.k_proj'.*ambiguous"),
         ("tied", r"'lm_head' has its weight tied to 'transformer\.wte\.weight'"),
         ("extras", r"non-IA3 tensor\(s\) \(modules_to_save, e\.g\. 'base_model\.model\.score\.weight'\)"),
@@ -430,7 +440,7 @@ def test_existing_output_is_refused_unless_overwrite(inputs: Inputs, tmp_path: P
         fold_checkpoint(inputs.llama_dir, inputs.adapter, out, progress=False)
     assert os.listdir(out) == ["keep.txt"]
     fold_checkpoint(inputs.llama_dir, inputs.adapter, out, overwrite=True, progress=False)
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     assert leftovers(tmp_path, "out") == []
 
 
@@ -469,11 +479,29 @@ def test_cli_fold_writes_the_api_result(inputs: Inputs, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     res = run_cli("fold", "--base", inputs.llama_dir, "--adapter", inputs.adapter, "-o", out, "--no-progress", real=True)
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert lines[0] == report.summary().replace(str(api), str(out))
-    assert lines[1].startswith("| tensor") and len(lines) == 3 + report.changed
-    assert f"| {K_PROJ0}.weight " in res.stdout
+    # a summary by default, not a row per tensor (a 7B model changes ~200)
+    assert res.stdout.splitlines() == [
+        report.summary().replace(str(api), str(out)),
+        "exact: 4 by rows, 2 by cols (float32 products, rounded once to the output dtype)",
+        "(per-tensor table: --verbose, or --report FILE for a markdown file)",
+    ]
     assert (out / "model.safetensors").read_bytes() == (api / "model.safetensors").read_bytes()
+
+    # --verbose prints the table too; --report writes it, unwrapped, to a markdown file
+    md = tmp_path / "fold.md"
+    res = run_cli("fold", "--base", inputs.llama_dir, "--adapter", inputs.adapter, "-o", tmp_path / "v", "--no-progress",
+                  "--verbose", "--report", md)
+    assert res.returncode == 0, res.stderr
+    summary = report.summary().replace(str(api), str(tmp_path / "v"))
+    assert res.stdout.splitlines() == [summary, report.breakdown(), f"wrote the per-tensor table to {md}",
+                                       *report.table().splitlines()]
+    assert f"| {K_PROJ0}.weight | rows   | 16x32 | float32 |" in report.table().splitlines()
+    assert md.read_text() == f"# ia3fuse fold\n\n{summary}\n\n{report.breakdown()}\n\n{report.table(max_width=None)}\n"
+    assert len(report.table(max_width=None).splitlines()) == 2 + report.changed
+
+    # an existing report is refused before anything is folded
+    res = run_cli("fold", "--base", inputs.llama_dir, "--adapter", inputs.adapter, "-o", tmp_path / "w", "--report", md)
+    assert res.returncode == 2 and "already exists" in res.stderr and not (tmp_path / "w").exists()
 
 
 def test_cli_fold_error_is_one_line_with_status_2(inputs: Inputs, tmp_path: Path) -> None:

@@ -60,16 +60,29 @@ def fold(src, adapter, out, **kw):
 
 
 def outside(path: Path, report) -> bytes:
-    """The file's bytes with every changed tensor's data cut out (metadata and unaffected tensors)."""
-    data = path.read_bytes()
-    tensors = {t.name: t for t in __import__("gguf").GGUFReader(str(path)).tensors}
+    """The data section with every changed tensor's data cut out (the unaffected tensors)."""
+    reader = __import__("gguf").GGUFReader(str(path))
+    data = bytes(reader.data)
+    tensors = {t.name: t for t in reader.tensors}
     spans = sorted((tensors[e.module].data_offset, tensors[e.module].n_bytes) for e in report.entries)
-    parts, pos = [], 0
+    parts, pos = [], reader.data_offset
     for off, n in spans:
         parts.append(data[pos:off])
         pos = off + n
     parts.append(data[pos:])
     return b"".join(parts)
+
+
+def header(path: Path) -> tuple[dict[str, bytes], bytes, bytes]:
+    """(every key -> its raw key/value bytes, the raw tensor-info bytes, the data section)."""
+    reader = __import__("gguf").GGUFReader(str(path))
+    data = bytes(reader.data)
+
+    def raw(field) -> bytes:
+        return data[field.offset:field.offset + sum(int(p.nbytes) for p in field.parts)]
+
+    kvs = {k: raw(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return kvs, b"".join(raw(t.field) for t in reader.tensors), data[reader.data_offset:]
 
 
 # --- end to end against "fold the HF model, then convert" ----------------------------------------
@@ -245,9 +258,13 @@ def test_metadata_and_unaffected_tensors_are_byte_identical(zoo, tmp_path):
     src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=Q.Q8_0)
     report = fold(src, adapter, tmp_path / "out.gguf")
     out = tmp_path / "out.gguf"
-    assert out.stat().st_size == src.stat().st_size
     assert outside(out, report) == outside(src, report)
-    assert outside(out, report) != src.read_bytes()
+    assert header(out)[2] != header(src)[2]  # the changed tensors did change
+    (keys_in, infos_in, data_in), (keys_out, infos_out, data_out) = header(src), header(out)
+    assert infos_out == infos_in and len(data_out) == len(data_in)  # tensor offsets are relative: unchanged
+    added = [k for k in keys_out if k not in keys_in]
+    assert added == ["ia3fuse.version", "ia3fuse.adapter.name", "ia3fuse.adapter.path", "ia3fuse.adapter.base_model"]
+    assert {k: v for k, v in keys_out.items() if k in keys_in} == keys_in  # every input key, byte for byte
     import gguf
 
     meta = gguf.GGUFReader(str(out)).fields["ia3fuse.test.note"].contents()
@@ -264,7 +281,38 @@ def test_identity_adapter_round_trips_byte_identical(zoo, tmp_path):
     ident = make_adapter(tmp_path / "ones", ones, feedforward=tuple(ff))
     report = fold(src, ident, tmp_path / "out.gguf")
     assert len(report.entries) == 8
-    assert (tmp_path / "out.gguf").read_bytes() == src.read_bytes()
+    (keys_in, infos_in, data_in), (keys_out, infos_out, data_out) = header(src), header(tmp_path / "out.gguf")
+    assert (data_out, infos_out) == (data_in, infos_in)
+    assert {k: v for k, v in keys_out.items() if not k.startswith("ia3fuse.") or k in keys_in} == keys_in
+
+
+def test_provenance_keys_name_the_adapter_and_its_recipe(zoo, tmp_path):
+    """A fused adapter records its recipe; a second fold replaces the first one's keys and keeps the others."""
+    import gguf
+
+    _, adapter, src = zoo["qwen2"]
+    fused = ia3fuse.merge({"x": adapter, "y": adapter}, weights=[0.3, 0.7], method="task_arithmetic", name="fused")
+    fused.save(tmp_path / "fused")
+    fold(src, tmp_path / "fused", tmp_path / "once.gguf")
+    fold(tmp_path / "once.gguf", adapter, tmp_path / "twice.gguf")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "once.gguf")).fields.items() if k.startswith("ia3fuse.")}
+    assert fields == {
+        "ia3fuse.test.note": "metadata that must survive a fold",
+        "ia3fuse.version": ia3fuse.__version__,
+        "ia3fuse.adapter.name": "fused",
+        "ia3fuse.adapter.path": str(tmp_path / "fused"),
+        "ia3fuse.adapter.base_model": "tiny",
+        "ia3fuse.recipe": json.dumps(fused.recipe, sort_keys=True, separators=(",", ":")),
+    }
+    assert json.loads(fields["ia3fuse.recipe"])["weights"] == [0.3, 0.7]
+    again = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "twice.gguf")).fields.items() if k.startswith("ia3fuse.")}
+    assert again == {
+        "ia3fuse.test.note": "metadata that must survive a fold",
+        "ia3fuse.version": ia3fuse.__version__,
+        "ia3fuse.adapter.name": adapter.name,
+        "ia3fuse.adapter.path": str(adapter),
+        "ia3fuse.adapter.base_model": "tiny",
+    }
 
 
 def test_input_is_unchanged_and_no_temp_left(zoo, tmp_path):
@@ -394,12 +442,14 @@ def test_scale_overflow_is_refused(tmp_path):
 BAD = [
     ("not gguf", "notgguf", "is not a readable GGUF file (GGUF magic invalid); re-download or re-convert it"),
     ("missing", "missing", "does not exist; pass a .gguf model file"),
-    ("other model", "other", "cannot fold the adapter into this GGUF file: the adapter's module "
-     "'model.layers.0.self_attn.k_proj' maps to 'blk.0.attn_k.weight', which the file lacks "
-     "(GGUF architecture 'qwen2'); the adapter was trained on another base model"),
-    ("length", "length", "cannot fold the adapter into this GGUF file: 'blk.0.attn_v.weight' has 16 output rows but the "
-     "adapter's vector for 'model.layers.0.self_attn.v_proj' has 8; the adapter was trained on another base model "
-     "(architecture 'qwen2')"),
+    ("other model", "other", ("cannot fold the adapter into this GGUF file: 1 of the adapter's 2 modules does not fit "
+     "the file (GGUF architecture 'qwen2'): 'model.layers.0.self_attn.k_proj' (maps to 'blk.0.attn_k.weight', which "
+     "the file lacks); the adapter was trained on another base model ('tiny', as its adapter_config.json records): "
+     "fold it into that base, or use an adapter trained on this one")),
+    ("length", "length", ("cannot fold the adapter into this GGUF file: the adapter's module does not fit the file "
+     "(GGUF architecture 'qwen2'): 'model.layers.0.self_attn.v_proj' ('blk.0.attn_v.weight' has 16 output rows, the "
+     "adapter's vector 8); the adapter was trained on another base model ('tiny', as its adapter_config.json "
+     "records): fold it into that base, or use an adapter trained on this one")),
     ("unknown permute", "perm", "cannot fold the adapter into this GGUF file: llama.cpp's converter may or may not permute "
      "q/k rows for architecture 'mistral3' ('model.layers.0.self_attn.k_proj' -> 'blk.0.attn_k.weight'); pass "
      "permute_qk=True or False (--permute-qk yes/no)"),
@@ -434,6 +484,27 @@ def test_bad_inputs_give_exact_errors_and_write_nothing(tmp_path, case, kind, me
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ad"] + (["in.gguf"] if snapshot is not None else []))
     if snapshot is not None:
         assert src.read_bytes() == snapshot
+
+
+def test_adapter_of_another_base_is_refused_once_with_a_count_and_two_examples(zoo, tmp_path):
+    """An adapter of a wider model misfits its attention modules (the MLP width is the same): one sentence with
+    a count and two examples, not one per module."""
+    _, _, src = zoo["llama"]
+    wide = tiny_arch_model("llama", hidden_size=48, head_dim=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = random_ia3_adapter(wide, tmp_path / "wide", seed=1, target_modules=TARGETS["llama"][0],
+                                     feedforward_modules=TARGETS["llama"][1], base_name="org/wide-llama")
+    with pytest.raises(FoldError) as exc:
+        fold(src, adapter, tmp_path / "out.gguf")
+    assert str(exc.value) == (
+        "cannot fold the adapter into this GGUF file: 6 of the adapter's 8 modules do not fit the file (GGUF "
+        "architecture 'llama'): e.g. 'model.layers.0.self_attn.k_proj' ('blk.0.attn_k.weight' has 32 output rows, "
+        "the adapter's vector 24) and 'model.layers.0.self_attn.q_proj' ('blk.0.attn_q.weight' has 64 output rows, "
+        "the adapter's vector 48); the adapter was trained on another base model ('org/wide-llama', as its "
+        "adapter_config.json records): fold it into that base, or use an adapter trained on this one"
+    )
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_bad_arguments(zoo, tmp_path):
@@ -487,11 +558,12 @@ def test_cli_folds_a_gguf_file(zoo, tmp_path, capsys):
     code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "out.gguf", "--no-progress",
                          "--exact", "require", "--measure-error", capsys=capsys)
     assert code == 0, err
-    assert out.splitlines()[0] == (
-        f"wrote {tmp_path / 'out.gguf'}: folded 8 IA3 modules into 8 of 21 tensors (llama), 8 exact, 0 requantized; "
-        "q/k rows permuted as llama.cpp's converter does"
-    )
-    assert "| blk.0.ffn_up.weight | Q8_0 64x128 | block scales + neighbour |" in out
+    assert out.splitlines() == [  # a summary, not a row per tensor
+        (f"wrote {tmp_path / 'out.gguf'}: folded 8 IA3 modules into 8 of 21 tensors (llama), 8 exact, 0 requantized; "
+         "q/k rows permuted as llama.cpp's converter does"),
+        "exact: 6 block scales, 2 block scales + neighbour; max rel. error 2.26e-04 (8 measured)",
+        "(per-tensor table: --verbose, or --report FILE for a markdown file)",
+    ]
     api = fold(src, adapter, tmp_path / "api.gguf")
     assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "api.gguf").read_bytes()
     assert api.exact
@@ -499,6 +571,29 @@ def test_cli_folds_a_gguf_file(zoo, tmp_path, capsys):
                          "--permute-qk", "no", capsys=capsys)
     assert code == 0 and "q/k rows permuted" not in out
     assert (tmp_path / "no.gguf").read_bytes() != (tmp_path / "out.gguf").read_bytes()
+
+
+def test_cli_verbose_prints_the_table_in_100_columns_and_report_writes_it(zoo, tmp_path, capsys):
+    model, adapter, _ = zoo["llama"]
+    src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=Q.Q8_0)
+    md = tmp_path / "fold.md"
+    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "out.gguf", "--no-progress",
+                         "--verbose", "--report", md, capsys=capsys)
+    assert code == 0, err
+    report = fold(src, adapter, tmp_path / "api.gguf")
+    summary = report.summary().replace(str(tmp_path / "api.gguf"), str(tmp_path / "out.gguf"))
+    assert out.splitlines() == [summary, report.breakdown(), f"wrote the per-tensor table to {md}",
+                                *report.table().splitlines()]
+    assert max(len(line) for line in report.table().splitlines()) <= 100
+    wide = report.table(max_width=None)
+    assert max(len(line) for line in wide.splitlines()) > 100  # the one-line-per-tensor table would not fit
+    assert "| blk.0.ffn_up.weight | Q8_0 64x128 | block scales + neighbour |" in wide
+    assert md.read_text() == f"# ia3fuse fold\n\n{summary}\n\n{report.breakdown()}\n\n{wide}\n"
+    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "x.gguf", "--report",
+                         tmp_path / "x.gguf", capsys=capsys)
+    assert (code, err.strip()) == (
+        2, f"ia3fuse: error: --report {str(tmp_path / 'x.gguf')!r} is the fold's output; pass another file for the report"
+    )
 
 
 def test_cli_refusals_are_one_line(zoo, tmp_path, capsys):
@@ -545,12 +640,15 @@ def test_phi3_fused_gate_up_takes_the_scale_on_its_up_half(tmp_path):
 def test_cli_prints_lossy_warning_as_one_line(zoo, tmp_path, capsys):
     model, adapter, _ = zoo["gpt2"]
     q8 = gf.convert(model, tmp_path / "q8.gguf", model_type="gpt2", qtype=Q.Q8_0)
-    code, out, err = cli("fold", "--gguf", q8, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--no-progress", capsys=capsys)
+    code, out, err = cli("fold", "--gguf", q8, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--no-progress",
+                         "--verbose", capsys=capsys)
     assert code == 0
     assert ("ia3fuse: warning: 2 tensor(s) were folded by dequantize-scale-requantize (lossy); see the fold report"
             in err.splitlines())
+    assert out.splitlines()[1] == "exact: 2 block scales, 2 elementwise; lossy: 2 requantize; max rel. error 5.75e-03 (2 measured)"
     row = next(line for line in out.splitlines() if line.startswith("| blk.0.ffn_down.weight "))
     assert [c.strip() for c in row.split("|")[2:4]] == ["Q8_0 256x64", "requantize"]  # ggml order: ne0 (inputs) first
+    assert "lossy because:" in out.splitlines() and max(len(line) for line in out.splitlines()[2:]) <= 100
 
 
 @pytest.mark.slow

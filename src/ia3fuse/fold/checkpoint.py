@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -28,8 +27,11 @@ from .._io import atomic_output_dir, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
 from ..report import format_table
+from .checkpoint_files import CARD_FILE, CONFIG_FILE, copy_files, write_card
 from .dense import DenseBackend
 from .math import scale_bias, scale_weight
+from .misfit import refusal
+from .provenance import Provenance
 
 __all__ = ["fold_checkpoint", "CheckpointFoldReport", "ChangedTensor"]
 
@@ -37,7 +39,6 @@ PathLike = Union[str, Path]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
 
 # safetensors dtype code -> torch dtype (the ones torch can hold)
 _ST_TO_TORCH: dict[str, torch.dtype] = {
@@ -57,11 +58,6 @@ _UNITS = {
     "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
 }
-# Files that hold weights in some format; never copied to the output (the fold writes its own).
-_WEIGHT_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz", ".pkl",
-    ".index.json",
-)
 _COPY_CHUNK = 64 * 2**20
 
 
@@ -115,10 +111,30 @@ class CheckpointFoldReport:
             f"{self.total_size / 1e6:.1f} MB{dtype}"
         )
 
-    def table(self) -> str:
-        """A markdown table of the changed tensors."""
-        rows = [[e.tensor, e.scaled, "x".join(map(str, e.shape)), e.dtype, ", ".join(e.modules)] for e in self.entries]
-        return format_table(["tensor", "scaled", "shape", "dtype", "IA3 module"], rows)
+    def table(self, max_width: Optional[int] = 100) -> str:
+        """A markdown table of the changed tensors: name, rows/cols, shape, dtype, IA3 module.
+
+        Args:
+            max_width: the widest line (the IA3 module cells wrap to fit); None: one line per
+                tensor, for a markdown file. The IA3 module column is left out when every tensor
+                belongs to the module of the same path (the checkpoint adds or drops no prefix).
+        """
+        own = all(e.modules == (e.tensor.rsplit(".", 1)[0],) for e in self.entries)
+        headers = ["tensor", "scaled", "shape", "dtype"] + ([] if own else ["IA3 module"])
+        rows = [
+            [e.tensor, e.scaled, "x".join(map(str, e.shape)), e.dtype] + ([] if own else [", ".join(e.modules)])
+            for e in self.entries
+        ]
+        return format_table(headers, rows, max_width=max_width, wrap=(1, 4))
+
+    def breakdown(self) -> str:
+        """One line: how many tensors were scaled by rows and by columns (every one exactly)."""
+        counts: dict[str, int] = {}
+        for e in self.entries:
+            counts[e.scaled] = counts.get(e.scaled, 0) + 1
+        ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{n} by {k.replace(', ', ' and ')}" for k, n in ordered) or "no tensor"
+        return f"exact: {shown} (float32 products, rounded once to the output dtype)"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -305,17 +321,14 @@ def _rewrite(path: str, name: str) -> str:
     return f"drops prefix {path[: -len(name)]!r}"
 
 
-def _resolve(paths: list[str], names: Any, what: str, model_type: str) -> dict[str, str]:
-    """Map each path to its unique counterpart in ``names``; every problem reported at once."""
+def _resolve(paths: list[str], names: Any, what: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """Map each path to its unique counterpart in ``names``: (found, absent paths, other problems)."""
     found: dict[str, str] = {}
-    problems = []
+    absent, problems = [], []
     for p in paths:
         hits = _candidates(p, names)
         if not hits:
-            problems.append(
-                f"the adapter's module {p!r} is absent from {what} (model type {model_type!r}); "
-                "the adapter was trained on another base model"
-            )
+            absent.append(p)
         elif len(hits) > 1:
             problems.append(
                 f"the adapter's module {p!r} matches {len(hits)} modules of {what} ({', '.join(map(repr, hits[:4]))}); "
@@ -330,10 +343,7 @@ def _resolve(paths: list[str], names: Any, what: str, model_type: str) -> dict[s
             f"the adapter's modules map to {what} inconsistently ({', '.join(sorted(rewrites))}: {shown}); "
             "the adapter does not belong to this model"
         )
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise FoldError(f"cannot fold the adapter into this checkpoint: {shown}")
-    return found
+    return found, absent, problems
 
 
 def _tied(skeleton: nn.Module) -> dict[str, list[str]]:
@@ -369,12 +379,17 @@ def _plan(
             "into base weights does not carry; load it with PEFT instead, or drop those tensors from the adapter"
         )
     weighted = {n for n, m in skeleton.named_modules() if isinstance(getattr(m, "weight", None), Tensor)}
-    what = f"the model built from config.json ({type(skeleton).__name__})"
-    to_skel = _resolve(list(adapter.vectors), weighted, what, model_type)
+    what = f"the model built from config.json ({type(skeleton).__name__}, model type {model_type!r})"
+    to_skel, absent, problems = _resolve(list(adapter.vectors), weighted, what)
     tied = _tied(skeleton)
     dense = DenseBackend()
-    problems = []
+    misfits = []
     for path, vec in adapter.vectors.items():
+        if path in absent:
+            misfits.append(f"{path!r} (absent)")
+            continue
+        if path not in to_skel:
+            continue
         module = skeleton.get_submodule(to_skel[path])
         if f"{to_skel[path]}.weight" in tied:
             others = ", ".join(map(repr, tied[f"{to_skel[path]}.weight"]))
@@ -389,16 +404,21 @@ def _plan(
             want = in_f if adapter.feedforward[path] else out_f
             if vec.numel() != want:
                 side = "input" if adapter.feedforward[path] else "output"
-                problems.append(
-                    f"{path!r} has {want} {side} features but the adapter's vector has {vec.numel()}; "
-                    f"the adapter was trained on another base model (model type {model_type!r})"
-                )
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise FoldError(f"cannot fold the adapter into this checkpoint: {shown}")
+                misfits.append(f"{path!r} ({want} {side} features, the adapter's vector {vec.numel()})")
+    message = refusal("this checkpoint", misfits=misfits, problems=problems, modules=len(adapter.vectors), where=what,
+                      trained_on=adapter.base_model)
+    if message:
+        raise FoldError(message)
 
     ckpt_modules = {n[: -len(".weight")] for n in sources if n.endswith(".weight")}
-    to_ckpt = _resolve(list(to_skel.values()), ckpt_modules, "the checkpoint's tensors", model_type)
+    to_ckpt, absent, problems = _resolve(list(to_skel.values()), ckpt_modules, "the checkpoint's tensors")
+    problems = [
+        f"the checkpoint has no tensor of {p!r}, which config.json builds; the checkpoint and its config.json disagree"
+        for p in absent
+    ] + problems
+    if problems:
+        raise FoldError(refusal("this checkpoint", misfits=[], problems=problems, modules=len(adapter.vectors),
+                                where=what, trained_on=None))
     scales: dict[str, _Scale] = {}
     for path, vec in adapter.vectors.items():
         skel = to_skel[path]
@@ -578,21 +598,6 @@ def _write_shards(tmp: Path, jobs: list[_Job], n_shards: int, progress: bool) ->
         bar.close()
 
 
-def _copy_files(base: Path, tmp: Path, config_text: Optional[str]) -> tuple[list[str], list[str]]:
-    copied, skipped = [], []
-    for p in sorted(base.iterdir()):
-        name = p.name
-        if name.startswith(".") or not p.is_file() or name.endswith(_WEIGHT_SUFFIXES):
-            skipped.append(name)
-            continue
-        if name == CONFIG_FILE and config_text is not None:
-            (tmp / name).write_text(config_text)
-        else:
-            shutil.copyfile(p, tmp / name)
-        copied.append(name)
-    return copied, skipped
-
-
 def _assign_shards(jobs: list[_Job], max_bytes: int) -> int:
     """Greedy, in order, as transformers does: a tensor larger than the limit gets a shard alone."""
     shard, size = 0, 0
@@ -644,6 +649,12 @@ def fold_checkpoint(
     in float32, rounded once to the output dtype: the same tensors as `ia3fuse.fold` on the
     loaded model. Every other tensor (tied embeddings included) is copied unchanged, byte for
     byte unless ``dtype`` converts it. Memory stays bounded by the largest tensor.
+
+    The base's other files are copied, sub-folders included (a sentence-transformers model keeps
+    ``modules.json``, ``1_Pooling/``, ...), except weight files the fold does not write (other
+    formats, ``onnx/`` exports of the unfolded model). ``README.md`` is the base's model card with
+    a section appended that names the adapter, its base model, its fusion recipe (if it was fused)
+    and the ia3fuse version; a new card when the base has none.
 
     Args:
         base_dir: a Hugging Face model directory: ``config.json`` plus ``model.safetensors`` or
@@ -697,8 +708,16 @@ def fold_checkpoint(
         config.update(dict.fromkeys(keys, dtype_name))
         config_text = json.dumps(config, indent=2) + "\n"
 
+    folded = len({m for s in scales.values() for m in s.modules})
+    changed = f"{folded} IA3 modules into {len(scales)} of {len(jobs)} tensors ({model_type})"
+    if out_dtype is not None:
+        changed += f", converted to {str(out_dtype).removeprefix('torch.')}"
+    section = Provenance.of(loaded).card_section(str(base_dir), changed)
+
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        copied, skipped = _copy_files(base, tmp, config_text)
+        copied, skipped = copy_files(base, tmp, config_text)
+        write_card(base, tmp, section, out.name)
+        copied = copied if CARD_FILE in copied else sorted([*copied, CARD_FILE])
         _write_shards(tmp, jobs, n_shards, progress)
         if n_shards > 1:
             index = {

@@ -1,9 +1,11 @@
 """Fold an IA3 adapter into a GGUF (llama.cpp) file: scale rows through block scales, exactly.
 
-The output is the input file, byte for byte (metadata, alignment, every other tensor), with only
-the affected tensors rewritten in place: for quantized tensors only their fp16 block scales
-change (`gguf_blocks`); names and row order come from `gguf_map`. The input is memory-mapped and
-copied in chunks, so memory stays bounded by the largest changed tensor.
+The output is the input file, byte for byte (every key, every tensor info, every other tensor),
+with only the affected tensors rewritten in place: for quantized tensors only their fp16 block
+scales change (`gguf_blocks`); names and row order come from `gguf_map`. The header gains the
+``ia3fuse.*`` provenance keys (`gguf_header`), which moves the data section as a whole; tensor
+offsets are relative to it and stay. The input is memory-mapped and copied in chunks, so memory
+stays bounded by the largest changed tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
 from ..merge import IA3FuseWarning
 from . import gguf_blocks as blocks
+from .gguf_header import header_with_strings
+from .provenance import GGUF_KEYS, Provenance
 from . import FoldEntry, FoldReport, refuse_lossy
 from .gguf_map import Arch, GGUFTensor, Job, plan_gguf
 
@@ -151,8 +155,12 @@ def _error(before: np.ndarray, after: np.ndarray, job: Job) -> float:
     return float(np.linalg.norm(after.astype(np.float64) - want) / denom)
 
 
-def _copy(src: Path, dst: Path, bar: Any) -> None:
+def _copy(src: Path, dst: Path, bar: Any, header: bytes, data_start: int) -> None:
+    """``header``, then the input's data section (from ``data_start`` to its end) as it is."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.write(header)
+        fin.seek(data_start)
+        bar.update(data_start)
         while True:
             chunk = fin.read(_CHUNK)
             if not chunk:
@@ -179,7 +187,9 @@ def fold_gguf(
     those scales, which is exact up to rounding the new scales to fp16; F32/F16/BF16 tensors are
     scaled elementwise. Feed-forward (input-side) vectors move onto ``ffn_up``'s rows in gated
     MLPs (exact), scale the columns of float tensors, or otherwise need dequantize-scale-requantize.
-    Everything else in the file is copied byte for byte.
+    Everything else in the file is copied byte for byte; the header gains string keys that record
+    the fold (``ia3fuse.version``, ``ia3fuse.adapter.name``/``.path``/``.base_model`` and, for a
+    fused adapter, ``ia3fuse.recipe`` as JSON), replacing those of an earlier fold.
 
     Args:
         gguf_path: the GGUF model file (converted from the adapter's Hugging Face base model).
@@ -232,11 +242,14 @@ def fold_gguf(
     jobs, permuted = plan_gguf(
         vectors, loaded.feedforward, tensors, arch, permute_qk=permute_qk,
         exact_types=blocks.exact_types(), float_types=blocks.float_types(), requantizable=blocks.can_requantize,
+        trained_on=loaded.base_model,
     )
     lossy = [j for j in jobs if j.lossy]
     if exact == "require":
         refuse_lossy([(j.tensor.name, j.lossy) for j in lossy], "tensor", " (--exact allow_requant)")
     jobs.sort(key=lambda j: j.tensor.offset)
+    header, data_start = header_with_strings(reader, GGUF_KEYS, Provenance.of(loaded).gguf_metadata())
+    shift = len(header) - data_start  # where each tensor moves in the output
 
     from tqdm.auto import tqdm
 
@@ -247,7 +260,7 @@ def fold_gguf(
                disable=not progress, file=sys.stderr)
     try:
         with atomic_output_file(out, overwrite=overwrite) as tmp:
-            _copy(src, tmp, bar)
+            _copy(src, tmp, bar, header, data_start)
             with open(tmp, "r+b") as fh:
                 for job in jobs:
                     raw = _raw(reader, job.tensor)
@@ -261,7 +274,7 @@ def fold_gguf(
                         subnormal[job.tensor.name] = stats.subnormal
                     if new.nbytes != job.tensor.nbytes:  # a bug, never a user error
                         raise FoldError(f"internal error: {job.tensor.name!r} changed size; nothing was written")
-                    fh.seek(job.tensor.offset)
+                    fh.seek(job.tensor.offset + shift)
                     fh.write(np.ascontiguousarray(new).tobytes())
                     measure = measure_error is True or (measure_error == "lossy" and job.lossy is not None)
                     error = _error(blocks.dequantize(raw, job.tensor.qtype), blocks.dequantize(new, job.tensor.qtype), job) if measure else None

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import FoldError
+from .misfit import refusal
 
 __all__ = ["GGUFTensor", "Arch", "Job", "plan_gguf", "PERMUTED_QK", "UNPERMUTED_QK"]
 
@@ -180,8 +181,12 @@ def plan_gguf(
     exact_types: frozenset[int],
     float_types: frozenset[int],
     requantizable: Any,
+    trained_on: Optional[str] = None,
 ) -> tuple[list[Job], bool]:
     """GGUF tensor -> its scales, for every IA3 vector; every problem reported at once.
+
+    Args:
+        trained_on: the adapter's ``base_model_name_or_path``, named when its modules do not fit.
 
     Returns:
         The jobs (weights and their biases) and whether q/k rows were permuted.
@@ -193,6 +198,7 @@ def plan_gguf(
     tmap = _name_map(arch)
     jobs: dict[str, Job] = {}
     problems: list[str] = []
+    misfits: list[str] = []  # modules that do not fit the file: an adapter of another base
     permuted = False
 
     def job(name: str) -> Job:
@@ -213,29 +219,23 @@ def plan_gguf(
         l = np.asarray(vec, dtype=np.float32).reshape(-1)
         found = _gguf_name(path, tmap)
         if found is None or f"{found[0]}.weight" not in tensors:
-            where = "has no llama.cpp tensor name" if found is None else f"maps to {found[0] + '.weight'!r}, which the file lacks"
-            problems.append(
-                f"the adapter's module {path!r} {where} (GGUF architecture {arch.name!r}); "
-                "the adapter was trained on another base model"
-            )
+            why = "no llama.cpp tensor name" if found is None else f"maps to {found[0] + '.weight'!r}, which the file lacks"
+            misfits.append(f"{path!r} ({why})")
             continue
         base, kind, expert = found
         t = tensors[f"{base}.weight"]
         n_exp = t.ne[2] if len(t.ne) > 2 else None
         if (expert is None) != (n_exp is None) or (expert is not None and expert >= n_exp):
-            problems.append(
-                f"the adapter's module {path!r} maps to {t.name!r} with shape {list(t.ne)}, "
-                f"which {'holds no experts' if n_exp is None else f'has {n_exp} experts'}; the adapter belongs to another model"
+            misfits.append(
+                f"{path!r} (maps to {t.name!r} of shape {list(t.ne)}, which "
+                f"{'holds no experts' if n_exp is None else f'has {n_exp} experts'})"
             )
             continue
         layer = _layer(base)
         if not feedforward[path]:
             out_rows = t.ne[1] if len(t.ne) > 1 else 1
             if l.size != out_rows:
-                problems.append(
-                    f"{t.name!r} has {out_rows} output rows but the adapter's vector for {path!r} has {l.size}; "
-                    f"the adapter was trained on another base model (architecture {arch.name!r})"
-                )
+                misfits.append(f"{path!r} ({t.name!r} has {out_rows} output rows, the adapter's vector {l.size})")
                 continue
             try:
                 l, how = _row_order(l, kind, t, arch, layer or 0, qk_permuted(), path)
@@ -255,10 +255,7 @@ def plan_gguf(
             continue
         # input side
         if l.size != t.ne[0]:
-            problems.append(
-                f"{t.name!r} has {t.ne[0]} input features but the adapter's vector for {path!r} has {l.size}; "
-                f"the adapter was trained on another base model (architecture {arch.name!r})"
-            )
+            misfits.append(f"{path!r} ({t.name!r} has {t.ne[0]} input features, the adapter's vector {l.size})")
             continue
         if t.qtype in float_types and expert is None:
             job(t.name).add_cols(l, path, "cols")
@@ -283,9 +280,10 @@ def plan_gguf(
         j = job(t.name)
         j.add_cols(l, path, "cols")
         j.lossy = reason
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise FoldError(f"cannot fold the adapter into this GGUF file: {shown}")
+    message = refusal("this GGUF file", misfits=misfits, problems=problems, modules=len(vectors),
+                      where=f"the file (GGUF architecture {arch.name!r})", trained_on=trained_on)
+    if message:
+        raise FoldError(message)
     for j in jobs.values():
         if j.lossy is None and j.rows is not None and j.tensor.qtype not in exact_types | float_types:
             j.lossy = f"{j.tensor.type_name} has no exact row scale (its block scales are not fp16)"
