@@ -328,7 +328,9 @@ CASES: list[Case] = [
          "{bad!r} holds no IA3 vectors (keys ending in '.ia3_l'); is it an IA3 adapter?"),
     Case("tensor_key_extra_differs", _two_extras, _merge("bad", "bad2"), _cli("bad", "bad2"),
          IncompatibleAdaptersError,
-         "adapters 'bad' and 'bad2' carry different non-IA3 tensors (modules_to_save, e.g. 'base_model.model.lm_head.weight')"),
+         "adapters 'bad' and 'bad2' carry different trained modules (modules_to_save, e.g. "
+         "'base_model.model.lm_head.weight': a classifier head); ia3fuse fuses IA3 vectors, so choose what the fused "
+         "adapter gets: pass extras='first' (--extras first on the command line)"),
     Case("dtype_int", _tensors(_set(K_KEY, torch.ones(16, 1, dtype=torch.int32))), _merge("a", "bad"),
          _cli("a", "bad"), AdapterFormatError,
          "{bad!r}: the vector of 'model.layers.0.self_attn.k_proj' has dtype torch.int32; IA3 vectors are floating point"),
@@ -356,7 +358,7 @@ CASES: list[Case] = [
     Case("bases_differ_strict", _none, _merge("a", "other_base", strict=True),
          _cli("a", "other_base", flags=("--strict",)), IncompatibleAdaptersError,
          "the adapters name different base models ('a': 'tiny', 'other_base': 'other-base'); fusing them is only "
-         "meaningful on one base; pass strict=False to fuse anyway"),
+         "meaningful on one base; pass strict=False (no --strict on the command line) to fuse anyway"),
     Case("bases_differ_shapes", _none, _merge("a", "wide"), _cli("a", "wide"), IncompatibleAdaptersError,
          "'model.layers.0.self_attn.k_proj' has different shapes ('a': (16, 1), 'wide': (24, 1))"),
     Case("feedforward_flags_differ", _none, _merge("a", "k_ff"), _cli("a", "k_ff"), IncompatibleAdaptersError,

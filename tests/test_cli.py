@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,14 +270,36 @@ def test_inspect_lists_every_module_with_its_kind(inputs: Inputs) -> None:
         assert rows[path][2] == ("1x64" if kind == "feedforward" else "16x1")
 
 
-def test_methods_lists_all_nine_with_papers() -> None:
+def _method_blocks(text: str) -> dict[str, dict[str, str]]:
+    """``ia3fuse methods``: name -> its summary, parameters and paper, wrapped lines joined."""
+    out: dict[str, dict[str, str]] = {}
+    for block in text.strip().split("\n\n"):
+        first, *rest = block.splitlines()
+        name, summary = first.split(maxsplit=1)
+        indent = first.index(summary)  # labels start where the summary does; their continuations further in
+        fields, key = {"summary": summary}, "summary"
+        for line in rest:
+            label, _, value = line.strip().partition(": ")
+            if label in ("parameters", "paper") and len(line) - len(line.lstrip()) == indent:
+                fields[label], key = value, label
+            else:
+                fields[key] += " " + line.strip()
+        out[name] = fields
+    return out
+
+
+def test_methods_lists_all_nine_with_papers_in_100_columns() -> None:
     res = run_cli("methods")
     assert res.returncode == 0, res.stderr
-    rows = {r[0]: r for r in _table_rows(res.stdout)}
-    assert set(rows) == set(METHOD_PAPERS)
+    assert max(len(line) for line in res.stdout.splitlines()) <= 100
+    blocks = _method_blocks(res.stdout)
+    assert set(blocks) == set(METHOD_PAPERS)
     for name, paper in METHOD_PAPERS.items():
-        assert rows[name][-1] == paper, rows[name]
-    assert "density=0.2" in rows["ties"][1]
+        assert blocks[name]["paper"] == paper, blocks[name]
+    for m in ia3fuse.methods():  # nothing is cut: every summary and default, whole
+        params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "-"
+        assert blocks[m.name] == {"summary": m.summary, "parameters": params, "paper": m.paper}
+    assert blocks["ties"]["parameters"] == "density=0.2, majority_sign_method='total', lam=1.0"
 
 
 def test_demo_loads_every_method_in_peft(tmp_path: Path) -> None:
@@ -396,3 +420,82 @@ def test_force_never_replaces_a_folder_that_holds_an_input(inputs: Inputs, tmp_p
     assert snapshot(tmp_path) == before, "the input adapters were deleted"
     assert res.returncode == 2 and res.stderr.startswith("ia3fuse: error: ")
     assert "contains the input" in res.stderr and "writing it would delete" in res.stderr
+
+
+# --- entry points, imports, wording -----------------------------------------------------------
+
+# Run in a fresh interpreter: the help of every command and a usage error, then the heavy
+# libraries that got imported (none may be).
+_NO_TORCH = """
+import sys
+import ia3fuse.cli as cli
+for argv in (["--help"], ["merge", "--help"], ["search", "--help"], ["fold", "--help"], ["merge"], ["nope"]):
+    try:
+        cli.main(argv)
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "transformers", "peft", "safetensors") if m in sys.modules))
+"""
+
+
+def test_help_and_usage_errors_import_no_torch() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert "--density FLOAT" in res.stdout  # the method-parameter flags were built, from the registry
+    assert "the following arguments are required: inputs" in res.stderr
+    assert "invalid choice: 'nope'" in res.stderr
+    assert res.stdout.splitlines()[-1] == "[]"
+
+
+def test_python_m_ia3fuse_runs_the_command(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ia3fuse", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+
+    res = run("--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: ia3fuse ") and "{merge,inspect,methods,fold,search,bench,demo}" in res.stdout
+    res = run("methods")
+    assert res.returncode == 0, res.stderr
+    assert set(_method_blocks(res.stdout)) == set(METHOD_PAPERS)
+    res = run("merge")  # a usage error: argparse's status 2, passed on by sys.exit
+    assert res.returncode == 2 and "required: inputs" in res.stderr
+
+
+def test_merge_counts_adapters_in_the_singular_and_plural(inputs: Inputs, tmp_path: Path) -> None:
+    res = run_cli("merge", inputs.a, "-o", tmp_path / "one", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"wrote {tmp_path / 'one'} (task_arithmetic, 1 adapter)\n"
+    res = run_cli("merge", inputs.a, inputs.b, "--method", "ties", "-o", tmp_path / "two", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"wrote {tmp_path / 'two'} (ties, 2 adapters)\n"
+
+
+def test_count_says_one_noun_and_other_nouns() -> None:
+    from ia3fuse.report import count
+
+    assert [count(n, "adapter") for n in (0, 1, 2)] == ["0 adapters", "1 adapter", "2 adapters"]
+    assert count(1, "forward pass", "forward passes") == "1 forward pass"
+    assert count(40, "forward pass", "forward passes") == "40 forward passes"
+
+
+_LAZY_NAMES = """
+import sys
+import ia3fuse
+print("torch" in sys.modules)
+import ia3fuse.merge, ia3fuse.fold.gguf, ia3fuse.methods.registry  # submodules named like functions
+print([type(getattr(ia3fuse, n)).__name__ for n in ("merge", "fold", "methods")])
+print([n for n in ia3fuse.__all__ if not callable(getattr(ia3fuse, n))], callable(ia3fuse.search.load_model))
+"""
+
+
+def test_public_names_load_on_first_use_and_stay_the_functions() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", _LAZY_NAMES], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["False", "['function', 'function', 'function']", "[] True"]

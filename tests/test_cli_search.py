@@ -66,7 +66,7 @@ def test_search_writes_adapter_recipe_table_and_plots(inputs: SearchInputs, tmp_
     assert summary["granularity"] == "layer" and summary["forwards"] == 6 and len(summary["history"]) == 6
     assert summary["groups"] == ["model.layers.0", "model.layers.1"] and summary["names"] == ["a", "b"]
     assert "| adapter | model.layers.0 | model.layers.1 |" in res.stdout
-    assert "in 6 forward passes (adam, layer-wise)" in res.stdout
+    assert "(adam, layer-wise) in 6 of 6 forward passes\n" in res.stdout
     again = tmp_path / "again"
     res = run_cli("merge", out / "recipe.yaml", "-o", again, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -74,6 +74,24 @@ def test_search_writes_adapter_recipe_table_and_plots(inputs: SearchInputs, tmp_
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     # the search moved the weights off the uniform start
     assert summary["weights"] != [[0.5, 0.5], [0.5, 0.5]]
+
+
+def test_cma_search_spends_the_budget_and_names_the_table(inputs: SearchInputs, tmp_path: Path) -> None:
+    out = tmp_path / "OUT"
+    res = run_cli(*_search(inputs, out, "--optimizer", "cma", "--budget", "40", "--batch-size", "2", "--name", "mine"),
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    batches = -(-len(RECORDS) // 2)  # 3: a candidate costs one pass per batch
+    spent = 40 // batches * batches  # 13 whole candidates: 39 passes
+    assert spent == 39
+    assert "(cma, task-wise) in 39 of 40 forward passes (3 per evaluation: one per batch)\n" in res.stdout
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["forwards"] == spent and summary["budget"] == 40 and summary["stopped"] == ""
+    assert len(summary["history"]) == 13
+    table = (out / "weights.md").read_text()
+    assert table.startswith("# Searched weights of mine (task-wise, cma, objective loss)\n")
+    assert "in 39 of 40 forward passes (3 per evaluation: one per batch).\n" in table
+    assert "name: mine" in (out / "recipe.yaml").read_text()
 
 
 @dataclass(frozen=True)

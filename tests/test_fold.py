@@ -227,7 +227,7 @@ def test_conv2d_custom_model_rows_and_grouped_cols():
     assert folded.ia3fuse_report.max_error < 1e-6  # the grouped-convolution expectation is right
 
 
-def test_modules_to_save_are_kept_from_a_peft_model_and_refused_from_files(tmp_path):
+def test_modules_to_save_are_kept_from_a_peft_model_and_from_files(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -246,8 +246,30 @@ def test_modules_to_save_are_kept_from_a_peft_model_and_refused_from_files(tmp_p
     assert type(folded.classifier) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(folded(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(FoldError, match="non-IA3 tensors .*load it with PeftModel.from_pretrained"):
-        ia3fuse.fold(copy.deepcopy(base), tmp_path / "cls")
+    # From the adapter files onto a plain model: the trained head comes along (extras="keep").
+    plain = copy.deepcopy(base)
+    folded = ia3fuse.fold(plain, tmp_path / "cls", keep_originals=True)
+    assert folded.ia3fuse_report.trained == ["classifier.bias", "classifier.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+        ia3fuse.unfold(folded)
+        torch.testing.assert_close(folded(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+    # extras="drop": IA3 only, the base model's (random) head stays
+    dropped = ia3fuse.fold(copy.deepcopy(base), tmp_path / "cls", extras="drop")
+    assert dropped.ia3fuse_report.trained == []
+    assert torch.equal(dropped.classifier.weight, base.classifier.weight)
+    # a head of another shape is refused before anything changes
+    other = tf.BertForSequenceClassification(tf.BertConfig(**{**cfg.to_dict(), "num_labels": 5})).eval()
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(FoldError) as caught:
+        ia3fuse.fold(other, tmp_path / "cls")
+    assert str(caught.value) == (
+        "2 of the adapter's trained modules (modules_to_save) do not fit the model ('base_model.model.classifier.bias' "
+        "is (3,) but the model's 'classifier.bias' is (5,); 'base_model.model.classifier.weight' is (3, 32) but the "
+        "model's 'classifier.weight' is (5, 32)); fold into the model the adapter was trained on, or pass "
+        "extras='drop' (--extras drop on the command line) to fold the IA3 vectors only"
+    )
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
 def test_error_is_measured_for_lossy_layers_by_default(models, monkeypatch):

@@ -92,7 +92,7 @@ def test_different_bases_warn_or_fail_when_strict():
     b = _adapter("b", {K: torch.ones(2, 1)}, base="mistral-7b")
     with pytest.warns(ia3fuse.IA3FuseWarning, match="different base models"):
         ia3fuse.merge([a, b])
-    with pytest.raises(IncompatibleAdaptersError, match="pass strict=False to fuse anyway"):
+    with pytest.raises(IncompatibleAdaptersError, match=r"pass strict=False \(no --strict on the command line\) to fuse anyway"):
         ia3fuse.merge([a, b], strict=True)
 
 
@@ -176,14 +176,55 @@ def test_depth_gradient_over_layers():
 def test_extras_policies():
     a = _adapter("a", {K: torch.ones(2, 1)})
     b = _adapter("b", {K: torch.ones(2, 1)})
-    a.extras = {"base_model.model.score.weight": torch.ones(3)}
-    b.extras = {"base_model.model.score.weight": torch.zeros(3)}
-    with pytest.raises(IncompatibleAdaptersError, match="carry different non-IA3 tensors .* extras='first'"):
+    head = "base_model.model.score.weight"
+    for x in (a, b):
+        x.config["modules_to_save"] = ["score"]
+    a.extras = {head: torch.ones(3)}
+    b.extras = {head: torch.tensor([0.0, 2.0, 4.0])}
+    with pytest.raises(IncompatibleAdaptersError) as caught:
         ia3fuse.merge([a, b])
-    assert torch.equal(ia3fuse.merge([a, b], extras="first").extras["base_model.model.score.weight"], torch.ones(3))
-    assert ia3fuse.merge([a, b], extras="drop").extras == {}
-    b.extras = {"base_model.model.score.weight": torch.ones(3)}
-    assert set(ia3fuse.merge([a, b]).extras) == {"base_model.model.score.weight"}
+    assert str(caught.value) == (
+        f"adapters 'a' and 'b' carry different trained modules (modules_to_save, e.g. {head!r}: a classifier head); "
+        "ia3fuse fuses IA3 vectors, so choose what the fused adapter gets: pass extras='first' (--extras first on "
+        "the command line) to keep 'a''s, extras='average' (--extras average on the command line) to average them "
+        "with the adapters' weights, or extras='drop' (--extras drop on the command line) to leave them out (the "
+        "base model's modules are used)"
+    )
+    first = ia3fuse.merge([a, b], extras="first")
+    assert torch.equal(first.extras[head], torch.ones(3)) and first.config["modules_to_save"] == ["score"]
+    # weights 1 and 3, normalised: (1 * a + 3 * b) / 4
+    average = ia3fuse.merge([a, b], [1.0, 3.0], extras="average")
+    assert torch.equal(average.extras[head], torch.tensor([0.25, 1.75, 3.25]))
+    dropped = ia3fuse.merge([a, b], extras="drop")
+    assert dropped.extras == {} and dropped.config["modules_to_save"] is None  # PEFT would look for them
+    with pytest.raises(IncompatibleAdaptersError, match="the weights are depth gradients"):
+        ia3fuse.merge([a, b], [[0.0, 1.0], 1.0], extras="average")
+    with pytest.raises(InvalidParameterError, match="extras='keep' is not a policy"):
+        ia3fuse.merge([a, b], extras="keep")
+    b.extras = {head: torch.ones(3)}
+    assert set(ia3fuse.merge([a, b]).extras) == {head}
+
+
+def test_an_excluded_module_of_one_adapter_is_not_excluded_from_the_fusion():
+    """a excludes lin1, b targets it: the fused config must name both (a's exclude_modules no longer holds)."""
+    a = _adapter("a", {"m.lin0": torch.ones(2, 1)})
+    b = _adapter("b", {"m.lin1": torch.ones(2, 1)})
+    a.config.update(target_modules=["lin0", "lin1"], exclude_modules=["lin1"])
+    cfg = ia3fuse.merge([a, b]).config
+    assert cfg["target_modules"] == ["m.lin0", "m.lin1"] and cfg["exclude_modules"] is None
+
+
+def test_adapters_of_different_models_are_refused_unless_forced():
+    a = _adapter("a", {K: torch.ones(2, 1)}, base="llama-7b")
+    b = _adapter("b", {"encoder.layer.0.attention.self.key": torch.ones(2, 1)}, base="bert-base")
+    with pytest.raises(IncompatibleAdaptersError) as caught:
+        ia3fuse.merge([a, b])
+    assert str(caught.value) == (
+        "the adapters name different base models ('a': 'llama-7b', 'b': 'bert-base') and target different modules "
+        "(0 of 2 shared), so the fused adapter would mix two models; fuse adapters trained on one base, or pass "
+        "mixed_bases=True (--mixed-bases on the command line) to fuse them anyway"
+    )
+    assert len(ia3fuse.merge([a, b], mixed_bases=True).vectors) == 2
 
 
 def test_duplicate_names_are_made_unique(two):

@@ -9,6 +9,7 @@ forward passes of 8 examples, so the file runs in seconds on two cores.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -37,9 +38,10 @@ from ia3fuse.methods import get_method, method_names
 from ia3fuse.recipe import load_recipe, run_recipe
 from ia3fuse.scaling import ScaleHooks, TaskStack
 from ia3fuse.search import SEARCHABLE_METHODS, load_model, make_batches, search_weights
+from ia3fuse.search.optim import run_cma
 from ia3fuse.search.space import MethodForm, WeightSpace
 
-BUDGET = 120  # forward passes over 2 batches: 60 Adam steps, or the start and 9 CMA-ES generations of 6
+BUDGET = 120  # forward passes over 2 batches: 60 Adam steps, or 60 CMA-ES candidates
 LAYER_RE = {0: r"^model\.layers\.0\.", 1: r"^model\.layers\.1\."}
 
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")  # PEFT on GPT-2
@@ -213,8 +215,13 @@ def test_history_and_budget(searched: Callable[..., Any]) -> None:
     assert len(adam.history) == BUDGET // 2 and adam.forwards == BUDGET
     assert [h["forwards"] for h in adam.history] == list(range(2, BUDGET + 1, 2))
     cma = searched("a", "cma")
-    # the start, then whole generations of 6 (the default population for 2 weights) within budget
-    assert len(cma.history) == 1 + 9 * 6 and cma.forwards == 110 <= BUDGET
+    # the start, 9 generations of 6 (the default population for 2 weights), then 5 candidates of a
+    # 10th that does not fit whole: 60 candidates of 2 passes
+    assert len(cma.history) == 1 + 9 * 6 + 5 and cma.forwards == BUDGET
+    assert [h["forwards"] for h in cma.history] == list(range(2, BUDGET + 1, 2))
+    for result in (adam, cma):
+        assert result.budget == BUDGET and result.stopped == "" and result.passes() == "120 of 120 forward passes"
+        assert result.summary()["budget"] == BUDGET
     for result in (adam, cma):
         running = float("inf")
         for h in result.history:
@@ -224,6 +231,34 @@ def test_history_and_budget(searched: Callable[..., Any]) -> None:
         assert result.initial_objective == result.history[0]["objective"]
         # the final objective is that of the merged adapter, which equals the best point's
         assert result.final_objective == pytest.approx(result.history[-1]["best"], rel=1e-5)
+
+
+def _bowl(theta: Tensor, grad: bool) -> tuple[float, float, None]:
+    value = float(((theta - 0.3) ** 2).sum())
+    return value, value, None
+
+
+def test_cma_spends_the_budget_in_whole_candidates() -> None:
+    # 40 passes at 3 per candidate (3 batches): 40 // 3 = 13 candidates, 39 passes: the start, two
+    # generations of 5, and 2 candidates of a third (whole generations alone would stop at 33)
+    trace = run_cma(_bowl, torch.zeros(2), budget=40, cost=3, popsize=5)
+    assert trace.forwards == 39 and trace.stopped == ""
+    assert [h["forwards"] for h in trace.history] == [3 * i for i in range(1, 14)]
+
+
+def test_cma_that_stops_itself_before_the_budget_says_why() -> None:
+    trace = run_cma(lambda theta, grad: (1.0, 1.0, None), torch.zeros(2), budget=300, cost=3)  # flat: converges
+    assert trace.stopped.startswith("CMA-ES stopped itself: ") and len(trace.stopped) > len("CMA-ES stopped itself: ")
+    assert trace.forwards < 300 - 3 and trace.forwards % 3 == 0
+
+
+def test_passes_says_what_was_spent_of_the_budget(searched: Callable[..., Any]) -> None:
+    result = searched("a", "adam")
+    assert dataclasses.replace(result, forwards=117, budget=118).passes() == \
+        "117 of 118 forward passes (2 per evaluation: one per batch)"
+    assert dataclasses.replace(result, forwards=20, stopped="CMA-ES stopped itself: tolfun").passes() == \
+        "20 of 120 forward passes (CMA-ES stopped itself: tolfun)"
+    assert dataclasses.replace(result, forwards=1, budget=None).passes() == "1 forward pass"
 
 
 def test_objectives_are_peft_losses(world: World, searched: Callable[..., Any], tmp_path: Path) -> None:

@@ -196,16 +196,45 @@ def test_layer_positions_counts_encoder_and_decoder_separately():
     }
 
 
-def test_layer_positions_compares_indices_as_numbers_and_single_layer_is_zero():
+def test_layer_positions_compares_indices_as_numbers_and_single_layer_is_one():
     paths = ["model.layers.0.q", "model.layers.2.q", "model.layers.10.q", "vision.blocks.0.fc", "score"]
     assert layer_positions(paths) == {
         "model.layers.0.q": 0.0,
         "model.layers.2.q": 0.2,
         "model.layers.10.q": 1.0,
-        "vision.blocks.0.fc": 0.0,
+        "vision.blocks.0.fc": 1.0,  # a stack of one layer: t = 1, as mergekit
         "score": None,
     }
     assert layer_positions([]) == {}
+
+
+def test_layer_positions_count_the_models_layers_when_known():
+    """Offline, an adapter on layers 0-2 spreads over those 3 layers; with the model's 5, as mergekit."""
+    paths = ["model.layers.0.q", "model.layers.1.q", "model.layers.2.q"]
+    assert layer_positions(paths) == {"model.layers.0.q": 0.0, "model.layers.1.q": 0.5, "model.layers.2.q": 1.0}
+    assert layer_positions(paths, {"model.layers": 5, "other": 7}) == {
+        "model.layers.0.q": 0.0, "model.layers.1.q": 0.25, "model.layers.2.q": 0.5,
+    }
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_live_merge_spreads_a_gradient_over_the_models_layers(tiny):
+    """add_weighted_adapter knows the model: an adapter on layer 0 of 2 gets t = 0 there, as mergekit
+    would; offline, the same adapter's one layer is a stack of one (t = 1)."""
+    from peft import IA3Config, get_peft_model
+
+    from ia3fuse.peft import model_layers
+
+    config = IA3Config(target_modules=r".*layers\.0\.self_attn\.(k_proj|v_proj)", feedforward_modules=[],
+                       init_ia3_weights=False)
+    model = get_peft_model(tiny.fresh_base(), config, adapter_name="a")
+    alone = ia3fuse.adapter_from_peft(model, "a")
+    assert sorted(alone.vectors) == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    assert model_layers(model.base_model.model, list(alone.vectors)) == {"model.layers": 2}
+    k0 = "model.layers.0.self_attn.k_proj"
+    live = ia3fuse.add_weighted_adapter(model, ["a"], [[0.0, 1.0]], "grad", combination_type="linear")
+    assert torch.equal(live.vectors[k0], torch.zeros_like(alone.vectors[k0]))  # t = 0 of 2 layers: weight 0
+    assert torch.equal(ia3fuse.merge([alone], [[0.0, 1.0]], "linear").vectors[k0], alone.vectors[k0])  # t = 1
 
 
 # --- WeightSchedule: default / kinds / overrides ------------------------------------------------

@@ -145,6 +145,44 @@ class IA3Adapter:
         return "\n".join(lines) + "\n"
 
 
+def trained_module_targets(
+    model: Any, extras: dict[str, Tensor]
+) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str]]:
+    """Where an adapter's trained modules (``modules_to_save`` tensors, saved as
+    ``base_model.model.<name>``) go in ``model``: (tensor name -> (the model's tensor, the value),
+    problems). Inside a PeftModel's ModulesToSaveWrapper the target is its original module.
+    Nothing is changed."""
+    out, problems = {}, []
+    for key, value in extras.items():
+        name = key.removeprefix("base_model.model.")
+        tensor = _tensor_at(model, name)
+        if tensor is None:  # inside a PeftModel's ModulesToSaveWrapper: its original module
+            owner, _, leaf = name.rpartition(".")
+            wrapped = f"{owner}.original_module.{leaf}" if owner else ""
+            if wrapped and _tensor_at(model, wrapped) is not None:
+                name, tensor = wrapped, _tensor_at(model, wrapped)
+        if tensor is None:
+            problems.append(f"{key!r} has no tensor {name!r} in the model")
+        elif tuple(tensor.shape) != tuple(value.shape):
+            problems.append(f"{key!r} is {tuple(value.shape)} but the model's {name!r} is {tuple(tensor.shape)}")
+        else:
+            out[name] = (tensor, value)
+    return out, problems
+
+
+def _tensor_at(model: Any, name: str) -> Optional[Tensor]:
+    """The parameter or buffer ``name`` of ``model``, found without ``state_dict()`` (which makes
+    bitsandbytes undo its CPU repack as a side effect)."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return None
+    tensor = getattr(module, leaf, None) if leaf in dict(module.named_parameters(recurse=False)) or leaf in dict(
+        module.named_buffers(recurse=False)) else None
+    return tensor if isinstance(tensor, Tensor) else None
+
+
 def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
     """``safetensors.torch.save_file``, with its I/O failures (e.g. a full disk) raised as OSError.
 

@@ -68,9 +68,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     mp.add_argument("--weights", nargs="+", type=_weight, help="one weight per adapter; a comma list is a depth gradient")
     mp.add_argument("--method", default=None, help="fusion method (see 'ia3fuse methods'); default task_arithmetic")
     mp.add_argument("--missing", choices=["identity", "zero"], default=None, help="how a module an adapter lacks counts")
-    mp.add_argument("--extras", choices=["error", "first", "drop"], default=None, help="non-IA3 tensors that differ")
+    mp.add_argument("--extras", choices=["error", "first", "average", "drop"], default=None,
+                    help="trained non-IA3 modules (modules_to_save, e.g. a classifier head): refuse when they differ "
+                         "(error, the default), keep the first adapter's, average them with the weights, or drop them")
     mp.add_argument("--name", default=None, help="name of the fused adapter (model card)")
     mp.add_argument("--strict", action="store_true", default=None, help="refuse adapters of different base models")
+    mp.add_argument("--mixed-bases", action="store_true", default=None,
+                    help="fuse adapters that name different base models and target different modules")
     mp.add_argument("--force", action="store_true", help="replace an existing output directory")
     mp.add_argument("--allow-pickle", action="store_true", help="read legacy adapter_model.bin (weights_only=True)")
     param_names = _param_flags(mp)
@@ -102,6 +106,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     fp.add_argument("--permute-qk", choices=["auto", "yes", "no"], default=None,
                     help="--gguf only: were q/k rows permuted by llama.cpp's converter (default auto: by architecture)")
     fp.add_argument("--measure-error", action="store_true", help="--gguf only: report every changed tensor's error")
+    fp.add_argument("--verbose", action="store_true", help="also print the table of every changed tensor")
+    fp.add_argument("--report", metavar="FILE", default=None,
+                    help="write the table of every changed tensor to FILE (markdown); must not exist unless --force")
     fp.add_argument("--force", action="store_true", help="replace an existing output")
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
     fp.add_argument("--allow-pickle", action="store_true", help="read a legacy adapter_model.bin (weights_only=True)")
@@ -134,6 +141,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     sp_.add_argument("--sigma0", type=float, default=0.2, help="CMA-ES initial step size")
     sp_.add_argument("--popsize", type=int, default=None, help="CMA-ES population (default 4 + 3 ln n)")
     sp_.add_argument("--name", default="searched", help="name of the fused adapter")
+    sp_.add_argument("--extras", choices=["error", "first", "drop"], default="error",
+                     help="trained non-IA3 modules (modules_to_save, e.g. a classifier head): refuse when they differ "
+                          "(error, the default), score with the first adapter's, or with the model's own (drop)")
     sp_.add_argument("--force", action="store_true", help="replace an existing output folder")
     sp_.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp_.add_argument("--allow-pickle", action="store_true", help="read legacy adapter_model.bin (weights_only=True)")
@@ -165,18 +175,19 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
     from .errors import RecipeError
     from .recipe import load_recipe, parse_recipe, run_recipe
+    from .report import count
 
     params = {n: getattr(args, f"param_{n}") for n in param_names if getattr(args, f"param_{n}") is not None}
     flag_fields = {
         "weights": args.weights, "method": args.method, "missing": args.missing, "extras": args.extras,
-        "name": args.name, "strict": args.strict,
+        "name": args.name, "strict": args.strict, "mixed_bases": args.mixed_bases,
     }
     given = {k: v for k, v in flag_fields.items() if v is not None}
     first = Path(args.inputs[0])
     if len(args.inputs) == 1 and first.suffix in (".yaml", ".yml") and not first.is_dir():
         if given or params:
             raise RecipeError(
-                f"options {', '.join('--' + k for k in [*given, *params])} conflict with the recipe "
+                f"options {', '.join('--' + k.replace('_', '-') for k in [*given, *params])} conflict with the recipe "
                 f"{args.inputs[0]!r}; put them in the recipe, or pass adapter directories instead of a recipe"
             )
         recipe = load_recipe(first)
@@ -188,7 +199,7 @@ def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
     if args.output is None and recipe.output is None:
         raise RecipeError("no output directory; pass -o DIR (or 'output:' in the recipe)")
     out = run_recipe(recipe, output=args.output, overwrite=args.force, allow_pickle=args.allow_pickle)
-    print(f"wrote {out} ({recipe.method}, {len(recipe.adapters)} adapters)")
+    print(f"wrote {out} ({recipe.method}, {count(len(recipe.adapters), 'adapter')})")
     return 0
 
 
@@ -219,14 +230,43 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     wrong += ["--measure-error"] if args.measure_error else []
     if wrong:
         raise FoldError(f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to --gguf only; a --base fold is always exact")
+    _check_report_path(args, args.base)
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     report = fold_checkpoint(
         args.base, adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size or "5GB",
         overwrite=args.force, progress=not args.no_progress,
     )
-    print(report.summary())
-    print(report.table())
+    _print_fold(args, report)
     return 0
+
+
+def _check_report_path(args: argparse.Namespace, base: str) -> None:
+    """Refuse a --report path before folding, so a fold is never done for a report that cannot be written."""
+    from ._io import check_output_path
+    from .errors import OutputPathError
+
+    if args.report is None:
+        return
+    if Path(args.report).resolve() == Path(args.output).resolve():
+        raise OutputPathError(f"--report {args.report!r} is the fold's output; pass another file for the report")
+    check_output_path(Path(args.report), [Path(base), Path(args.adapter)], overwrite=args.force, file=True)
+
+
+def _print_fold(args: argparse.Namespace, report: Any) -> None:
+    """The summary and the counts per path; the per-tensor table only with --verbose or --report."""
+    from ._io import atomic_output_file
+
+    print(report.summary())
+    print(report.breakdown())
+    if args.report is not None:
+        text = f"# ia3fuse fold\n\n{report.summary()}\n\n{report.breakdown()}\n\n{report.table(max_width=None)}\n"
+        with atomic_output_file(Path(args.report), overwrite=args.force) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        print(f"wrote the per-tensor table to {args.report}")
+    if args.verbose:
+        print(report.table())
+    elif args.report is None:
+        print("(per-tensor table: --verbose, or --report FILE for a markdown file)")
 
 
 def _cmd_fold_gguf(args: argparse.Namespace) -> int:
@@ -237,14 +277,14 @@ def _cmd_fold_gguf(args: argparse.Namespace) -> int:
     wrong = [f for f, v in (("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)) if v is not None]
     if wrong:
         raise FoldError(f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to --base only; a GGUF fold keeps every tensor's type")
+    _check_report_path(args, args.gguf)
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     permute = {None: None, "auto": None, "yes": True, "no": False}[args.permute_qk]
     report = fold_gguf(
         args.gguf, adapter, args.output, exact=args.exact or "auto", permute_qk=permute,
         measure_error=True if args.measure_error else "lossy", overwrite=args.force, progress=not args.no_progress,
     )
-    print(report.summary())
-    print(report.table())
+    _print_fold(args, report)
     return 0
 
 
@@ -266,12 +306,12 @@ def _cmd_search(args: argparse.Namespace, param_names: list[str]) -> int:
         granularity=args.granularity, optimizer=args.optimizer, method=args.method, budget=args.budget,
         l1=args.l1, bounds=tuple(args.bounds) if args.bounds else None, init=init, seed=args.seed,
         batch_size=args.batch_size, lr=args.lr, sigma0=args.sigma0, popsize=args.popsize, name=args.name,
-        progress=not args.no_progress, allow_pickle=args.allow_pickle, **params,
+        progress=not args.no_progress, allow_pickle=args.allow_pickle, extras=args.extras, **params,
     )
     written = result.save(out, overwrite=args.force)
     print(result.weights_table())
     print(f"{result.objective}: {result.initial_objective:.6g} -> {result.final_objective:.6g} "
-          f"in {result.forwards} forward passes ({result.optimizer}, {result.granularity}-wise)")
+          f"({result.optimizer}, {result.granularity}-wise) in {result.passes()}")
     print(f"wrote {written} (adapter/, recipe.yaml, weights.md, weights.png, objective.png, search.json)")
     return 0
 
@@ -324,12 +364,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ia3fuse`` command; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # ia3fuse never downloads anything
+    parser, param_names = _build_parser()  # imports no torch: --help and usage errors stay fast
+    args = parser.parse_args(argv)
+    from .errors import IA3FuseError
     from .fold._optional import quiet_bitsandbytes
 
     quiet_bitsandbytes()
-    parser, param_names = _build_parser()
-    args = parser.parse_args(argv)
-    from .errors import IA3FuseError
     from .merge import IA3FuseWarning
 
     def show(message: Any, category: Any, *rest: Any, **kw: Any) -> None:

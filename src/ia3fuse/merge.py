@@ -20,7 +20,7 @@ from .weights import WeightSchedule, WeightsArg, layer_positions, plan_weights
 __all__ = ["merge", "plan_modules", "ModulePlan", "IA3FuseWarning"]
 
 Missing = Literal["identity", "zero"]
-Extras = Literal["error", "first", "drop"]
+Extras = Literal["error", "first", "average", "drop"]
 AdaptersArg = Union[Sequence[Union[IA3Adapter, PathLike]], Mapping[str, Union[IA3Adapter, PathLike]]]
 
 
@@ -77,14 +77,25 @@ def plan_modules(adapters: Sequence[IA3Adapter]) -> list[ModulePlan]:
     return plans
 
 
-def _check_bases(adapters: Sequence[IA3Adapter], strict: bool) -> None:
+def _check_bases(adapters: Sequence[IA3Adapter], strict: bool, mixed_bases: bool) -> None:
+    """Adapters naming different base models: refused when their module sets differ too (a mix of
+    two models, e.g. a Llama adapter and a BERT one), or always with ``strict``; warned otherwise."""
     bases = {a.base_model for a in adapters if a.base_model}
-    if len(bases) > 1:
-        desc = ", ".join(f"{a.name!r}: {a.base_model!r}" for a in adapters)
-        msg = f"the adapters name different base models ({desc}); fusing them is only meaningful on one base"
-        if strict:
-            raise IncompatibleAdaptersError(msg + "; pass strict=False to fuse anyway")
-        warnings.warn(msg, IA3FuseWarning, stacklevel=3)
+    if len(bases) < 2 or mixed_bases:
+        return
+    desc = ", ".join(f"{a.name!r}: {a.base_model!r}" for a in adapters)
+    modules = [set(a.vectors) for a in adapters]
+    if any(m != modules[0] for m in modules[1:]):
+        shared = set.intersection(*modules)
+        raise IncompatibleAdaptersError(
+            f"the adapters name different base models ({desc}) and target different modules "
+            f"({len(shared)} of {len(set.union(*modules))} shared), so the fused adapter would mix two models; "
+            f"fuse adapters trained on one base, or pass {cli_choice('mixed_bases', True)} to fuse them anyway"
+        )
+    msg = f"the adapters name different base models ({desc}); fusing them is only meaningful on one base"
+    if strict:
+        raise IncompatibleAdaptersError(msg + f"; pass {cli_choice('strict', False)} to fuse anyway")
+    warnings.warn(msg, IA3FuseWarning, stacklevel=3)
 
 
 def _module_seed(seed: int, path: str) -> int:
@@ -102,13 +113,51 @@ def _output_dtype(adapters: Sequence[IA3Adapter]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _merge_extras(adapters: Sequence[IA3Adapter], policy: str) -> dict[str, Tensor]:
+EXTRAS_CHOICES = ("error", "first", "average", "drop")
+
+
+def cli_choice(option: str, value: Any) -> str:
+    """How to pass ``option=value``, in Python and on the command line (messages serve both)."""
+    flag = "--" + option.replace("_", "-")
+    if value is True:
+        return f"{option}=True ({flag} on the command line)"
+    if value is False:
+        return f"{option}=False (no {flag} on the command line)"
+    return f"{option}={value!r} ({flag} {value} on the command line)"
+
+
+def _extras_choices(first: str) -> str:
+    return (
+        f"pass {cli_choice('extras', 'first')} to keep {first!r}'s, {cli_choice('extras', 'average')} to average "
+        f"them with the adapters' weights, or {cli_choice('extras', 'drop')} to leave them out (the base model's "
+        "modules are used)"
+    )
+
+
+def merge_extras(adapters: Sequence[IA3Adapter], policy: str, plan: Optional[Any] = None) -> dict[str, Tensor]:
+    """The non-IA3 tensors (``modules_to_save``, e.g. a classifier head) of the fused adapter.
+
+    ``policy``: ``"error"`` keeps them when every adapter that has them has the same ones and
+    refuses otherwise; ``"first"`` keeps the first adapter's; ``"average"`` averages them with
+    the adapters' per-adapter weights (normalised to sum to 1; every adapter must have the same
+    tensors); ``"drop"`` leaves them out. Called before any fusion work, so a refusal costs nothing.
+
+    Raises:
+        IncompatibleAdaptersError: different tensors under ``"error"``; tensors ``"average"`` cannot average.
+        InvalidParameterError: an unknown policy.
+    """
+    if policy not in EXTRAS_CHOICES:
+        raise InvalidParameterError(
+            f"extras={policy!r} is not a policy; pass one of {', '.join(map(repr, EXTRAS_CHOICES))}"
+        )
     having = [a for a in adapters if a.extras]
     if not having or policy == "drop":
         return {}
     first = having[0]
     if policy == "first":
         return dict(first.extras)
+    if policy == "average":
+        return _average_extras(adapters, plan)
     for other in having[1:]:
         same = set(other.extras) == set(first.extras) and all(
             torch.equal(other.extras[k], first.extras[k]) for k in first.extras
@@ -116,15 +165,63 @@ def _merge_extras(adapters: Sequence[IA3Adapter], policy: str) -> dict[str, Tens
         if not same:
             key = sorted(set(first.extras) ^ set(other.extras) or first.extras)[0]
             raise IncompatibleAdaptersError(
-                f"adapters {first.name!r} and {other.name!r} carry different non-IA3 tensors (modules_to_save, "
-                f"e.g. {key!r}); ia3fuse fuses IA3 vectors only: pass extras='first' to keep {first.name!r}'s "
-                "or extras='drop' to leave them out"
+                f"adapters {first.name!r} and {other.name!r} carry different trained modules (modules_to_save, "
+                f"e.g. {key!r}: a classifier head); ia3fuse fuses IA3 vectors, so choose what the fused adapter "
+                f"gets: {_extras_choices(first.name)}"
             )
     return dict(first.extras)
 
 
-def fused_config(adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan]) -> dict[str, Any]:
-    """An adapter_config.json for the fused modules that PEFT maps back onto exactly those modules."""
+def _first_or_drop() -> str:
+    return f"{cli_choice('extras', 'first')} or {cli_choice('extras', 'drop')}"
+
+
+def _average_extras(adapters: Sequence[IA3Adapter], plan: Optional[Any]) -> dict[str, Tensor]:
+    keys = set(adapters[0].extras)
+    for a in adapters:
+        if set(a.extras) != keys or any(a.extras[k].shape != adapters[0].extras[k].shape for k in keys):
+            raise IncompatibleAdaptersError(
+                f"extras='average' needs every adapter to carry the same trained modules (modules_to_save) with the "
+                f"same shapes; {a.name!r} differs from {adapters[0].name!r}; pass {_first_or_drop()}"
+            )
+    raw = plan.default if plan is not None else tuple(1.0 for _ in adapters)
+    if any(not isinstance(w, float) for w in raw):
+        raise IncompatibleAdaptersError(
+            "extras='average' weighs the trained modules with one number per adapter, but the weights are depth "
+            f"gradients; pass plain per-adapter weights, or {_first_or_drop()}"
+        )
+    total = float(sum(raw))  # type: ignore[arg-type]
+    if total == 0.0:
+        raise IncompatibleAdaptersError(
+            "extras='average' divides by the sum of the adapters' weights, which is 0; pass weights with a nonzero "
+            f"sum, or {_first_or_drop()}"
+        )
+    out = {}
+    for k in sorted(keys):
+        first = adapters[0].extras[k]
+        if not first.is_floating_point():
+            if any(not torch.equal(a.extras[k], first) for a in adapters):
+                raise IncompatibleAdaptersError(
+                    f"extras='average' cannot average the integer tensor {k!r}, which differs between adapters; "
+                    f"pass {_first_or_drop()}"
+                )
+            out[k] = first.clone()
+            continue
+        acc = sum(float(w) * a.extras[k].double() for w, a in zip(raw, adapters))  # type: ignore[arg-type]
+        out[k] = (acc / total).to(first.dtype)
+    return out
+
+
+# PEFT task types whose model class wraps a head (classifier, score, qa_outputs) by itself.
+_TASKS_WITH_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+def fused_config(adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan], *, keeps_extras: bool = True) -> dict[str, Any]:
+    """An adapter_config.json for the fused modules that PEFT maps back onto exactly those modules.
+
+    ``keeps_extras=False``: the fused adapter carries no modules_to_save tensors, so its config
+    lists none (PEFT would otherwise look for them when loading it).
+    """
     config = dict(adapters[0].config)
     targets = [a.config.get("target_modules") for a in adapters]
     ffs = [a.config.get("feedforward_modules") for a in adapters]
@@ -137,7 +234,9 @@ def fused_config(adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan]) ->
             _targets_module(target_modules, m.path) and is_feedforward_module(ff_modules, m.path) == m.feedforward
             for m in plans
         )
-        if not fits:
+        # An adapter's exclude_modules only held for its own targets; the union of names without
+        # them could target modules no adapter has, or (kept) exclude another adapter's modules.
+        if not fits or any(a.config.get("exclude_modules") for a in adapters):
             target_modules = None
     if target_modules is None:
         # Name every module exactly: always correct, whatever form the inputs used.
@@ -150,6 +249,14 @@ def fused_config(adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan]) ->
         init_ia3_weights=True,
         inference_mode=True,
     )
+    if config.get("exclude_modules") is not None:
+        config["exclude_modules"] = None  # target_modules names every module exactly then
+    if not keeps_extras:
+        config["modules_to_save"] = None
+        if config.get("task_type") in _TASKS_WITH_HEADS:
+            # PEFT's model class for these tasks adds the head to modules_to_save itself and then
+            # expects its tensors in the file; without a task type the base model's head is used.
+            config["task_type"] = None
     return config
 
 
@@ -197,9 +304,11 @@ def merge(
     *,
     missing: Missing = "identity",
     strict: bool = False,
+    mixed_bases: bool = False,
     extras: Extras = "error",
     name: str = "fused",
     allow_pickle: bool = False,
+    layers: Optional[Mapping[str, int]] = None,
     **params: Any,
 ) -> IA3Adapter:
     """Fuse IA3 adapters into one, offline (no base model).
@@ -215,10 +324,17 @@ def merge(
         missing: how a module that an adapter lacks counts: ``"identity"`` (l = 1, tau = 0,
             the default) or ``"zero"`` (l = 0, PEFT's add_weighted_adapter behaviour).
         strict: raise instead of warning when the adapters name different base models.
-        extras: non-IA3 tensors (modules_to_save) that differ between adapters: ``"error"``,
-            keep the ``"first"`` adapter's, or ``"drop"`` them.
+        mixed_bases: fuse adapters that name different base models and target different
+            modules (refused by default: the result would mix two models).
+        extras: trained non-IA3 modules (``modules_to_save``, e.g. a classifier head):
+            ``"error"`` keeps them when the adapters agree and refuses when they differ, keep the
+            ``"first"`` adapter's, ``"average"`` them with the per-adapter weights, or ``"drop"``
+            them (from the config too). See `merge_extras`.
         name: the fused adapter's name.
         allow_pickle: let paths with only ``adapter_model.bin`` load (``weights_only=True``).
+        layers: the model's layer count per stack (e.g. ``{"model.layers": 32}``) for depth
+            gradients, as mergekit counts them; without it (no model), a stack runs over the
+            highest layer index the adapters hold (see `ia3fuse.weights.layer_positions`).
         **params: the method's parameters (e.g. ``density``, ``majority_sign_method``, ``lam``,
             ``svd_rank``, ``seed``).
 
@@ -237,16 +353,19 @@ def merge(
     params = spec.validate(params)
     if missing not in ("identity", "zero"):
         raise InvalidParameterError(f"missing={missing!r} is not a fill rule; pass 'identity' or 'zero'")
-    if extras not in ("error", "first", "drop"):
-        raise InvalidParameterError(f"extras={extras!r} is not a policy; pass 'error', 'first' or 'drop'")
+    if extras not in EXTRAS_CHOICES:
+        raise InvalidParameterError(
+            f"extras={extras!r} is not a policy; pass one of {', '.join(map(repr, EXTRAS_CHOICES))}"
+        )
     loaded = as_adapters(adapters, allow_pickle=allow_pickle)
     if not loaded:
         raise IncompatibleAdaptersError("no adapters given; pass at least one adapter")
     names = [a.name for a in loaded]
     plan = plan_weights(weights, names)
-    _check_bases(loaded, strict)
+    _check_bases(loaded, strict, mixed_bases)
     modules = plan_modules(loaded)
-    depths = layer_positions([m.path for m in modules])
+    extra_tensors = merge_extras(loaded, extras, plan)  # refuses before any fusion work
+    depths = layer_positions([m.path for m in modules], layers)
     compute, out_dtype = _compute_dtype(loaded), _output_dtype(loaded)
     fill = 1.0 if missing == "identity" else 0.0
     vectors: dict[str, Tensor] = {}
@@ -263,9 +382,9 @@ def merge(
     return IA3Adapter(
         vectors=vectors,
         feedforward={m.path: m.feedforward for m in modules},
-        config=fused_config(loaded, modules),
+        config=fused_config(loaded, modules, keeps_extras=bool(extra_tensors)),
         name=name,
-        extras=_merge_extras(loaded, extras),
+        extras=extra_tensors,
         recipe=recipe,
     )
 

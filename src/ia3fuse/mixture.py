@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._io import atomic_output_dir, check_output_path
 from .adapter import IA3Adapter, PathLike, as_adapters, load_adapter
-from .errors import IA3FuseError, InvalidParameterError, InvalidWeightsError, MethodInputError
+from .errors import IA3FuseError, IncompatibleAdaptersError, InvalidParameterError, InvalidWeightsError, MethodInputError
 from .merge import merge
 from .scaling import ScaleHooks, TaskStack
 
@@ -77,6 +77,26 @@ class Router(nn.Module):
         return torch.softmax(self.net(h) / self.config["temperature"], dim=-1)
 
 
+def _trained(model: nn.Module, adapters: Sequence[IA3Adapter], extras: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """The trained modules (modules_to_save, e.g. a classifier head) the mixture runs with, checked."""
+    from .adapter import trained_module_targets
+    from .merge import cli_choice, merge_extras
+
+    if extras == "average":
+        raise InvalidParameterError(
+            "extras='average' weighs the trained modules with fixed weights, but a mixture's weights change per "
+            f"sample; pass {cli_choice('extras', 'first')} or {cli_choice('extras', 'drop')}"
+        )
+    chosen = merge_extras(adapters, extras)
+    targets, problems = trained_module_targets(model, chosen)
+    if problems:
+        raise IncompatibleAdaptersError(
+            f"{len(problems)} of the adapters' trained modules (modules_to_save) do not fit the model "
+            f"({'; '.join(problems[:2])}); pass {cli_choice('extras', 'drop')} to mix the IA3 vectors only"
+        )
+    return targets
+
+
 class Mixture(nn.Module):
     """K IA3 adapters applied to one base model with run-time mixture weights.
 
@@ -96,6 +116,11 @@ class Mixture(nn.Module):
         form: ``"delta"`` (``1 + lam * sum alpha_k tau_k``) or ``"geometric"`` (``exp(sum alpha_k log l_k)``).
         lam: scale of the delta form.
         router: an optional `Router`.
+        extras: the adapters' trained modules (``modules_to_save``, e.g. a classifier head), which
+            cannot vary per sample: ``"error"`` (default) runs with them when the adapters agree
+            and refuses when they differ, ``"first"`` runs with the first adapter's, ``"drop"``
+            with the model's own. They are copied into the model while the mixture is open;
+            `close` restores the model's.
 
     Raises:
         IncompatibleAdaptersError: adapters that do not fit the model or each other.
@@ -107,7 +132,8 @@ class Mixture(nn.Module):
     """
 
     def __init__(self, model: nn.Module, adapters: Any, *, form: str = "delta", lam: float = 1.0,
-                 router: Optional[Router] = None, allow_pickle: bool = False, _peft_tuner: Any = None):
+                 router: Optional[Router] = None, allow_pickle: bool = False, extras: str = "error",
+                 _peft_tuner: Any = None):
         super().__init__()
         if form not in FORMS:
             raise InvalidParameterError(f"form={form!r} is not a mixture form; pass one of {', '.join(FORMS)}")
@@ -119,6 +145,7 @@ class Mixture(nn.Module):
                 "or pass the base model"
             )
         loaded = as_adapters(adapters, allow_pickle=allow_pickle)
+        trained = _trained(model, loaded, extras)
         try:
             device = next(model.parameters()).device
         except StopIteration:
@@ -146,6 +173,12 @@ class Mixture(nn.Module):
             self._check_router(router)
         self.hooks = ScaleHooks(model, stack.segments)
         self._route_cache: Optional[Tensor] = None
+        with torch.no_grad():  # the chosen trained modules (e.g. a classifier head); close() restores the model's
+            self._trained_originals = {name: t.detach().clone() for name, (t, _) in trained.items()}
+            for t, value in trained.values():
+                t.copy_(value.to(t.device, t.dtype))
+        self._trained = {name: t for name, (t, _) in trained.items()}
+        self.extras = extras
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -169,6 +202,10 @@ class Mixture(nn.Module):
     def close(self) -> None:
         """Remove the hooks (and re-enable PEFT's layers for `from_peft`); the model is as before."""
         self.hooks.remove()
+        with torch.no_grad():
+            for name, original in self._trained_originals.items():
+                self._trained[name].copy_(original)
+        self._trained_originals = {}
         if self._tuner is not None:
             self._tuner.enable_adapter_layers()
             object.__setattr__(self, "_tuner", None)
@@ -361,7 +398,7 @@ class Mixture(nn.Module):
                 (tmp / "adapters" / str(i)).mkdir()
                 a._write_files(tmp / "adapters" / str(i))  # inside this atomic write: errors name `out`
             meta = {"format": "ia3fuse-mixture", "version": 1, "names": self.names, "form": self.form, "lam": self.lam,
-                    "router": None if self.router is None else self.router.config}
+                    "extras": self.extras, "router": None if self.router is None else self.router.config}
             (tmp / "mixture.json").write_text(json.dumps(meta, indent=2) + "\n")
             if self.router is not None:
                 state = {k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()}
@@ -390,7 +427,7 @@ class Mixture(nn.Module):
             cfg = dict(meta["router"])
             router = Router(cfg.pop("hidden_size"), cfg.pop("num_adapters"), **cfg)
             router.load_state_dict(load_file(str(root / "router.safetensors")))
-        mix = cls(model, adapters, form=meta["form"], lam=meta["lam"])
+        mix = cls(model, adapters, form=meta["form"], lam=meta["lam"], extras=meta.get("extras", "error"))
         if router is not None:
             mix._check_router(router)
             mix.router = router.to(mix.basis.device)

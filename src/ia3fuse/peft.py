@@ -54,8 +54,21 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return out
 
 
+def _saved_wrappers(peft_model: Any) -> dict[str, Any]:
+    """PEFT's ModulesToSaveWrapper modules (trained copies such as a classifier head), by path."""
+    from peft.utils import ModulesToSaveWrapper
+
+    root = _tuner(peft_model).model
+    return {path: m for path, m in root.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
+def _extras_key(path: str, name: str) -> str:
+    return f"base_model.model.{path}.{name}"  # as PEFT saves modules_to_save tensors
+
+
 def adapter_from_peft(peft_model: Any, adapter_name: str) -> IA3Adapter:
-    """Copy the IA3 adapter ``adapter_name`` out of a live PeftModel (vectors on CPU).
+    """Copy the IA3 adapter ``adapter_name`` out of a live PeftModel (vectors on CPU), with its
+    trained modules (``modules_to_save``) as ``extras`` under the keys PEFT saves them with.
 
     Raises:
         IA3FuseError: the model has no IA3 adapter of that name (the message lists them).
@@ -70,7 +83,12 @@ def adapter_from_peft(peft_model: Any, adapter_name: str) -> IA3Adapter:
         if adapter_name in layer.ia3_l:
             vectors[path] = layer.ia3_l[adapter_name].detach().to("cpu").clone()
             feedforward[path] = bool(layer.is_feedforward)
-    return IA3Adapter(vectors, feedforward, _config_dict(tuner.peft_config[adapter_name]), adapter_name)
+    extras = {}
+    for path, wrapper in _saved_wrappers(peft_model).items():
+        if adapter_name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
+                extras[_extras_key(path, key)] = value.detach().to("cpu").clone()
+    return IA3Adapter(vectors, feedforward, _config_dict(tuner.peft_config[adapter_name]), adapter_name, extras)
 
 
 def add_weighted_adapter(
@@ -86,6 +104,8 @@ def add_weighted_adapter(
     overwrite: bool = False,
     missing: str = "identity",
     strict: bool = False,
+    mixed_bases: bool = False,
+    extras: str = "error",
     **params: Any,
 ) -> IA3Adapter:
     """Add a fused IA3 adapter to a live PeftModel, like PEFT's LoRA ``add_weighted_adapter``.
@@ -102,6 +122,11 @@ def add_weighted_adapter(
         overwrite: replace an existing adapter of that name instead of refusing.
         missing: ``"identity"`` (default) or ``"zero"`` (PEFT's IA3 behaviour).
         strict: raise if the adapters name different base models.
+        mixed_bases: fuse adapters of different base models with different modules anyway.
+        extras: the adapters' trained modules (``modules_to_save``, e.g. a classifier head):
+            ``"error"`` (default) refuses adapters whose heads differ, ``"first"`` gives the fused
+            adapter the first adapter's, ``"average"`` their weighted average, ``"drop"`` none
+            (the base model's module is used), as in `ia3fuse.merge`.
         **params: other method parameters (``lam``, ``seed``, ``gamma``...).
 
     Returns:
@@ -109,7 +134,9 @@ def add_weighted_adapter(
 
     Raises:
         IA3FuseError: unknown adapters, an existing name without ``overwrite``, bad weights or
-            parameters; the model is unchanged then.
+            parameters, heads that differ, modules the model lacks; everything is checked before
+            the model is touched, and a failure while installing is rolled back, so the model is
+            unchanged then. (An IA3FuseError is a ValueError, as PEFT's errors are.)
 
     Example:
         >>> ia3fuse.add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "ab", "ties", density=0.5)  # doctest: +SKIP
@@ -131,37 +158,88 @@ def add_weighted_adapter(
     for key, value in (("svd_rank", svd_rank), ("density", density), ("majority_sign_method", majority_sign_method)):
         if value is not None:
             params[key] = value
+    inputs = [adapter_from_peft(peft_model, a) for a in adapters]
     fused = merge(
-        [adapter_from_peft(peft_model, a) for a in adapters],
+        inputs,
         weights,
         combination_type,
         missing=missing,  # type: ignore[arg-type]
         strict=strict,
-        extras="drop",
+        mixed_bases=mixed_bases,
+        extras=extras,  # type: ignore[arg-type]
         name=adapter_name,
+        layers=model_layers(tuner.model, [p for a in inputs for p in a.vectors]),
         **params,
     )
-    _install(peft_model, tuner, fused, adapters[0], adapter_name)
+    config = _fused_peft_config(tuner, fused, adapters[0])
+    _check_fits(peft_model, config, fused)
+    previous = None
+    if adapter_name in tuner.peft_config:  # kept to restore it if the install fails
+        previous = (adapter_from_peft(peft_model, adapter_name), tuner.peft_config[adapter_name])
+    try:
+        _install(peft_model, tuner, fused, config, adapter_name)
+    except BaseException:
+        if adapter_name in tuner.peft_config:
+            peft_model.delete_adapter(adapter_name)
+        if previous is not None:
+            _install(peft_model, tuner, previous[0], previous[1], adapter_name)
+        raise
     return fused
 
 
-def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, template: str, adapter_name: str) -> None:
+def model_layers(model: Any, paths: Sequence[str]) -> dict[str, int]:
+    """The model's layer count for each stack (``model.layers``...) that ``paths`` number layers in."""
+    from .weights import layer_index
+
+    counts = {}
+    for where in {layer_index(p) for p in paths} - {None}:
+        stack = where[0]  # type: ignore[index]
+        try:
+            counts[stack] = len(model.get_submodule(stack))
+        except (AttributeError, TypeError):  # not a ModuleList / Sequential: keep the offline rule
+            continue
+    return counts
+
+
+def _fused_peft_config(tuner: Any, fused: IA3Adapter, template: str) -> Any:
+    """The template adapter's PEFT config with the fused adapter's targets and trained modules."""
+    config = tuner.peft_config[template]
+    changes: dict[str, Any] = {
+        "target_modules": fused.config["target_modules"],
+        "feedforward_modules": fused.config["feedforward_modules"],
+        "modules_to_save": fused.config.get("modules_to_save") if fused.extras else None,
+        "init_ia3_weights": True,
+    }
+    if hasattr(config, "exclude_modules"):  # PEFT >= 0.14; the targets name every fused module
+        changes["exclude_modules"] = None
+    return dataclasses.replace(config, **changes)
+
+
+def _check_fits(peft_model: Any, config: Any, fused: IA3Adapter) -> None:
+    """Every fused vector and trained module has a place in the model, checked before any change."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    root = _tuner(peft_model).model
+    targeted = {path for path, _ in root.named_modules() if path and check_target_module_exists(config, path)}
+    stray = [p for p in fused.vectors if p not in targeted]
+    wrappers = _saved_wrappers(peft_model)
+    keys = {_extras_key(path, k) for path, w in wrappers.items() for k in w.original_module.state_dict()}
+    stray += sorted(k for k in fused.extras if k not in keys)
+    if stray:
+        shown = ", ".join(map(repr, stray[:3])) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+        raise InvalidParameterError(
+            f"the fused adapter has {len(stray)} module(s) that the model cannot take ({shown}); fuse adapters "
+            "trained on this model"
+        )
+
+
+def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, config: Any, adapter_name: str) -> None:
     active = list(tuner.active_adapters)
-    # Build the config before deleting anything: the template may be the adapter being replaced.
-    config = dataclasses.replace(
-        tuner.peft_config[template],
-        target_modules=fused.config["target_modules"],
-        feedforward_modules=fused.config["feedforward_modules"],
-        init_ia3_weights=True,
-    )
     if adapter_name in tuner.peft_config:
         peft_model.delete_adapter(adapter_name)
     tuner.peft_config[adapter_name] = config
     tuner.inject_adapter(tuner.model, adapter_name)
     layers = ia3_layers(peft_model)
-    stray = [p for p in fused.vectors if p not in layers or adapter_name not in layers[p].ia3_l]
-    if stray:
-        raise InvalidParameterError(f"the fused adapter has modules the model lacks: {stray[:3]}")
     with torch.no_grad():
         for path, layer in layers.items():
             if adapter_name in layer.ia3_l:
@@ -173,6 +251,14 @@ def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, template: str, adap
                 else:
                     # Keep the inputs' dtype: PEFT would give the new vector the base layer's (e.g. bf16).
                     param.data = vec.reshape(param.shape).to(device=param.device, dtype=vec.dtype)
+        for path, wrapper in _saved_wrappers(peft_model).items():
+            prefix = _extras_key(path, "")
+            state = {k[len(prefix):]: v for k, v in fused.extras.items() if k.startswith(prefix)}
+            if state:
+                if adapter_name not in wrapper.modules_to_save:
+                    wrapper.update(adapter_name)
+                wrapper.modules_to_save[adapter_name].load_state_dict(state)
+                wrapper.modules_to_save[adapter_name].requires_grad_(False)
     kept = [a for a in active if a in tuner.peft_config]
     if kept and list(tuner.active_adapters) != kept:
         tuner.set_adapter(kept if len(kept) > 1 else kept[0])

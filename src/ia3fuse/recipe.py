@@ -73,7 +73,8 @@ class Recipe(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     missing: Literal["identity", "zero"] = "identity"
     strict: bool = False
-    extras: Literal["error", "first", "drop"] = "error"
+    mixed_bases: bool = False
+    extras: Literal["error", "first", "average", "drop"] = "error"
     name: str = "fused"
     output: Optional[str] = None
 
@@ -218,6 +219,7 @@ def run_recipe(recipe: Recipe, *, output: Optional[Union[str, Path]] = None, ove
         recipe.method,
         missing=recipe.missing,
         strict=recipe.strict,
+        mixed_bases=recipe.mixed_bases,
         extras=recipe.extras,
         name=recipe.name,
         allow_pickle=allow_pickle,

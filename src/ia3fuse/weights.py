@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import InvalidWeightsError
 
-__all__ = ["WeightSchedule", "WeightPlan", "plan_weights", "layer_positions", "KINDS"]
+__all__ = ["WeightSchedule", "WeightPlan", "plan_weights", "layer_positions", "layer_index", "KINDS"]
 
 KINDS = ("attention", "feedforward")
 WeightValue = Union[float, Sequence[float]]
@@ -46,29 +46,41 @@ class WeightSchedule:
 WeightsArg = Union[None, PerAdapter, WeightSchedule, Mapping[str, Any]]
 
 
-def layer_positions(paths: Sequence[str]) -> dict[str, Optional[float]]:
-    """Relative depth t in [0, 1] of each module, from the first numeric component of its path.
+def layer_index(path: str) -> Optional[tuple[str, int]]:
+    """(stack, index) from the first numeric component of a module path, e.g.
+    ``"model.layers.3.mlp"`` -> ``("model.layers", 3)``; None outside numbered layers."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i]), int(part)
+    return None
 
-    Layers are counted per stack (the path before the number), so an encoder and a decoder each
-    run from 0 to 1. Modules outside numbered layers get None.
+
+def layer_positions(paths: Sequence[str], layers: Optional[Mapping[str, int]] = None) -> dict[str, Optional[float]]:
+    """Relative depth t in [0, 1] of each module: ``index / (n - 1)`` for a stack of ``n`` layers,
+    as mergekit's gradients use it (a stack of one layer has t = 1).
+
+    ``n`` is the model's layer count where ``layers`` gives it (stack path -> count, e.g.
+    ``{"model.layers": 32}``); without a model (offline, on adapter files), the highest layer
+    index among ``paths`` plus one, so adapters on a subset of the layers are spread over the
+    layers they cover. Layers are counted per stack, so an encoder and a decoder each run from
+    0 to 1. Modules outside numbered layers get None.
     """
-    found: dict[str, tuple[str, int]] = {}
-    for p in paths:
-        parts = p.split(".")
-        for i, part in enumerate(parts):
-            if part.isdigit():
-                found[p] = (".".join(parts[:i]), int(part))
-                break
-    depth: dict[str, int] = {}
-    for stack, idx in found.values():
-        depth[stack] = max(depth.get(stack, 0), idx)
+    found = {p: layer_index(p) for p in paths}
+    count: dict[str, int] = {}
+    for where in found.values():
+        if where is not None:
+            count[where[0]] = max(count.get(where[0], 0), where[1] + 1)
+    for stack, n in (layers or {}).items():
+        if stack in count:
+            count[stack] = max(count[stack], int(n))
     out: dict[str, Optional[float]] = {}
-    for p in paths:
-        if p in found:
-            stack, idx = found[p]
-            out[p] = idx / depth[stack] if depth[stack] else 0.0
-        else:
+    for p, where in found.items():
+        if where is None:
             out[p] = None
+        else:
+            n = count[where[0]]
+            out[p] = where[1] / (n - 1) if n > 1 else 1.0
     return out
 
 

@@ -7,6 +7,7 @@ returns the plain model; the `FoldReport` of the call is ``model.ia3fuse_report`
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,9 @@ class FoldReport:
 
     entries: list[FoldEntry]
     model_type: str
+    # Trained non-IA3 tensors (modules_to_save, e.g. a classifier head) copied into the model.
+    trained: list[str] = field(default_factory=list)
+    _trained_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def exact(self) -> bool:
@@ -62,13 +66,46 @@ class FoldReport:
         errs = [e.rel_error for e in self.entries if e.rel_error is not None]
         return max(errs) if errs else None
 
-    def table(self) -> str:
-        """A markdown table: module, layer type, path, what it carries, relative error."""
+    def table(self, max_width: Optional[int] = 100) -> str:
+        """A markdown table: module, layer type, path, what it carries, relative error, why lossy.
+
+        Args:
+            max_width: the widest line. The layer, path and carries cells wrap onto continuation
+                rows to fit (module names and errors never wrap), and the reasons of lossy modules
+                follow the table, one paragraph per distinct reason. None: one line per module
+                with a "lossy because" column, for a markdown file.
+        """
+        headers = ["module", "layer", "path", "carries", "rel. error"]
         rows = [
-            [e.module, e.layer, e.path, e.carries, "-" if e.rel_error is None else f"{e.rel_error:.2e}", e.reason or ""]
+            [e.module, e.layer, e.path, e.carries, "-" if e.rel_error is None else f"{e.rel_error:.2e}"]
             for e in self.entries
         ]
-        return format_table(["module", "layer", "path", "carries", "rel. error", "lossy because"], rows)
+        if max_width is None:
+            return format_table([*headers, "lossy because"], [[*r, e.reason or ""] for r, e in zip(rows, self.entries)])
+        table = format_table(headers, rows, max_width=max_width, wrap=(1, 2, 3))
+        reasons: dict[str, list[str]] = {}
+        for e in self.entries:
+            if e.reason is not None:
+                reasons.setdefault(e.reason, []).append(e.module)
+        notes = []
+        for reason, modules in reasons.items():
+            who = modules[0] if len(modules) == 1 else f"{modules[0]} and {len(modules) - 1} more"
+            notes += textwrap.wrap(f"- {who}: {reason}", max_width, subsequent_indent="  ", break_on_hyphens=False)
+        return table + ("\n\nlossy because:\n" + "\n".join(notes) if notes else "")
+
+    def breakdown(self) -> str:
+        """One line: how many modules took each path, exact and lossy apart, and the largest measured error."""
+        parts = []
+        for kind, exact in (("exact", True), ("lossy", False)):
+            paths: dict[str, int] = {}
+            for e in self.entries:
+                if e.exact == exact:
+                    paths[e.path] = paths.get(e.path, 0) + 1
+            if paths:
+                parts.append(f"{kind}: " + ", ".join(f"{n} {p}" for p, n in paths.items()))
+        errors = [e.rel_error for e in self.entries if e.rel_error is not None]
+        parts.append(f"max rel. error {max(errors):.2e} ({len(errors)} measured)" if errors else "error not measured")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +206,7 @@ def fold(
     double_quant: str = "unnest",
     keep_originals: bool = False,
     measure_error: Union[bool, Literal["lossy"]] = "lossy",
+    extras: str = "keep",
 ) -> nn.Module:
     """Fold an IA3 adapter into the model's weights, in place, and return the plain model.
 
@@ -192,6 +230,10 @@ def fold(
             error (one layer-sized temporary at a time): ``True`` for every layer, ``"lossy"``
             (default) only for the requantized ones (exact paths then cost no temporaries),
             ``False`` never.
+        extras: the adapter's trained non-IA3 modules (``modules_to_save``, e.g. a classifier
+            head): ``"keep"`` (default) copies them over the model's, as PEFT's
+            ``merge_and_unload`` does (a PeftModel keeps its active adapter's copies either way);
+            ``"drop"`` leaves the model's own.
 
     Returns:
         The plain model (PEFT wrappers removed). Its ``ia3fuse_report`` attribute is the
@@ -209,6 +251,11 @@ def fold(
         raise FoldError(f"exact={exact!r} is not a policy; pass 'auto', 'require' or 'allow_requant'")
     if double_quant not in ("unnest", "renest"):
         raise FoldError(f"double_quant={double_quant!r} is not a layout; pass 'unnest' or 'renest'")
+    if measure_error not in (True, False, "lossy"):  # every option before the model is touched
+        raise FoldError(f"measure_error={measure_error!r} is not a choice; pass True, False or 'lossy'")
+    if extras not in ("keep", "drop"):
+        raise FoldError(f"extras={extras!r} is not a choice; pass 'keep' or 'drop'")
+    trained: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if _is_peft(model):
         if adapter is not None:
             raise FoldError(
@@ -220,12 +267,8 @@ def fold(
         if adapter is None:
             raise FoldError("the model is not a PeftModel, so pass the IA3 adapter (an IA3Adapter or its directory)")
         loaded = adapter if isinstance(adapter, IA3Adapter) else load_adapter(adapter)
-        if loaded.extras:
-            raise FoldError(
-                f"the adapter also holds {len(loaded.extras)} non-IA3 tensors (modules_to_save, e.g. "
-                f"{next(iter(loaded.extras))!r}); load it with PeftModel.from_pretrained and fold that model, "
-                "which keeps the trained modules"
-            )
+        if extras == "keep":
+            trained = _trained_targets(model, loaded.extras)
         vectors, feedforward = loaded.vectors, loaded.feedforward
         base = model
     if not vectors:
@@ -238,14 +281,17 @@ def fold(
     if base is None:
         target = _strip_ia3(model)
     options = FoldOptions(double_quant=double_quant)
-    if measure_error not in (True, False, "lossy"):
-        raise FoldError(f"measure_error={measure_error!r} is not a choice; pass True, False or 'lossy'")
     entries = [
         _apply(w, options, keep_originals, measure_error is True or (measure_error == "lossy" and w.lossy is not None))
         for w in works
     ]
     model_type = getattr(getattr(target, "config", None), "model_type", type(target).__name__)
-    report = FoldReport(entries, model_type)
+    report = FoldReport(entries, model_type, trained=sorted(trained))
+    with torch.no_grad():
+        for name, (tensor, value) in trained.items():
+            if keep_originals:
+                report._trained_originals[name] = (tensor, tensor.detach().clone())
+            tensor.copy_(value.to(tensor.device, tensor.dtype))
     if lossy and exact == "auto":
         warnings.warn(
             f"{len(lossy)} module(s) were folded by dequantize-scale-requantize (lossy); see the fold report",
@@ -253,6 +299,21 @@ def fold(
         )
     object.__setattr__(target, REPORT_ATTR, report)
     return target
+
+
+def _trained_targets(model: nn.Module, extras: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Model tensor name -> (the model's tensor, the adapter's value), every one checked first."""
+    from ..adapter import trained_module_targets
+
+    out, problems = trained_module_targets(model, extras)
+    if problems:
+        shown = "; ".join(problems[:2]) + (f"; and {len(problems) - 2} more" if len(problems) > 2 else "")
+        raise FoldError(
+            f"{len(problems)} of the adapter's trained modules (modules_to_save) do not fit the model ({shown}); "
+            "fold into the model the adapter was trained on, or pass extras='drop' (--extras drop on the command "
+            "line) to fold the IA3 vectors only"
+        )
+    return out
 
 
 def refuse_lossy(lossy: list[tuple[str, Optional[str]]], what: str, flag: str = "") -> None:
@@ -312,10 +373,18 @@ def unfold(model: nn.Module) -> nn.Module:
         )
     from .base import backend_for
 
+    if len(report._trained_originals) != len(report.trained):
+        raise FoldError(
+            f"the fold copied the adapter's trained modules ({', '.join(map(repr, report.trained[:2]))}) without "
+            "keep_originals=True, so they cannot be restored; fold with keep_originals=True to be able to unfold"
+        )
     for e in report.entries:
         module = model.get_submodule(e.module)
         backend = backend_for(module)
         assert backend is not None
         backend.restore(module, e._snapshot)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for tensor, original in report._trained_originals.values():
+            tensor.copy_(original)
     object.__delattr__(model, REPORT_ATTR)
     return model

@@ -26,6 +26,7 @@ from ..adapter import IA3Adapter, PathLike, as_adapters
 from ..errors import DataError, IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
 from ..merge import merge, weights_to_plain
 from ..methods import get_method
+from ..report import count
 from ..scaling import ScaleHooks, TaskStack
 from .data import Batch, make_batches, read_records
 from .objectives import resolve_objective
@@ -57,8 +58,12 @@ class SearchResult:
         adapter: the fused adapter, ``merge(adapters, schedule, method, **params)``.
         history: one entry per evaluation: ``forwards`` (cumulative forward passes),
             ``objective``, ``penalized`` (with the L1 term) and ``best`` (best penalized so far).
+        forwards: the forward passes spent, one per batch per evaluation: ``budget // batches``
+            evaluations, fewer only when CMA-ES stopped itself (``stopped``).
         initial_objective: the objective at the starting weights.
         final_objective: the objective of ``adapter`` itself (the merged vectors, exactly).
+        budget: the budget in forward passes. stopped: why the search ended before spending
+            it ("" when it did not).
     """
 
     weights: Tensor
@@ -76,6 +81,21 @@ class SearchResult:
     initial_objective: float
     final_objective: float
     sources: list[Optional[str]] = field(default_factory=list)
+    budget: Optional[int] = None
+    stopped: str = ""
+    extras: str = "error"  # the policy for the adapters' trained modules (see ia3fuse.merge)
+
+    def passes(self) -> str:
+        """The forward passes spent of the budget, e.g. ``"39 of 40 forward passes (3 per
+        evaluation: one per batch)"``, and why fewer when CMA-ES stopped itself."""
+        if self.budget is None:
+            return count(self.forwards, "forward pass", "forward passes")
+        spent = f"{self.forwards} of {count(self.budget, 'forward pass', 'forward passes')}"
+        if self.stopped:
+            return f"{spent} ({self.stopped})"
+        if self.forwards < self.budget and self.history:
+            return f"{spent} ({int(self.history[0]['forwards'])} per evaluation: one per batch)"
+        return spent
 
     def weight_of(self, adapter: str) -> list[float]:
         """The weights of one adapter, one per group."""
@@ -101,6 +121,7 @@ class SearchResult:
             "parameters": dict(self.params),
             "missing": "identity",
             "name": self.adapter.name,
+            **({"extras": self.extras} if self.extras != "error" else {}),
         }
 
     def weights_table(self) -> str:
@@ -118,6 +139,8 @@ class SearchResult:
             "optimizer": self.optimizer,
             "granularity": self.granularity,
             "forwards": self.forwards,
+            "budget": self.budget,
+            "stopped": self.stopped,
             "initial_objective": self.initial_objective,
             "final_objective": self.final_objective,
             "names": self.names,
@@ -141,9 +164,10 @@ class SearchResult:
                 + yaml.safe_dump(self.recipe(relative_to=out), sort_keys=False)
             )
             (tmp / "weights.md").write_text(
-                f"# Searched weights ({self.granularity}-wise, {self.optimizer}, objective {self.objective})\n\n"
+                f"# Searched weights of {self.adapter.name} ({self.granularity}-wise, {self.optimizer}, "
+                f"objective {self.objective})\n\n"
                 f"{self.weights_table()}\n\nObjective {self.initial_objective:.6g} -> {self.final_objective:.6g} "
-                f"in {self.forwards} forward passes.\n"
+                f"in {self.passes()}.\n"
             )
             (tmp / "search.json").write_text(json.dumps({**self.summary(), "history": self.history}, indent=1) + "\n")
             if plots:
@@ -265,6 +289,7 @@ def search_weights(
     name: str = "searched",
     progress: bool = False,
     allow_pickle: bool = False,
+    extras: str = "error",
     **params: Any,
 ) -> SearchResult:
     """Find fusion weights that minimise an objective on a few examples.
@@ -292,6 +317,10 @@ def search_weights(
         lr: Adam's learning rate. sigma0, popsize: CMA-ES's step size and population.
         name: the fused adapter's name.
         progress: show a progress bar with the objective.
+        extras: the adapters' trained modules (``modules_to_save``, e.g. a classifier head):
+            ``"error"`` (default) uses them when the adapters agree and refuses up front when they
+            differ, ``"first"`` scores every candidate with the first adapter's, ``"drop"`` with the
+            model's own; the fused adapter gets the same (see `ia3fuse.merge`).
 
     Returns:
         A `SearchResult`; ``result.adapter`` is the fused adapter, ``result.save(dir)`` writes
@@ -325,6 +354,10 @@ def search_weights(
     loaded = as_adapters(adapters, allow_pickle=allow_pickle)
     if not loaded:
         raise IncompatibleAdaptersError("no adapters given; pass at least one adapter")
+    # Heads (modules_to_save) first: scoring candidates with the wrong head would waste the budget.
+    from ..mixture import _trained
+
+    trained = _trained(model, loaded, extras)
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -386,7 +419,11 @@ def search_weights(
         bar.update(trace.forwards - bar.n)
         bar.set_postfix({obj_name: f"{trace.history[-1]['objective']:.4f}", "best": f"{trace.best_value:.4f}"})
 
+    originals = {name: t.detach().clone() for name, (t, _) in trained.items()}
     try:
+        with torch.no_grad():  # the chosen trained modules, restored in `finally`
+            for t, v in trained.values():
+                t.copy_(v.to(t.device, t.dtype))
         for p, _ in saved_flags:
             p.requires_grad_(False)
         model.eval()
@@ -397,7 +434,7 @@ def search_weights(
                             seed=seed, on_step=on_step)
         best = trace.best_theta if trace.best_theta is not None else theta0
         schedule = space.schedule(best)
-        fused = merge(loaded, schedule, method, name=name, **params)
+        fused = merge(loaded, schedule, method, name=name, extras=extras, **params)
         flat = torch.cat([fused.vectors[s.path].reshape(-1).to(device, torch.float32) for s in stack.segments])
 
         with torch.no_grad():
@@ -405,6 +442,9 @@ def search_weights(
     finally:
         bar.close()
         hooks.remove()
+        with torch.no_grad():
+            for name_, original in originals.items():
+                trained[name_][0].copy_(original)
         for p, flag in saved_flags:
             p.requires_grad_(flag)
         for m, mode in modes:
@@ -425,5 +465,8 @@ def search_weights(
         initial_objective=trace.history[0]["objective"],
         final_objective=final_value,
         sources=[a.source for a in loaded],
+        budget=total,
+        stopped=trace.stopped,
+        extras=extras,
     )
 
