@@ -394,7 +394,8 @@ def _assert_expert_adapter_refused(s: Setup) -> None:
         config={"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "w2"], "feedforward_modules": ["w2"]},
         name="experts",
     )
-    with pytest.raises(FoldError, match=re.escape(f"module {expert!r} is absent from the model (model type 'mixtral')")):
+    with pytest.raises(FoldError, match=re.escape(f"1 of the adapter's 2 modules does not fit the model (model type "
+                                                  f"'mixtral'): {expert!r} (absent)")):
         ia3fuse.fold(s.fresh(), adapter)
     with pytest.raises(FoldError, match=re.escape("1 of the adapter's 2 modules does not fit the model built from "
                                                   "config.json (") + r"\w+" + re.escape(

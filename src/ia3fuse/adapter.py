@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._io import atomic_output_dir, check_output_path
 from .errors import AdapterFormatError, InvalidParameterError
+from .report import count
 
 __all__ = ["IA3Adapter", "load_adapter", "is_feedforward_module", "KEY_PREFIX"]
 
@@ -138,7 +139,7 @@ class IA3Adapter:
         lines += ["---", "", f"# {self.name}", ""]
         n_ff = sum(self.feedforward.values())
         lines.append(
-            f"An IA3 adapter with {len(self.vectors)} modules ({n_ff} feed-forward), written by ia3fuse."
+            f"An IA3 adapter with {count(len(self.vectors), 'module')} ({n_ff} feed-forward), written by ia3fuse."
         )
         if self.recipe is not None:
             lines += ["", "## Fusion recipe", "", "```yaml", yaml.safe_dump(self.recipe, sort_keys=False).rstrip(), "```"]

@@ -106,6 +106,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     fp.add_argument("--permute-qk", choices=["auto", "yes", "no"], default=None,
                     help="--gguf only: were q/k rows permuted by llama.cpp's converter (default auto: by architecture)")
     fp.add_argument("--measure-error", action="store_true", help="--gguf only: report every changed tensor's error")
+    fp.add_argument("--extras", choices=["keep", "drop"], default="keep",
+                    help="the adapter's trained non-IA3 modules (modules_to_save, e.g. a classifier head): write them "
+                         "over the base's (keep, the default; --base only) or fold the IA3 vectors only (drop)")
     fp.add_argument("--verbose", action="store_true", help="also print the table of every changed tensor")
     fp.add_argument("--report", metavar="FILE", default=None,
                     help="write the table of every changed tensor to FILE (markdown); must not exist unless --force")
@@ -234,7 +237,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     report = fold_checkpoint(
         args.base, adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size or "5GB",
-        overwrite=args.force, progress=not args.no_progress,
+        overwrite=args.force, progress=not args.no_progress, extras=args.extras,
     )
     _print_fold(args, report)
     return 0
@@ -283,6 +286,7 @@ def _cmd_fold_gguf(args: argparse.Namespace) -> int:
     report = fold_gguf(
         args.gguf, adapter, args.output, exact=args.exact or "auto", permute_qk=permute,
         measure_error=True if args.measure_error else "lossy", overwrite=args.force, progress=not args.no_progress,
+        extras=args.extras,
     )
     _print_fold(args, report)
     return 0

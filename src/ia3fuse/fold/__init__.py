@@ -144,6 +144,14 @@ def _active_vectors(peft_model: Any) -> tuple[dict[str, torch.Tensor], dict[str,
     return vectors, feedforward
 
 
+def _active_base_name(peft_model: Any) -> Optional[str]:
+    from ..peft import _tuner
+
+    tuner = _tuner(peft_model)
+    names = {getattr(tuner.peft_config[a], "base_model_name_or_path", None) for a in tuner.active_adapters}
+    return names.pop() if len(names) == 1 else None
+
+
 def _strip_ia3(peft_model: Any) -> nn.Module:
     """The base model with every IA3 wrapper replaced by its base layer (works on 4/8-bit too)."""
     from ..peft import _tuner, ia3_layers
@@ -263,6 +271,7 @@ def fold(
             )
         vectors, feedforward = _active_vectors(model)
         base = None
+        trained_on = _active_base_name(model)
     else:
         if adapter is None:
             raise FoldError("the model is not a PeftModel, so pass the IA3 adapter (an IA3Adapter or its directory)")
@@ -271,10 +280,11 @@ def fold(
             trained = _trained_targets(model, loaded.extras)
         vectors, feedforward = loaded.vectors, loaded.feedforward
         base = model
+        trained_on = loaded.base_model
     if not vectors:
         raise FoldError("the adapter has no IA3 vectors for this model's modules; nothing to fold")
     target = base if base is not None else _peek_base(model)
-    works = plan_fold(target, vectors, feedforward)
+    works = plan_fold(target, vectors, feedforward, trained_on=trained_on)
     lossy = [w for w in works if w.lossy]
     if exact == "require":
         refuse_lossy([(w.path, w.lossy) for w in lossy], "module")

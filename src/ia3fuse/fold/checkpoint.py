@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._io import atomic_output_dir, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
-from ..report import format_table
+from ..report import count, format_table
 from .checkpoint_files import CARD_FILE, CONFIG_FILE, copy_files, write_card
 from .dense import DenseBackend
 from .math import scale_bias, scale_weight
@@ -72,7 +72,7 @@ class ChangedTensor:
     """One checkpoint tensor that the fold changed."""
 
     tensor: str  # its name in the checkpoint
-    scaled: str  # "rows", "cols" or "rows, cols"
+    scaled: str  # "rows", "cols", "rows, cols", or "trained copy" (a modules_to_save tensor written over it)
     modules: tuple[str, ...]  # the IA3 module path(s) of the adapter it carries
     shape: tuple[int, ...]
     dtype: str  # as written
@@ -106,7 +106,7 @@ class CheckpointFoldReport:
         """One line: where, what changed, how it was written."""
         dtype = f", dtype {self.dtype}" if self.dtype else ""
         return (
-            f"wrote {self.output}: folded {self.modules} IA3 modules into {self.changed} of {self.tensors} tensors "
+            f"wrote {self.output}: folded {count(self.modules, 'IA3 module')} into {self.changed} of {self.tensors} tensors "
             f"({self.model_type}), {self.shards} shard{'s' if self.shards != 1 else ''}, "
             f"{self.total_size / 1e6:.1f} MB{dtype}"
         )
@@ -133,7 +133,11 @@ class CheckpointFoldReport:
         for e in self.entries:
             counts[e.scaled] = counts.get(e.scaled, 0) + 1
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        shown = ", ".join(f"{n} by {k.replace(', ', ' and ')}" for k, n in ordered) or "no tensor"
+        shown = ", ".join(
+            f"{n} replaced by the adapter's trained copies (modules_to_save)" if k == "trained copy"
+            else f"{n} by {k.replace(', ', ' and ')}"
+            for k, n in ordered
+        ) or "no tensor"
         return f"exact: {shown} (float32 products, rounded once to the output dtype)"
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,11 +187,12 @@ class _Job:
     nbytes: int
     scale: Optional[_Scale] = None
     shard: int = 0
+    trained: Optional[Tensor] = None  # the adapter's trained copy (modules_to_save) written instead
 
     @property
     def raw(self) -> bool:
         """Copied byte for byte (never decoded)."""
-        return self.scale is None and self.dtype == self.src.dtype
+        return self.scale is None and self.trained is None and self.dtype == self.src.dtype
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -363,6 +368,34 @@ def _layout(module: nn.Module) -> tuple[bool, int]:
     return False, int(getattr(module, "groups", 1))
 
 
+def _plan_trained(extras: dict[str, Tensor], sources: dict[str, _Source]) -> dict[str, Tensor]:
+    """Checkpoint tensor name -> the adapter's trained copy (modules_to_save) that replaces it,
+    as PEFT's merge_and_unload keeps it; every tensor checked before anything is written."""
+    leaves = {k: k.removeprefix("base_model.model.").rpartition(".") for k in extras}
+    ckpt = {n.rpartition(".")[0] for n in sources}
+    found, absent, problems = _resolve(sorted({owner for owner, _, _ in leaves.values()}), ckpt, "the checkpoint")
+    problems += [f"the checkpoint has no module {m!r}" for m in absent]
+    out = {}
+    for key, (owner, _, leaf) in leaves.items():
+        name = f"{found[owner]}.{leaf}" if owner in found else None
+        src = sources.get(name) if name else None
+        if owner in found and src is None:
+            problems.append(f"the checkpoint has no tensor {name!r}")
+        elif src is not None and src.shape != tuple(extras[key].shape):
+            problems.append(f"{key!r} is {tuple(extras[key].shape)} but the checkpoint's {name!r} is {src.shape}")
+        elif src is not None and src.dtype not in _CASTABLE:
+            problems.append(f"the checkpoint's {name!r} is {src.dtype}, not a float tensor")
+        elif src is not None:
+            out[src.name] = extras[key]
+    if problems:
+        raise FoldError(
+            f"the adapter's trained modules (modules_to_save, e.g. a classifier head) do not fit this checkpoint "
+            f"({'; '.join(problems[:3])}); fold into the checkpoint the adapter was trained on, or pass "
+            "extras='drop' (--extras drop on the command line) to fold the IA3 vectors only"
+        )
+    return out
+
+
 def _plan(
     adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source]
 ) -> tuple[dict[str, _Scale], str]:
@@ -372,12 +405,6 @@ def _plan(
     output-side vector scales its module's rows and bias, a feed-forward one its columns.
     """
     model_type = getattr(getattr(skeleton, "config", None), "model_type", type(skeleton).__name__)
-    if adapter.extras:
-        keys = sorted(adapter.extras)
-        raise FoldError(
-            f"the adapter also holds {len(keys)} non-IA3 tensor(s) (modules_to_save, e.g. {keys[0]!r}), which a fold "
-            "into base weights does not carry; load it with PEFT instead, or drop those tensors from the adapter"
-        )
     weighted = {n for n, m in skeleton.named_modules() if isinstance(getattr(m, "weight", None), Tensor)}
     what = f"the model built from config.json ({type(skeleton).__name__}, model type {model_type!r})"
     to_skel, absent, problems = _resolve(list(adapter.vectors), weighted, what)
@@ -533,8 +560,11 @@ def _write_tensor(out: BinaryIO, job: _Job, raw: BinaryIO, handle: Any) -> None:
     if job.raw:
         _copy_range(raw, out, job.src.start, job.nbytes)
         return
-    tensor = _read_tensor(handle, job.src.name)
     dtype = _ST_TO_TORCH[job.dtype]
+    if job.trained is not None:
+        _write_bytes(out, job.trained.to(dtype).contiguous())
+        return
+    tensor = _read_tensor(handle, job.src.name)
     s = job.scale
     if s is None:
         tensor = tensor.to(dtype)
@@ -642,6 +672,7 @@ def fold_checkpoint(
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    extras: str = "keep",
 ) -> CheckpointFoldReport:
     """Fold an IA3 adapter into a safetensors checkpoint on disk, one tensor at a time.
 
@@ -669,6 +700,10 @@ def fold_checkpoint(
             shard also writes ``model.safetensors.index.json``.
         overwrite: replace an existing ``out_dir`` (only once the new one is complete).
         progress: show a progress bar over tensors on stderr.
+        extras: the adapter's trained non-IA3 modules (``modules_to_save``, e.g. the classifier
+            head PEFT saves with a ``SEQ_CLS`` adapter): ``"keep"`` (default) writes them over the
+            checkpoint's tensors of the same names, as PEFT's ``merge_and_unload`` keeps them;
+            ``"drop"`` keeps the checkpoint's own.
 
     Returns:
         A `CheckpointFoldReport`: one entry per changed tensor, and counts.
@@ -686,6 +721,8 @@ def fold_checkpoint(
     """
     out_dtype = _parse_dtype(dtype)
     max_bytes = _parse_size(max_shard_size)
+    if extras not in ("keep", "drop"):
+        raise FoldError(f"extras={extras!r} is not a choice; pass 'keep' or 'drop'")
     if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
         raise FoldError("the streaming fold writes safetensors' little-endian bytes and needs a little-endian machine")
     base = Path(base_dir)
@@ -696,8 +733,12 @@ def fold_checkpoint(
     config = _read_config(base)
     sources = _sources(_checkpoint_files(base))
     skeleton = _skeleton(base)
-    scales, model_type = _plan(loaded, skeleton, {s.name: s for s in sources})
+    by_name = {s.name: s for s in sources}
+    scales, model_type = _plan(loaded, skeleton, by_name)
+    trained = _plan_trained(loaded.extras, by_name) if extras == "keep" else {}
     jobs = list(_iter_jobs(sources, scales, out_dtype, _keep_fp32(skeleton, out_dtype)))
+    for job in jobs:
+        job.trained = trained.get(job.src.name)
     n_shards = _assign_shards(jobs, max_bytes)
     names = _shard_names(n_shards)
 
@@ -709,7 +750,7 @@ def fold_checkpoint(
         config_text = json.dumps(config, indent=2) + "\n"
 
     folded = len({m for s in scales.values() for m in s.modules})
-    changed = f"{folded} IA3 modules into {len(scales)} of {len(jobs)} tensors ({model_type})"
+    changed = f"{count(folded, 'IA3 module')} into {len(scales)} of {len(jobs)} tensors ({model_type})"
     if out_dtype is not None:
         changed += f", converted to {str(out_dtype).removeprefix('torch.')}"
     section = Provenance.of(loaded).card_section(str(base_dir), changed)
@@ -728,6 +769,9 @@ def fold_checkpoint(
 
     entries = []
     for job in jobs:
+        if job.trained is not None:
+            dtype_name = str(_ST_TO_TORCH[job.dtype]).removeprefix("torch.")
+            entries.append(ChangedTensor(job.src.name, "trained copy", ("modules_to_save",), job.src.shape, dtype_name))
         if job.scale is None:
             continue
         s = job.scale

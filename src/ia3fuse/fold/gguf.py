@@ -21,6 +21,7 @@ import numpy as np
 from .._io import atomic_output_file, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
+from ..report import count
 from ..merge import IA3FuseWarning
 from . import gguf_blocks as blocks
 from .gguf_header import header_with_strings
@@ -56,7 +57,7 @@ class GGUFFoldReport(FoldReport):
         exact = sum(1 for e in self.entries if e.exact)
         perm = "; q/k rows permuted as llama.cpp's converter does" if self.permuted_qk else ""
         return (
-            f"wrote {self.output}: folded {self.modules} IA3 modules into {len(self.entries)} of {self.tensors} tensors "
+            f"wrote {self.output}: folded {count(self.modules, 'IA3 module')} into {len(self.entries)} of {self.tensors} tensors "
             f"({self.model_type}), {exact} exact, {len(self.entries) - exact} requantized{perm}"
         )
 
@@ -179,6 +180,7 @@ def fold_gguf(
     measure_error: Union[bool, Literal["lossy"]] = "lossy",
     overwrite: bool = False,
     progress: bool = True,
+    extras: str = "keep",
 ) -> GGUFFoldReport:
     """Fold an IA3 adapter into a GGUF model file for llama.cpp; write a new GGUF file.
 
@@ -204,6 +206,9 @@ def fold_gguf(
             error: ``True`` for all, ``"lossy"`` (default) for the requantized ones, ``False`` never.
         overwrite: replace an existing ``out_path`` (in one rename, once the new file is complete).
         progress: show a progress bar on stderr.
+        extras: an adapter with trained non-IA3 modules (``modules_to_save``) is refused under
+            ``"keep"`` (the default; a GGUF fold cannot write them), folded without them under
+            ``"drop"``.
 
     Returns:
         A `GGUFFoldReport` (a `FoldReport`): one entry per changed tensor.
@@ -227,11 +232,14 @@ def fold_gguf(
         raise FoldError(f"permute_qk={permute_qk!r} is not a choice; pass None (by architecture), True or False")
     src = Path(gguf_path)
     loaded = adapter if isinstance(adapter, IA3Adapter) else load_adapter(adapter)
-    if loaded.extras:
+    if extras not in ("keep", "drop"):
+        raise FoldError(f"extras={extras!r} is not a choice; pass 'keep' or 'drop'")
+    if loaded.extras and extras == "keep":
         keys = sorted(loaded.extras)
         raise FoldError(
-            f"the adapter also holds {len(keys)} non-IA3 tensor(s) (modules_to_save, e.g. {keys[0]!r}), which a GGUF "
-            "fold does not carry; keep the adapter unmerged, or drop those tensors from it"
+            f"the adapter also holds {len(keys)} trained non-IA3 tensor(s) (modules_to_save, e.g. {keys[0]!r}), which "
+            "a GGUF fold cannot write; pass extras='drop' (--extras drop on the command line) to fold the IA3 vectors "
+            "only, or fold the Hugging Face checkpoint (ia3fuse fold --base, which keeps them) and convert that"
         )
     out = check_output_path(Path(out_path), [src] + ([Path(loaded.source)] if loaded.source else []),
                             overwrite=overwrite, file=True)

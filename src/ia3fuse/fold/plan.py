@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import FoldError
 from .base import FoldBackend, backend_for
+from .misfit import refusal
 
 __all__ = ["Work", "plan_fold"]
 
@@ -51,14 +52,15 @@ class Work:
         self.cols = scale if self.cols is None else self.cols * scale
 
 
-def _module(model: nn.Module, path: str, model_type: str) -> nn.Module:
+class _Absent(Exception):
+    """The model has no module at the adapter's path."""
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
     try:
         module = model.get_submodule(path)
     except AttributeError:
-        raise FoldError(
-            f"the adapter's module {path!r} is absent from the model (model type {model_type!r}); "
-            "the adapter was trained on another base model"
-        ) from None
+        raise _Absent(path) from None
     while isinstance(getattr(module, "base_layer", None), nn.Module):  # a PEFT wrapper: fold into its base layer
         module = module.base_layer
     return module
@@ -95,23 +97,30 @@ def _neighbour(model: nn.Module, path: str, l: Tensor) -> tuple[Optional[tuple[s
     return None, "no exact rewrite for this module's input (not a gated or ReLU MLP)"
 
 
-def plan_fold(model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[str, bool]) -> list[Work]:
+def plan_fold(
+    model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[str, bool], *, trained_on: Optional[str] = None
+) -> list[Work]:
     """Decide, for every IA3 vector, which weight module takes it and how; check shapes.
 
+    Args:
+        trained_on: the adapter's base model name, for the message when its modules do not fit.
+
     Raises:
-        FoldError: a module the model lacks, an unsupported layer type, a weight tied to another
-            module's, or a length mismatch, listing every problem before anything is changed.
+        FoldError: modules the model lacks or of another length (counted once, with two
+            examples: an adapter of another base), an unsupported layer type, a weight tied to
+            another module's, listing every problem before anything is changed.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     works: dict[str, Work] = {}
     problems: list[str] = []
+    misfits: list[str] = []
     names: dict[int, list[str]] = {}  # id(parameter) -> all its names: more than one = tied weights
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
 
     def work(path: str) -> Optional[Work]:
         if path not in works:
-            module = _module(model, path, model_type)
+            module = _module(model, path)
             backend = backend_for(module)
             if backend is None:
                 problems.append(
@@ -132,6 +141,9 @@ def plan_fold(model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[st
     for path, vec in vectors.items():
         try:
             w = work(path)
+        except _Absent:
+            misfits.append(f"{path!r} (absent)")
+            continue
         except FoldError as exc:
             problems.append(str(exc))
             continue
@@ -142,10 +154,7 @@ def plan_fold(model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[st
         want = in_f if feedforward[path] else out_f
         if l.numel() != want:
             side = "input" if feedforward[path] else "output"
-            problems.append(
-                f"{path!r} has {want} {side} features but the adapter's vector has {l.numel()}; "
-                f"the adapter was trained on another base model (model type {model_type!r})"
-            )
+            misfits.append(f"{path!r} ({want} {side} features, the adapter's vector {l.numel()})")
             continue
         if not feedforward[path]:
             w.add_rows(l)
@@ -162,7 +171,7 @@ def plan_fold(model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[st
         if target is not None:
             try:
                 nbr = work(target[0])
-            except FoldError:
+            except (FoldError, _Absent):
                 nbr = None
         if nbr is not None and nbr.backend.exact_rows(nbr.module) is None:
             n_out = nbr.backend.features(nbr.module)[0]
@@ -188,9 +197,10 @@ def plan_fold(model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[st
             reason = w.backend.exact_rows(w.module)
             if reason is not None:
                 w.lossy = reason
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise FoldError(f"cannot fold the adapter into this model: {shown}")
+    message = refusal("this model", misfits=misfits, problems=problems, modules=len(vectors),
+                      where=f"the model (model type {model_type!r})", trained_on=trained_on)
+    if message:
+        raise FoldError(message)
     return [w for w in works.values() if w.rows is not None or w.cols is not None]
 
 
