@@ -291,3 +291,18 @@ def test_error_is_measured_for_lossy_layers_by_default(models, monkeypatch):
     assert measured["c_attn"] is None and measured["c_proj"] is not None and measured["c_proj"] < 1e-6
     with pytest.raises(FoldError, match="measure_error='some' is not a choice"):
         ia3fuse.fold(copy.deepcopy(base), adapter, measure_error="some")
+
+
+@pytest.mark.parametrize("bad", [{"measure_error": "bogus"}, {"exact": "never"}, {"double_quant": "zip"},
+                                 {"extras": "keep-some"}])
+def test_a_bad_option_leaves_the_peft_model_as_it_was(models, bad):
+    """Options are checked before the IA3 layers are stripped (measure_error was checked after)."""
+    base, adapter = models["llama"]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
+    before = _out(peft_model, _batch("llama"))
+    with pytest.raises(FoldError, match="is not a"):
+        ia3fuse.fold(peft_model, **bad)
+    from peft.tuners.ia3 import IA3Layer
+
+    assert isinstance(peft_model.base_model.model.model.layers[0].self_attn.k_proj, IA3Layer)  # still PEFT's
+    torch.testing.assert_close(_out(peft_model, _batch("llama")), before, rtol=0, atol=0)

@@ -225,6 +225,19 @@ def test_adapters_of_different_models_are_refused_unless_forced():
         "mixed_bases=True (--mixed-bases on the command line) to fuse them anyway"
     )
     assert len(ia3fuse.merge([a, b], mixed_bases=True).vectors) == 2
+    # without base names: no shared module and no shared layer stack is two models all the same
+    a.config.pop("base_model_name_or_path")
+    b.config.pop("base_model_name_or_path")
+    with pytest.raises(IncompatibleAdaptersError) as caught:
+        ia3fuse.merge([a, b])
+    assert str(caught.value) == (
+        "the adapters share no module and their layers lie in different places ('a': model.layers, 'b': "
+        "encoder.layer), so they were trained on different models; fuse adapters of one model, or pass "
+        "mixed_bases=True (--mixed-bases on the command line) to fuse them anyway"
+    )
+    # disjoint modules of one model (an attention-only and a feed-forward-only adapter) are fine
+    c = _adapter("c", {D: torch.ones(1, 3)}, ff=(D,))
+    assert len(ia3fuse.merge([a, c]).vectors) == 2
 
 
 def test_duplicate_names_are_made_unique(two):

@@ -15,7 +15,7 @@ from ._runtime import torch_threads
 from .adapter import IA3Adapter, PathLike, _targets_module, as_adapters, is_feedforward_module
 from .errors import IncompatibleAdaptersError, InvalidParameterError, MethodInputError
 from .methods import get_method
-from .weights import WeightSchedule, WeightsArg, layer_positions, plan_weights
+from .weights import WeightSchedule, WeightsArg, layer_index, layer_positions, plan_weights
 
 __all__ = ["merge", "plan_modules", "ModulePlan", "IA3FuseWarning"]
 
@@ -78,20 +78,33 @@ def plan_modules(adapters: Sequence[IA3Adapter]) -> list[ModulePlan]:
 
 
 def _check_bases(adapters: Sequence[IA3Adapter], strict: bool, mixed_bases: bool) -> None:
-    """Adapters naming different base models: refused when their module sets differ too (a mix of
-    two models, e.g. a Llama adapter and a BERT one), or always with ``strict``; warned otherwise."""
-    bases = {a.base_model for a in adapters if a.base_model}
-    if len(bases) < 2 or mixed_bases:
+    """Adapters of different models: refused when they name different base models and hold
+    different modules, or share no module and no layer stack (a mix of two models, e.g. a Llama
+    adapter and a BERT one); with ``strict``, refused whenever they name different bases;
+    warned otherwise."""
+    if mixed_bases:
         return
-    desc = ", ".join(f"{a.name!r}: {a.base_model!r}" for a in adapters)
+    force = f"pass {cli_choice('mixed_bases', True)} to fuse them anyway"
     modules = [set(a.vectors) for a in adapters]
-    if any(m != modules[0] for m in modules[1:]):
-        shared = set.intersection(*modules)
+    bases = {a.base_model for a in adapters if a.base_model}
+    desc = ", ".join(f"{a.name!r}: {a.base_model!r}" for a in adapters)
+    if len(bases) > 1 and any(m != modules[0] for m in modules[1:]):
         raise IncompatibleAdaptersError(
             f"the adapters name different base models ({desc}) and target different modules "
-            f"({len(shared)} of {len(set.union(*modules))} shared), so the fused adapter would mix two models; "
-            f"fuse adapters trained on one base, or pass {cli_choice('mixed_bases', True)} to fuse them anyway"
+            f"({len(set.intersection(*modules))} of {len(set.union(*modules))} shared), so the fused adapter would "
+            f"mix two models; fuse adapters trained on one base, or {force}"
         )
+    stacks = [{where[0] for where in map(layer_index, m) if where is not None} for m in modules]
+    if len(adapters) > 1 and not set.intersection(*modules) and all(stacks) and not set.intersection(*stacks):
+        # No shared module and no shared layer stack ('model.layers' vs 'encoder.layer'): two model
+        # layouts, whatever the configs say (disjoint adapters of one model share a stack).
+        where = ", ".join(f"{a.name!r}: {', '.join(sorted(st))}" for a, st in zip(adapters, stacks))
+        raise IncompatibleAdaptersError(
+            f"the adapters share no module and their layers lie in different places ({where}), so they were "
+            f"trained on different models; fuse adapters of one model, or {force}"
+        )
+    if len(bases) < 2:
+        return
     msg = f"the adapters name different base models ({desc}); fusing them is only meaningful on one base"
     if strict:
         raise IncompatibleAdaptersError(msg + f"; pass {cli_choice('strict', False)} to fuse anyway")
