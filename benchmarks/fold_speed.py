@@ -219,7 +219,7 @@ def _rounding_floor(peft_model: Any, ids: Any, ref: Any) -> float:
     (2^-24 would round most factors back to exactly 1.)"""
     import torch
 
-    from ia3fuse.peft import ia3_layers
+    from ia3fuse.live import ia3_layers
 
     gen = torch.Generator().manual_seed(7)
     vectors = [layer.ia3_l["default"] for layer in ia3_layers(peft_model).values()]
@@ -277,8 +277,8 @@ def _references(peft_model: Any, ids: Any, spec: dict[str, Any]) -> dict[str, An
 
 def _requantize_each(peft_model: Any) -> tuple[Any, dict[str, int]]:
     """The naive fold: every IA3 vector into its own layer by dequantize-scale-requantize."""
-    from ia3fuse.fold.base import backend_for
-    from ia3fuse.peft import ia3_layers
+    from ia3fuse.folding.base import backend_for
+    from ia3fuse.live import ia3_layers
 
     layers = ia3_layers(peft_model)
     jobs = [(path, layer.ia3_l["default"].detach().float().reshape(-1), bool(layer.is_feedforward))

@@ -423,7 +423,7 @@ class RecipeCase:
 @functools.lru_cache(maxsize=None)
 def _methods() -> dict[str, tuple[str, ...]]:
     """Registered method name -> its parameter names."""
-    from ia3fuse.methods import methods
+    from ia3fuse.fusion import methods
 
     return {m.name: tuple(p.name for p in m.params) for m in methods()}
 
@@ -580,7 +580,7 @@ def recipe_cases(draw: Callable[[Any], Any]) -> RecipeCase:
 
 def check_recipe_result(recipe: Any) -> None:
     """What `parse_recipe`/`load_recipe` promise of a valid recipe; AssertionError otherwise."""
-    from ia3fuse.methods import get_method
+    from ia3fuse.fusion import get_method
     from ia3fuse.recipe import Recipe
     from ia3fuse.weights import plan_weights
 

@@ -51,7 +51,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from merge_speed import host_facts  # noqa: E402
 
 import ia3fuse  # noqa: E402
-from ia3fuse.fold import gguf_blocks  # noqa: E402
+from ia3fuse.folding import gguf_blocks  # noqa: E402
 
 SHAPE = {"layers": 22, "hidden": 2048, "ffn": 5632, "heads": 32, "kv": 4, "vocab": 32000}
 
@@ -123,7 +123,7 @@ def tasks(reader: Any, adapter: ia3fuse.IA3Adapter, layers: int) -> list[dict[st
         k = adapter.vectors[f"{p}.self_attn.k_proj"].numpy().reshape(-1)
         v = adapter.vectors[f"{p}.self_attn.v_proj"].numpy().reshape(-1)
         d = adapter.vectors[f"{p}.mlp.down_proj"].numpy().reshape(-1)
-        from ia3fuse.fold.gguf_map import llama_permute
+        from ia3fuse.folding.gguf_map import llama_permute
 
         out.append({"module": "k", "naive": (by_name[f"blk.{i}.attn_k.weight"], llama_permute(k, n_kv), None),
                     "ours": (by_name[f"blk.{i}.attn_k.weight"], llama_permute(k, n_kv), None)})

@@ -198,7 +198,7 @@ def _worker_peft(spec: dict[str, Any]) -> dict[str, Any]:
 
     # Not part of PEFT's timed path: ia3fuse on the same live model.
     import ia3fuse
-    from ia3fuse.peft import ia3_layers
+    from ia3fuse.live import ia3_layers
 
     t = time.perf_counter()
     ia3fuse.add_weighted_adapter(model, names, weights, "fused2")

@@ -14,7 +14,7 @@ import torch
 gguf = __import__("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 
-from ia3fuse.fold import gguf_blocks  # noqa: E402
+from ia3fuse.folding import gguf_blocks  # noqa: E402
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "bloom": "bloom",
              "gpt_neox": "gptneox", "falcon": "falcon", "gemma": "gemma", "qwen3": "qwen3", "t5": "t5"}

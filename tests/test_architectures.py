@@ -46,7 +46,7 @@ from ia3fuse import FoldError, IA3Adapter, IncompatibleAdaptersError, Mixture, m
 from ia3fuse._runtime import no_hf_progress_bars, torch_threads
 from ia3fuse.archs import ARCHITECTURES, UnsupportedModelTypeError, peft_ia3_defaults, tiny_arch_model
 from ia3fuse.examples import random_ia3_adapter
-from ia3fuse.peft import ia3_layers
+from ia3fuse.live import ia3_layers
 
 try:
     import bitsandbytes as bnb

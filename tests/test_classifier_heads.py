@@ -187,7 +187,7 @@ def test_one_adapters_excluded_module_is_another_adapters_target(world: dict[str
 
 
 def test_search_refuses_differing_heads_before_any_forward(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    import ia3fuse.search as search
+    import ia3fuse.search.run as search
 
     monkeypatch.setattr(search, "make_batches", lambda *a, **k: pytest.fail("batches were built"))
     with pytest.raises(IncompatibleAdaptersError, match="--extras first"):

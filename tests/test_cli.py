@@ -476,7 +476,7 @@ def test_merge_counts_adapters_in_the_singular_and_plural(inputs: Inputs, tmp_pa
 
 
 def test_count_says_one_noun_and_other_nouns() -> None:
-    from ia3fuse.report import count
+    from ia3fuse._text import count
 
     assert [count(n, "adapter") for n in (0, 1, 2)] == ["0 adapters", "1 adapter", "2 adapters"]
     assert count(1, "forward pass", "forward passes") == "1 forward pass"
@@ -487,7 +487,7 @@ _LAZY_NAMES = """
 import sys
 import ia3fuse
 print("torch" in sys.modules)
-import ia3fuse.merge, ia3fuse.fold.gguf, ia3fuse.methods.registry  # submodules named like functions
+import ia3fuse.merging, ia3fuse.folding.gguf, ia3fuse.fusion.registry  # no submodule shadows a function
 print([type(getattr(ia3fuse, n)).__name__ for n in ("merge", "fold", "methods")])
 print([n for n in ia3fuse.__all__ if not callable(getattr(ia3fuse, n))], callable(ia3fuse.search.load_model))
 """

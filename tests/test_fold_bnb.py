@@ -25,8 +25,8 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 from ia3fuse.errors import FoldError  # noqa: E402
-from ia3fuse.fold.base import FoldOptions, backend_for  # noqa: E402
-from ia3fuse.fold.bnb import FOUR_BIT, INT8  # noqa: E402
+from ia3fuse.folding.base import FoldOptions, backend_for  # noqa: E402
+from ia3fuse.folding.bnb import FOUR_BIT, INT8  # noqa: E402
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

@@ -28,7 +28,7 @@ from cli_runner import run_cli
 import ia3fuse
 from ia3fuse import FoldError, IA3Adapter, OutputPathError, fold_checkpoint
 from ia3fuse.examples import random_ia3_adapter, tiny_config, tiny_model
-from ia3fuse.fold import checkpoint as ck
+from ia3fuse.folding import checkpoint as ck
 
 K_PROJ0 = "model.layers.0.self_attn.k_proj"
 
@@ -192,8 +192,8 @@ def test_scale_weight_equals_the_in_memory_dense_fold(kind: str) -> None:
     """The pure math, on layouts no tiny transformers model has (grouped convolutions)."""
     from transformers.pytorch_utils import Conv1D
 
-    from ia3fuse.fold.base import FoldOptions
-    from ia3fuse.fold.dense import DenseBackend
+    from ia3fuse.folding.base import FoldOptions
+    from ia3fuse.folding.dense import DenseBackend
 
     torch.manual_seed(0)
     module = {

@@ -22,8 +22,8 @@ import ia3fuse  # noqa: E402
 from ia3fuse import FoldError, OutputPathError  # noqa: E402
 from ia3fuse.archs import tiny_arch_model  # noqa: E402
 from ia3fuse.examples import random_ia3_adapter  # noqa: E402
-from ia3fuse.fold import gguf_blocks  # noqa: E402
-from ia3fuse.fold.gguf_map import llama_permute, qkv_by_heads, qkv_falcon  # noqa: E402
+from ia3fuse.folding import gguf_blocks  # noqa: E402
+from ia3fuse.folding.gguf_map import llama_permute, qkv_by_heads, qkv_falcon  # noqa: E402
 
 TARGETS = {
     "llama": (["q_proj", "k_proj", "v_proj", "down_proj"], ["down_proj"]),

@@ -68,7 +68,7 @@ def test_every_type_against_ggml_c_quantizer_and_dequantizer():
     cannot quantize); the folded bytes, read back by ggml's C dequantizer, equal l * W up to fp16
     rounding of the new scales, negative l included."""
     import ggml_c
-    from ia3fuse.fold import gguf_blocks
+    from ia3fuse.folding import gguf_blocks
 
     ggml = ggml_c.load()
     rng = np.random.default_rng(0)

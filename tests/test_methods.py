@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 import ia3fuse
 from ia3fuse.errors import IA3FuseError, InvalidParameterError, MethodInputError, UnknownMethodError
-from ia3fuse.methods import _masks, get_method, method_names
+from ia3fuse.fusion import _masks, get_method, method_names
 
 F64 = torch.float64
 ALL_METHODS = [

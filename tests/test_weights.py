@@ -223,7 +223,7 @@ def test_live_merge_spreads_a_gradient_over_the_models_layers(tiny):
     would; offline, the same adapter's one layer is a stack of one (t = 1)."""
     from peft import IA3Config, get_peft_model
 
-    from ia3fuse.peft import model_layers
+    from ia3fuse.live import model_layers
 
     config = IA3Config(target_modules=r".*layers\.0\.self_attn\.(k_proj|v_proj)", feedforward_modules=[],
                        init_ia3_weights=False)

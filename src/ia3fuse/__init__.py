@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__ as __version__
 from .errors import (
     AdapterFormatError,
     DataError,
     FoldError,
     IA3FuseError,
+    IA3FuseWarning,
     IncompatibleAdaptersError,
     InvalidParameterError,
     InvalidWeightsError,
@@ -33,34 +33,27 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .adapter import IA3Adapter, load_adapter
-    from .fold import FoldReport, fold, unfold
-    from .fold.checkpoint import fold_checkpoint
-    from .fold.gguf import GGUFFoldReport, fold_gguf
-    from .merge import IA3FuseWarning, merge
-    from .methods import get_method, methods
+    from .folding import FoldReport, GGUFFoldReport, fold, fold_checkpoint, fold_gguf, unfold
+    from .fusion import get_method, methods
+    from .live import adapter_from_peft, add_weighted_adapter
+    from .merging import merge
     from .mixture import Mixture, Router, train_router
-    from .peft import adapter_from_peft, add_weighted_adapter
     from .search import SearchResult, search_weights
     from .weights import WeightSchedule
 
 # Where each lazily loaded public name lives (the imports above, for type checkers).
 _LAZY = {
     ".adapter": ("IA3Adapter", "load_adapter"),
-    ".fold": ("FoldReport", "fold", "unfold"),
-    ".fold.checkpoint": ("fold_checkpoint",),
-    ".fold.gguf": ("GGUFFoldReport", "fold_gguf"),
-    ".merge": ("IA3FuseWarning", "merge"),
-    ".methods": ("get_method", "methods"),
+    ".folding": ("FoldReport", "fold", "unfold", "fold_checkpoint", "GGUFFoldReport", "fold_gguf"),
+    ".merging": ("merge",),
+    ".fusion": ("get_method", "methods"),
     ".mixture": ("Mixture", "Router", "train_router"),
-    ".peft": ("adapter_from_peft", "add_weighted_adapter"),
+    ".live": ("adapter_from_peft", "add_weighted_adapter"),
     ".search": ("SearchResult", "search_weights"),
     ".weights": ("WeightSchedule",),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
-# Functions named like the submodule that holds them: ``ia3fuse.merge`` is the function.
-_SHADOWED = ("merge", "fold", "methods")
 
-__version__ = "0.1.0"
 
 __all__ = [
     "IA3Adapter",
@@ -109,16 +102,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule sets the package's attribute of its name to it; for the shadowed
-    names, this keeps the function instead, as when this package imported them eagerly."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            value = getattr(value, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

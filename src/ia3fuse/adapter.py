@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._io import atomic_output_dir, check_output_path
 from .errors import AdapterFormatError, InvalidParameterError
-from .report import count
+from ._text import count
 
 __all__ = ["IA3Adapter", "load_adapter", "is_feedforward_module", "KEY_PREFIX"]
 

@@ -18,7 +18,7 @@ __all__ = ["main"]
 
 def _param_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> list[str]:
     """One flag per method parameter name, typed from the registry (the methods' schema)."""
-    from .methods import methods
+    from .fusion import methods
 
     seen: dict[str, Any] = {}
     for m in methods():
@@ -178,7 +178,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
     from .errors import RecipeError
     from .recipe import load_recipe, parse_recipe, run_recipe
-    from .report import count
+    from ._text import count
 
     params = {n: getattr(args, f"param_{n}") for n in param_names if getattr(args, f"param_{n}") is not None}
     flag_fields = {
@@ -208,7 +208,7 @@ def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .adapter import load_adapter
-    from .report import adapter_table
+    from .tables import adapter_table
 
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     print(adapter_table(adapter))
@@ -216,7 +216,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods() -> int:
-    from .report import methods_table
+    from .tables import methods_table
 
     print(methods_table())
     return 0
@@ -225,7 +225,7 @@ def _cmd_methods() -> int:
 def _cmd_fold(args: argparse.Namespace) -> int:
     from .adapter import load_adapter
     from .errors import FoldError
-    from .fold.checkpoint import fold_checkpoint
+    from .folding.checkpoint import fold_checkpoint
 
     if args.gguf is not None:
         return _cmd_fold_gguf(args)
@@ -275,7 +275,7 @@ def _print_fold(args: argparse.Namespace, report: Any) -> None:
 def _cmd_fold_gguf(args: argparse.Namespace) -> int:
     from .adapter import load_adapter
     from .errors import FoldError
-    from .fold.gguf import fold_gguf
+    from .folding.gguf import fold_gguf
 
     wrong = [f for f, v in (("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)) if v is not None]
     if wrong:
@@ -371,10 +371,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser, param_names = _build_parser()  # imports no torch: --help and usage errors stay fast
     args = parser.parse_args(argv)
     from .errors import IA3FuseError
-    from .fold._optional import quiet_bitsandbytes
+    from .folding._optional import quiet_bitsandbytes
 
     quiet_bitsandbytes()
-    from .merge import IA3FuseWarning
+    from .errors import IA3FuseWarning
 
     def show(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
         if issubclass(category, IA3FuseWarning):

@@ -10,7 +10,7 @@ import torch
 
 from .errors import IA3FuseError
 from .examples import TINY_ARCHS, random_ia3_adapter, tiny_model
-from .report import format_table
+from ._text import format_table
 
 __all__ = ["run_demo"]
 

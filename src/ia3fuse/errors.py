@@ -7,6 +7,7 @@ Every message names what was wrong, the offending value and the fix. The CLI tur
 from __future__ import annotations
 
 __all__ = [
+    "IA3FuseWarning",
     "IA3FuseError",
     "AdapterFormatError",
     "IncompatibleAdaptersError",
@@ -67,3 +68,7 @@ class FoldError(IA3FuseError):
 
 class DataError(IA3FuseError):
     """Examples for a weight search or a router are empty, malformed or do not fit the model."""
+
+
+class IA3FuseWarning(UserWarning):
+    """A suspicious but legal input (e.g. adapters trained on different bases) or a lossy step."""

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from ._io import atomic_output_dir, check_output_path
 from .adapter import IA3Adapter, PathLike, as_adapters, load_adapter
-from .errors import IA3FuseError, IncompatibleAdaptersError, InvalidParameterError, InvalidWeightsError, MethodInputError
-from .merge import merge
+from .errors import IA3FuseError, InvalidParameterError, InvalidWeightsError, MethodInputError
+from .merging import merge, trained_modules
 from .scaling import ScaleHooks, TaskStack
 
 __all__ = ["Mixture", "Router", "train_router", "FORMS"]
@@ -77,26 +77,6 @@ class Router(nn.Module):
         return torch.softmax(self.net(h) / self.config["temperature"], dim=-1)
 
 
-def _trained(model: nn.Module, adapters: Sequence[IA3Adapter], extras: str) -> dict[str, tuple[Tensor, Tensor]]:
-    """The trained modules (modules_to_save, e.g. a classifier head) the mixture runs with, checked."""
-    from .adapter import trained_module_targets
-    from .merge import cli_choice, merge_extras
-
-    if extras == "average":
-        raise InvalidParameterError(
-            "extras='average' weighs the trained modules with fixed weights, but a mixture's weights change per "
-            f"sample; pass {cli_choice('extras', 'first')} or {cli_choice('extras', 'drop')}"
-        )
-    chosen = merge_extras(adapters, extras)
-    targets, problems = trained_module_targets(model, chosen)
-    if problems:
-        raise IncompatibleAdaptersError(
-            f"{len(problems)} of the adapters' trained modules (modules_to_save) do not fit the model "
-            f"({'; '.join(problems[:2])}); pass {cli_choice('extras', 'drop')} to mix the IA3 vectors only"
-        )
-    return targets
-
-
 class Mixture(nn.Module):
     """K IA3 adapters applied to one base model with run-time mixture weights.
 
@@ -145,7 +125,7 @@ class Mixture(nn.Module):
                 "or pass the base model"
             )
         loaded = as_adapters(adapters, allow_pickle=allow_pickle)
-        trained = _trained(model, loaded, extras)
+        trained = trained_modules(model, loaded, extras)
         try:
             device = next(model.parameters()).device
         except StopIteration:
@@ -187,7 +167,7 @@ class Mixture(nn.Module):
 
         PEFT's own IA3 layers are disabled while the mixture is open (`close` re-enables them).
         """
-        from .peft import _tuner, adapter_from_peft
+        from .live import _tuner, adapter_from_peft
 
         tuner = _tuner(peft_model)
         names = list(adapter_names) if adapter_names is not None else list(tuner.peft_config)

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import IA3FuseError, RecipeError
-from .methods import get_method
+from .fusion import get_method
 from .weights import WeightSchedule, plan_weights
 
 __all__ = ["Recipe", "AdapterRef", "load_recipe"]
@@ -204,7 +204,7 @@ def run_recipe(recipe: Recipe, *, output: Optional[Union[str, Path]] = None, ove
         The absolute output directory.
     """
     from ._io import check_output_path
-    from .merge import merge
+    from .merging import merge
 
     target = output if output is not None else recipe.output
     if target is None:

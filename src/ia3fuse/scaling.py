@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .adapter import IA3Adapter
 from .errors import IA3FuseError, IncompatibleAdaptersError
-from .merge import ModulePlan, plan_modules
+from .stack import ModulePlan, plan_modules
 from .weights import layer_positions
 
 __all__ = ["Segment", "TaskStack", "ScaleHooks", "module_size"]

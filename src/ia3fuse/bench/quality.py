@@ -20,8 +20,8 @@ import torch
 
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import MethodInputError
-from ..merge import merge
-from ..methods import get_method, method_names
+from ..merging import merge
+from ..fusion import get_method, method_names
 from .suite import Suite
 
 __all__ = ["run_quality", "tuning_grid"]

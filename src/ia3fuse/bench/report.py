@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from ..report import format_table
+from .._text import format_table
 
 __all__ = ["quality_markdown", "write_quality", "machine_info", "benchmarks_doc", "write_benchmarks_doc"]
 

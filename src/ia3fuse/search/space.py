@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidParameterError, MethodInputError
-from ..merge import _module_seed
-from ..methods import get_method
+from ..stack import module_seed
+from ..fusion import get_method
 from ..scaling import TaskStack
 from ..weights import WeightSchedule
 
@@ -165,7 +165,7 @@ class MethodForm:
         for s in stack.segments:
             seg = stack.vectors[:, s.offset : s.offset + s.size].to("cpu", torch.float32).reshape(k, *s.shape)
             if spec.randomized:
-                call["seed"] = _module_seed(params["seed"], s.path)
+                call["seed"] = module_seed(params["seed"], s.path)
             rows = [spec.fn(seg, torch.eye(k, dtype=torch.float64)[i], **call).reshape(-1) - 1 for i in range(k)]
             parts.append(torch.stack(rows))
         return torch.cat(parts, dim=1)

@@ -21,12 +21,12 @@ import numpy as np
 from .._io import atomic_output_file, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
-from ..report import count
-from ..merge import IA3FuseWarning
+from .._text import count
+from ..errors import IA3FuseWarning
 from . import gguf_blocks as blocks
 from .gguf_header import header_with_strings
 from .provenance import GGUF_KEYS, Provenance
-from . import FoldEntry, FoldReport, refuse_lossy
+from .model import FoldEntry, FoldReport, refuse_lossy
 from .gguf_map import Arch, GGUFTensor, Job, plan_gguf
 
 __all__ = ["fold_gguf", "GGUFFoldReport"]

@@ -28,7 +28,7 @@ _CARD_RECIPE = re.compile(r"^## Fusion recipe\s*\n+```yaml\n(.*?)\n```", re.MULT
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

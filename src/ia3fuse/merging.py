@@ -4,8 +4,6 @@ calls one registered method per module. No base model is needed."""
 from __future__ import annotations
 
 import warnings
-import zlib
-from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
@@ -13,68 +11,16 @@ from torch import Tensor
 
 from ._runtime import torch_threads
 from .adapter import IA3Adapter, PathLike, _targets_module, as_adapters, is_feedforward_module
-from .errors import IncompatibleAdaptersError, InvalidParameterError, MethodInputError
-from .methods import get_method
+from .errors import IA3FuseWarning, IncompatibleAdaptersError, InvalidParameterError, MethodInputError
+from .fusion import get_method
+from .stack import ModulePlan, module_seed, plan_modules
 from .weights import WeightSchedule, WeightsArg, layer_index, layer_positions, plan_weights
 
-__all__ = ["merge", "plan_modules", "ModulePlan", "IA3FuseWarning"]
+__all__ = ["merge", "merge_extras", "fused_config", "weights_to_plain", "cli_choice", "trained_modules"]
 
 Missing = Literal["identity", "zero"]
 Extras = Literal["error", "first", "average", "drop"]
 AdaptersArg = Union[Sequence[Union[IA3Adapter, PathLike]], Mapping[str, Union[IA3Adapter, PathLike]]]
-
-
-class IA3FuseWarning(UserWarning):
-    """A suspicious but legal input (e.g. adapters trained on different bases)."""
-
-
-@dataclass(frozen=True)
-class ModulePlan:
-    """One module of the fused adapter: its path, side, shape and which adapters have it."""
-
-    path: str
-    feedforward: bool
-    shape: tuple[int, ...]
-    present: tuple[bool, ...]
-
-    @property
-    def kind(self) -> str:
-        return "feedforward" if self.feedforward else "attention"
-
-
-def plan_modules(adapters: Sequence[IA3Adapter]) -> list[ModulePlan]:
-    """The union of the adapters' modules, in first-seen order, with conflicts checked.
-
-    Raises:
-        IncompatibleAdaptersError: listing every module whose shape or feed-forward flag differs.
-    """
-    order: list[str] = []
-    seen: set[str] = set()
-    for a in adapters:
-        for p in a.vectors:
-            if p not in seen:
-                seen.add(p)
-                order.append(p)
-    problems = []
-    plans = []
-    for p in order:
-        owners = [a for a in adapters if p in a.vectors]
-        shapes = {tuple(a.vectors[p].shape) for a in owners}
-        flags = {a.feedforward[p] for a in owners}
-        if len(flags) > 1:
-            desc = ", ".join(f"{a.name!r}: {'feed-forward' if a.feedforward[p] else 'output-side'}" for a in owners)
-            problems.append(f"{p!r} is feed-forward in one adapter and not in another ({desc})")
-        elif len(shapes) > 1:
-            desc = ", ".join(f"{a.name!r}: {tuple(a.vectors[p].shape)}" for a in owners)
-            problems.append(f"{p!r} has different shapes ({desc})")
-        plans.append(ModulePlan(p, owners[0].feedforward[p], tuple(owners[0].vectors[p].shape), tuple(p in a.vectors for a in adapters)))
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise IncompatibleAdaptersError(
-            f"the adapters do not fit one base model: {shown}; fuse only adapters trained on the same base "
-            "with the same feedforward_modules"
-        )
-    return plans
 
 
 def _check_bases(adapters: Sequence[IA3Adapter], strict: bool, mixed_bases: bool) -> None:
@@ -109,11 +55,6 @@ def _check_bases(adapters: Sequence[IA3Adapter], strict: bool, mixed_bases: bool
     if strict:
         raise IncompatibleAdaptersError(msg + f"; pass {cli_choice('strict', False)} to fuse anyway")
     warnings.warn(msg, IA3FuseWarning, stacklevel=3)
-
-
-def _module_seed(seed: int, path: str) -> int:
-    # A stable per-module seed, so two modules never share a drop mask and reruns are identical.
-    return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
 
 
 def _compute_dtype(adapters: Sequence[IA3Adapter]) -> torch.dtype:
@@ -295,7 +236,7 @@ def _fuse_module(
     w = plan.for_module(m.path, m.kind, depth)
     call = dict(params)
     if spec.randomized:
-        call["seed"] = _module_seed(params["seed"], m.path)
+        call["seed"] = module_seed(params["seed"], m.path)
     try:
         fused = spec.fn(stack, w, **call)
     except MethodInputError as exc:
@@ -422,3 +363,24 @@ def weights_to_plain(weights: WeightsArg) -> Any:
     if isinstance(weights, Tensor):
         return weights.tolist()
     return float(weights) if isinstance(weights, (int, float)) else weights
+
+
+def trained_modules(model: Any, adapters: Sequence[IA3Adapter], extras: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """The trained modules (modules_to_save, e.g. a classifier head) a model runs with while many
+    adapters scale it at once (a mixture, a weight search): model tensor name -> (tensor, value),
+    checked, nothing changed. ``"average"`` is refused: those weights change per sample or step."""
+    from .adapter import trained_module_targets
+
+    if extras == "average":
+        raise InvalidParameterError(
+            "extras='average' weighs the trained modules with fixed weights, but a mixture's or a search's weights "
+            f"change; pass {cli_choice('extras', 'first')} or {cli_choice('extras', 'drop')}"
+        )
+    chosen = merge_extras(adapters, extras)
+    targets, problems = trained_module_targets(model, chosen)
+    if problems:
+        raise IncompatibleAdaptersError(
+            f"{len(problems)} of the adapters' trained modules (modules_to_save) do not fit the model "
+            f"({'; '.join(problems[:2])}); pass {cli_choice('extras', 'drop')} to mix the IA3 vectors only"
+        )
+    return targets

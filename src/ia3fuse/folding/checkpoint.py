@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._io import atomic_output_dir, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
-from ..report import count, format_table
+from .._text import count, format_table
 from .checkpoint_files import CARD_FILE, CONFIG_FILE, copy_files, write_card
 from .dense import DenseBackend
 from .math import scale_bias, scale_weight

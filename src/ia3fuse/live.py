@@ -13,7 +13,7 @@ import torch
 
 from .adapter import IA3Adapter
 from .errors import IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
-from .merge import merge
+from .merging import merge
 from .weights import WeightsArg
 
 __all__ = ["adapter_from_peft", "add_weighted_adapter", "ia3_layers"]

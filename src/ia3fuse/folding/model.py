@@ -18,7 +18,7 @@ from torch import nn
 
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
-from ..report import format_table
+from .._text import format_table
 from . import dense as _dense  # noqa: F401  (registers the full-precision backend)
 from .base import FoldOptions, Snapshot, backends
 from .plan import Work, describe, plan_fold
@@ -120,7 +120,7 @@ class FoldReport:
 
 def _active_vectors(peft_model: Any) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
     """The product of the active IA3 adapters' vectors per module, as PEFT's forward applies them."""
-    from ..peft import _tuner, ia3_layers
+    from ..live import _tuner, ia3_layers
 
     tuner = _tuner(peft_model)
     active = list(tuner.active_adapters)
@@ -145,7 +145,7 @@ def _active_vectors(peft_model: Any) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def _active_base_name(peft_model: Any) -> Optional[str]:
-    from ..peft import _tuner
+    from ..live import _tuner
 
     tuner = _tuner(peft_model)
     names = {getattr(tuner.peft_config[a], "base_model_name_or_path", None) for a in tuner.active_adapters}
@@ -154,7 +154,7 @@ def _active_base_name(peft_model: Any) -> Optional[str]:
 
 def _strip_ia3(peft_model: Any) -> nn.Module:
     """The base model with every IA3 wrapper replaced by its base layer (works on 4/8-bit too)."""
-    from ..peft import _tuner, ia3_layers
+    from ..live import _tuner, ia3_layers
 
     tuner = _tuner(peft_model)
     root = tuner.model
@@ -337,7 +337,7 @@ def refuse_lossy(lossy: list[tuple[str, Optional[str]]], what: str, flag: str = 
 
 
 def _peek_base(peft_model: Any) -> nn.Module:
-    from ..peft import _tuner
+    from ..live import _tuner
 
     return _tuner(peft_model).model
 

@@ -1,0 +1,22 @@
+"""Fold IA3 vectors into base weights: in memory (`model`), on a safetensors checkpoint on disk
+(`checkpoint`), or into a llama.cpp GGUF file (`gguf`); backends per weight format (`dense`,
+`bnb`) behind one interface (`base`)."""
+
+from .model import FoldEntry, FoldReport, backends, fold, unfold
+
+__all__ = [
+    "fold", "unfold", "FoldReport", "FoldEntry", "backends", "fold_checkpoint", "CheckpointFoldReport", "fold_gguf",
+    "GGUFFoldReport",
+]
+
+
+def __getattr__(name: str):  # the on-disk folds import their I/O only when used
+    if name in ("fold_checkpoint", "CheckpointFoldReport"):
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    if name in ("fold_gguf", "GGUFFoldReport"):
+        from . import gguf
+
+        return getattr(gguf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
