@@ -5,7 +5,7 @@ longer than ``HANG_SECONDS``, or a success whose result breaks what the function
 (`check_adapter_result`, `check_recipe_result`). Bad input must end in an IA3FuseError.
 
 The inputs are hypothesis strategies built from a valid PEFT IA3 adapter (a tiny llama's, made
-by `ia3fuse.examples.random_ia3_adapter`) and from the recipe's keys:
+by `random_ia3_adapter` of ``tests/factories.py``) and from the recipe's keys:
 
 * adapter: ``adapter_model.safetensors`` mutated as raw bytes (flips, truncation, extension,
   insertion, deletion, a random header length), through its JSON header (dtype strings, shapes,
@@ -108,7 +108,8 @@ def time_limit(seconds: Optional[float] = None) -> Iterator[None]:
 @functools.lru_cache(maxsize=None)
 def seed_adapter() -> tuple[tuple[str, bytes], ...]:
     """The files of a valid PEFT IA3 adapter of a tiny llama (6 modules, 2 feed-forward), as bytes."""
-    from ia3fuse.examples import random_ia3_adapter, tiny_model
+    # the package's demo helpers, which tests/factories.py re-exports: no sys.path change needed
+    from ia3fuse._tiny_models import random_ia3_adapter, tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         path = random_ia3_adapter(tiny_model("llama", seed=0), Path(tmp) / "a", seed=1)

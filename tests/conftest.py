@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from factories import random_ia3_adapter, tiny_model
 
 ARCHS = ("llama", "gpt2", "t5", "bert")
 
@@ -132,7 +132,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def causal_quick(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The quick causal quality suite, prepared (trained) once for the whole session: (suite, cache)."""
-    from ia3fuse.bench.causal import CausalSuite
+    from benchmarks.quality.causal import CausalSuite
 
     cache = tmp_path_factory.mktemp("causal-cache")
     suite = CausalSuite()
@@ -143,7 +143,7 @@ def causal_quick(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="session")
 def encoder_quick(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The quick encoder quality suite, prepared (trained) once for the whole session: (suite, cache)."""
-    from ia3fuse.bench.encoder import EncoderSuite
+    from benchmarks.quality.encoder import EncoderSuite
 
     cache = tmp_path_factory.mktemp("encoder-cache")
     suite = EncoderSuite()

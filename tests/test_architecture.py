@@ -14,11 +14,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ia3fuse"
 LAYERS: list[set[str]] = [
     {"errors", "_io", "_runtime", "_text", "_version"},
     {"adapter", "weights", "fusion"},
-    {"stack"},
+    {"stack", "recipe"},
     {"merging", "scaling"},
-    {"live", "mixture", "search", "recipe"},
+    {"live", "mixture", "search"},
     {"folding"},
-    {"cli", "tables", "demo", "bench", "archs", "examples", "__init__", "__main__"},
+    {"cli", "tables", "demo", "_tiny_models", "__init__", "__main__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
@@ -76,3 +76,16 @@ def test_no_module_imports_upward(path: Path) -> None:
     me = _unit(".".join(path.relative_to(SRC.parent).with_suffix("").parts))
     upward = [f"line {line}: {name}" for line, name in _imports(path) if LAYER[_unit(name)] > LAYER[me]]
     assert not upward, f"{path.relative_to(SRC)} (layer {LAYER[me]}, {me}) imports upward: {upward}"
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_module_imports_the_benchmarks_or_the_tests(path: Path) -> None:
+    """They live in the repository, not in an installed package (docs/architecture.md)."""
+    outside = {"benchmarks", "tests", "factories", "archs", "conftest"}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found += [(node.lineno, node.module)] if node.module.split(".")[0] in outside else []
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] in outside]
+    assert not found, f"{path.relative_to(SRC)} imports {found}"

@@ -1,6 +1,6 @@
 """Every IA3 architecture: PEFT's model types (and a custom torch model) x merge, fold, mixtures.
 
-One tiny model per model type (`ia3fuse.archs`), built once per module with two random IA3
+One tiny model per model type (`tests/archs.py`), built once per module with two random IA3
 adapters on PEFT's default target modules. Every cell compares against a reference that can fail:
 
 * ``targets``: PEFT's default target modules all exist in the installed transformers' model.
@@ -44,8 +44,8 @@ from transformers.pytorch_utils import Conv1D
 import ia3fuse
 from ia3fuse import FoldError, IA3Adapter, IncompatibleAdaptersError, Mixture, merge
 from ia3fuse._runtime import no_hf_progress_bars, torch_threads
-from ia3fuse.archs import ARCHITECTURES, UnsupportedModelTypeError, peft_ia3_defaults, tiny_arch_model
-from ia3fuse.examples import random_ia3_adapter
+from archs import ARCHITECTURES, UnsupportedModelTypeError, peft_ia3_defaults, tiny_arch_model
+from factories import random_ia3_adapter
 from ia3fuse.live import ia3_layers
 
 try:

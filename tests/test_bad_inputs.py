@@ -50,8 +50,9 @@ from ia3fuse import (
     UnknownMethodError,
 )
 from ia3fuse.cli import main as cli_main
-from ia3fuse.examples import tiny_model
-from ia3fuse.recipe import load_recipe, parse_recipe, run_recipe
+from factories import tiny_model
+from ia3fuse.merging import run_recipe
+from ia3fuse.recipe import load_recipe, parse_recipe
 
 K_KEY = f"{PREFIX}model.layers.0.self_attn.k_proj.ia3_l"
 DOWN_KEY = f"{PREFIX}model.layers.0.mlp.down_proj.ia3_l"

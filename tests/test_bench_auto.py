@@ -1,4 +1,4 @@
-"""The quality benchmark's weight-search and router rows (ia3fuse.bench.auto) on the quick
+"""The quality benchmark's weight-search and router rows (benchmarks.quality.auto) on the quick
 causal suite, and how the report shows them."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ia3fuse.bench.auto import SEARCH_RUNS, passes_to_reach, run_label, run_router_rows, run_search_rows
-from ia3fuse.bench.causal import CausalSuite
-from ia3fuse.bench.report import quality_markdown, write_quality
+from benchmarks.quality.auto import SEARCH_RUNS, passes_to_reach, run_label, run_router_rows, run_search_rows
+from benchmarks.quality.causal import CausalSuite
+from benchmarks.quality.report import quality_markdown, write_quality
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from ia3fuse import load_adapter
-from ia3fuse.bench import causal
-from ia3fuse.bench.causal import (
+from benchmarks.quality import causal
+from benchmarks.quality.causal import (
     QUICK,
     SUITE_VERSION,
     TASKS,
@@ -254,17 +254,18 @@ def test_incomplete_cache_folder_is_refused(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_cli_quick_quality_run_schema_and_sanity(prepared, tmp_path):
-    """`ia3fuse bench quality --quick` through the real entry point, on the cache trained above."""
+    """`python -m benchmarks.quality run --quick` from the repository root, on the cache trained above."""
     import subprocess
     import sys
 
     _, cache = prepared
-    cli = Path(sys.executable).parent / "ia3fuse"
     res = subprocess.run(
-        [str(cli), "bench", "quality", "--suite", "causal", "--quick", "--cache", str(cache), "--out", str(tmp_path),
-         # the search and router rows (ia3fuse.bench.auto) have their own tests; this one checks the table
+        [sys.executable, "-m", "benchmarks.quality", "run", "--suite", "causal", "--quick", "--cache", str(cache),
+         "--out", str(tmp_path),
+         # the search and router rows (benchmarks.quality.auto) have their own tests; this one checks the table
          "--methods", "linear", "ties", "--no-progress", "--no-search"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "quality_causal_quick.json").read_text())

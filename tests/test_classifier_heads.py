@@ -23,7 +23,7 @@ from peft import IA3Config, PeftModel, get_peft_model
 import ia3fuse
 from cli_runner import run_cli
 from ia3fuse.errors import IncompatibleAdaptersError
-from ia3fuse.examples import tiny_tokenizer
+from factories import tiny_tokenizer
 
 HEAD_W = "base_model.model.classifier.weight"
 RECORDS = [{"input": t, "label": i % 2} for i, t in enumerate(["good film", "bad plot", "fine cast", "dull", "great"])]

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import ia3fuse
 from cli_runner import RUNNERS, run_cli
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from factories import random_ia3_adapter, tiny_model
 
 
 METHOD_PAPERS = {
@@ -458,7 +458,7 @@ def test_python_m_ia3fuse_runs_the_command(tmp_path: Path) -> None:
 
     res = run("--help")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("usage: ia3fuse ") and "{merge,inspect,methods,fold,search,bench,demo}" in res.stdout
+    assert res.stdout.startswith("usage: ia3fuse ") and "{merge,inspect,methods,fold,search,demo}" in res.stdout
     res = run("methods")
     assert res.returncode == 0, res.stderr
     assert set(_method_blocks(res.stdout)) == set(METHOD_PAPERS)
@@ -499,3 +499,33 @@ def test_public_names_load_on_first_use_and_stay_the_functions() -> None:
                          check=False)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["False", "['function', 'function', 'function']", "[] True"]
+
+
+def test_main_restores_the_global_state_it_touches(inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ia3fuse.cli.main sets HF_HUB_OFFLINE and its warning printer while it runs, then restores both."""
+    import warnings
+
+    from ia3fuse.cli import main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hook = warnings.showwarning
+    assert main(["merge", str(inputs.a), str(inputs.b), "-o", str(tmp_path / "out")]) == 0
+    assert "HF_HUB_OFFLINE" not in os.environ and warnings.showwarning is hook
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert main(["merge", str(inputs.a), str(inputs.lora), "-o", str(tmp_path / "bad")]) == 2
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and warnings.showwarning is hook
+
+
+def test_a_missing_optional_package_is_one_error_type_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import ia3fuse
+    from ia3fuse.search.optim import run_cma
+
+    monkeypatch.setitem(sys.modules, "cma", None)  # importing it raises ImportError
+    with pytest.raises(ia3fuse.MissingDependencyError) as caught:
+        run_cma(lambda theta, grad: (0.0, 0.0, None), torch.zeros(2), budget=2, cost=1, sigma0=0.1, popsize=None,
+                bounds=None, seed=0)
+    assert isinstance(caught.value, ImportError) and isinstance(caught.value, ia3fuse.IA3FuseError)
+    assert str(caught.value) == "optimizer 'cma' needs the cma package; install it with pip install 'ia3fuse[search]'"
+    assert (caught.value.package, caught.value.extra) == ("cma", "search")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ia3fuse
-from ia3fuse.examples import random_ia3_adapter, save_tiny_model, tiny_model, tiny_tokenizer
+from factories import random_ia3_adapter, save_tiny_model, tiny_model, tiny_tokenizer
 from cli_runner import RUNNERS, run_cli
 from test_cli import leftovers, snapshot
 

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 import ia3fuse
 from ia3fuse import AdapterFormatError, RecipeError
 from ia3fuse._io import atomic_output_dir
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from factories import random_ia3_adapter, tiny_model
 from ia3fuse.recipe import load_recipe, parse_recipe
 from cli_runner import CLI
 from test_cli import leftovers, snapshot

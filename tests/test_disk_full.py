@@ -29,7 +29,7 @@ from test_cli import inputs as _cli_inputs  # noqa: F401 (a fixture)
 import ia3fuse
 from ia3fuse import OutputPathError
 from ia3fuse.cli import main as cli_main
-from ia3fuse.examples import save_tiny_model, tiny_model
+from factories import save_tiny_model, tiny_model
 from ia3fuse.search import SearchResult
 
 ckpt = importlib.import_module("ia3fuse.folding.checkpoint")  # ia3fuse.fold is also a function's name

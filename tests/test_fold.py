@@ -12,7 +12,7 @@ from torch import nn
 
 import ia3fuse
 from ia3fuse.errors import FoldError
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from factories import random_ia3_adapter, tiny_model
 from ia3fuse.folding.dense import DenseBackend
 
 ARCHS = ["llama", "gpt2", "t5", "bert", "opt"]

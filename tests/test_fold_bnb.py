@@ -476,7 +476,7 @@ def test_four_bit_dequantize_matches_bitsandbytes(quant_type: str, double: bool)
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny Llama whose quantized shapes bnb's CPU path accepts: every in_features a multiple
     of the default 4-bit blocksize 64 and every out_features a multiple of 32 (CPU repack)."""
-    from ia3fuse.examples import tiny_model
+    from factories import tiny_model
 
     path = tmp_path_factory.mktemp("bnb-llama")
     tiny_model("llama", hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(str(path))

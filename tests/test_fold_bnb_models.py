@@ -15,7 +15,7 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 import ia3fuse  # noqa: E402
-from ia3fuse.examples import random_ia3_adapter, tiny_model  # noqa: E402
+from factories import random_ia3_adapter, tiny_model  # noqa: E402
 
 # widths that bitsandbytes' CPU kernels accept in both layouts (multiples of 32 and of the block)
 SIZES = {

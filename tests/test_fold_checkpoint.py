@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from cli_runner import run_cli
 import ia3fuse
 from ia3fuse import FoldError, IA3Adapter, OutputPathError, fold_checkpoint
-from ia3fuse.examples import random_ia3_adapter, tiny_config, tiny_model
+from factories import random_ia3_adapter, tiny_config, tiny_model
 from ia3fuse.folding import checkpoint as ck
 
 K_PROJ0 = "model.layers.0.self_attn.k_proj"

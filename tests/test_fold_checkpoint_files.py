@@ -13,7 +13,7 @@ import torch
 
 import ia3fuse
 from ia3fuse import fold_checkpoint
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from factories import random_ia3_adapter, tiny_model
 
 SENTENCES = ["A man is playing a guitar.", "The weather is cold today.", "IA3 scales activations."]
 

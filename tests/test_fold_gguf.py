@@ -20,8 +20,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 
 import ia3fuse  # noqa: E402
 from ia3fuse import FoldError, OutputPathError  # noqa: E402
-from ia3fuse.archs import tiny_arch_model  # noqa: E402
-from ia3fuse.examples import random_ia3_adapter  # noqa: E402
+from archs import tiny_arch_model  # noqa: E402
+from factories import random_ia3_adapter  # noqa: E402
 from ia3fuse.folding import gguf_blocks  # noqa: E402
 from ia3fuse.folding.gguf_map import llama_permute, qkv_by_heads, qkv_falcon  # noqa: E402
 
@@ -302,7 +302,7 @@ def test_provenance_keys_name_the_adapter_and_its_recipe(zoo, tmp_path):
         "ia3fuse.adapter.name": "fused",
         "ia3fuse.adapter.path": str(tmp_path / "fused"),
         "ia3fuse.adapter.base_model": "tiny",
-        "ia3fuse.recipe": json.dumps(fused.recipe, sort_keys=True, separators=(",", ":")),
+        "ia3fuse.recipe": json.dumps(fused.recipe.plain(), sort_keys=True, separators=(",", ":")),
     }
     assert json.loads(fields["ia3fuse.recipe"])["weights"] == [0.3, 0.7]
     again = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "twice.gguf")).fields.items() if k.startswith("ia3fuse.")}

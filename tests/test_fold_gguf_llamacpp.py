@@ -19,8 +19,8 @@ import gguf_files as gf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 import ia3fuse  # noqa: E402
-from ia3fuse.archs import tiny_arch_model  # noqa: E402
-from ia3fuse.examples import random_ia3_adapter  # noqa: E402
+from archs import tiny_arch_model  # noqa: E402
+from factories import random_ia3_adapter  # noqa: E402
 
 TOKENS = [1, 5, 9, 33, 70, 12, 99, 4, 17, 64]
 

@@ -21,7 +21,8 @@ from ia3fuse.errors import (
     OutputPathError,
     RecipeError,
 )
-from ia3fuse.recipe import parse_recipe, run_recipe
+from ia3fuse.merging import run_recipe
+from ia3fuse.recipe import parse_recipe
 
 K = "model.layers.0.self_attn.k_proj"
 V = "model.layers.0.self_attn.v_proj"
@@ -243,7 +244,7 @@ def test_adapters_of_different_models_are_refused_unless_forced():
 def test_duplicate_names_are_made_unique(two):
     a, _ = two
     fused = ia3fuse.merge([a, a], [0.5, 0.5])
-    assert [x["name"] for x in fused.recipe["adapters"]] == ["a", "a#1"]
+    assert fused.recipe.adapter_names() == ["a", "a#1"]
     torch.testing.assert_close(fused.vectors[K], a.vectors[K])
 
 
@@ -275,8 +276,11 @@ def test_save_load_round_trip_and_model_card(tmp_path, two):
     assert json.loads((out / "adapter_config.json").read_text()) == fused.config
     card = (out / "README.md").read_text()
     recipe = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
-    assert recipe == {"method": "ties", "parameters": {"density": 0.5, "majority_sign_method": "total", "lam": 1.0},
-                      "weights": [0.25, 0.75], "missing": "identity", "adapters": [{"name": "a"}, {"name": "b"}]}
+    assert recipe == fused.recipe.plain() == {
+        "adapters": [{"name": "a"}, {"name": "b"}], "method": "ties", "weights": [0.25, 0.75],
+        "parameters": {"density": 0.5, "majority_sign_method": "total", "lam": 1.0}, "missing": "identity",
+        "name": "fused",
+    }
 
 
 def test_save_refuses_existing_output_and_replaces_with_overwrite(tmp_path, two):

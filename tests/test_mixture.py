@@ -39,7 +39,7 @@ from ia3fuse import (
     merge,
 )
 from ia3fuse._runtime import torch_threads
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from factories import random_ia3_adapter, tiny_model
 from ia3fuse.mixture import Mixture, Router, train_router
 
 ARCHS = ("llama", "gpt2", "t5", "bert")
@@ -481,7 +481,7 @@ def test_export_equals_merge_bit_for_bit(llama, form, method, params, weights):
 
 
 def test_export_records_the_weights_given(llama):
-    assert llama.mixture().export([0.7, -0.4, 0.5]).recipe["weights"] == [0.7, -0.4, 0.5]
+    assert llama.mixture().export([0.7, -0.4, 0.5]).recipe.weights == [0.7, -0.4, 0.5]
 
 
 # ---------------------------------------------------------------- 10-11: from_peft, close

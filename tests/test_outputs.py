@@ -16,7 +16,7 @@ import pytest
 import ia3fuse
 from cli_runner import run_cli
 from ia3fuse import OutputPathError
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from factories import random_ia3_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -335,7 +335,7 @@ def test_overwrite_the_first_input_adapter(tmp_path):
     """Replacing adapters[0] itself: the template config is taken before the delete."""
     from peft import PeftModel
 
-    from ia3fuse.examples import random_ia3_adapter, tiny_model
+    from factories import random_ia3_adapter, tiny_model
 
     base = tiny_model("llama")
     a = random_ia3_adapter(base, tmp_path / "a", seed=1)
@@ -353,7 +353,7 @@ def test_live_fused_vectors_keep_the_adapters_dtype_on_a_bf16_base(tmp_path):
     """PEFT would store the new vectors in the base layer's bf16; we keep the inputs' float32."""
     from peft import PeftModel
 
-    from ia3fuse.examples import random_ia3_adapter, tiny_model
+    from factories import random_ia3_adapter, tiny_model
 
     base = tiny_model("llama")
     a = random_ia3_adapter(base, tmp_path / "a", seed=1)

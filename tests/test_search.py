@@ -33,9 +33,10 @@ from ia3fuse.errors import (
     MethodInputError,
     UnknownMethodError,
 )
-from ia3fuse.examples import random_ia3_adapter, save_tiny_model, tiny_model, tiny_tokenizer
+from factories import random_ia3_adapter, save_tiny_model, tiny_model, tiny_tokenizer
 from ia3fuse.fusion import get_method, method_names
-from ia3fuse.recipe import load_recipe, run_recipe
+from ia3fuse.merging import run_recipe
+from ia3fuse.recipe import load_recipe
 from ia3fuse.scaling import ScaleHooks, TaskStack
 from ia3fuse.search import SEARCHABLE_METHODS, load_model, make_batches, search_weights
 from ia3fuse.search.optim import run_cma

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ia3fuse.examples import random_ia3_adapter, tiny_model
+from factories import random_ia3_adapter, tiny_model
 
 pytestmark = pytest.mark.slow  # two torchrun processes per test
 
@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import torch
-    from ia3fuse.examples import tiny_model
+    from ia3fuse._tiny_models import tiny_model  # = factories.tiny_model; tests/ is not on this path
     from ia3fuse.search import search_weights
 
     work, optimizer = sys.argv[1], sys.argv[2]

@@ -26,6 +26,7 @@ from .errors import (
     InvalidParameterError,
     InvalidWeightsError,
     MethodInputError,
+    MissingDependencyError,
     OutputPathError,
     RecipeError,
     UnknownMethodError,
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
     from .folding import FoldReport, GGUFFoldReport, fold, fold_checkpoint, fold_gguf, unfold
     from .fusion import get_method, methods
     from .live import adapter_from_peft, add_weighted_adapter
-    from .merging import merge
+    from .merging import merge, run_recipe
+    from .recipe import Recipe, load_recipe
     from .mixture import Mixture, Router, train_router
     from .search import SearchResult, search_weights
     from .weights import WeightSchedule
@@ -45,7 +47,8 @@ if TYPE_CHECKING:
 _LAZY = {
     ".adapter": ("IA3Adapter", "load_adapter"),
     ".folding": ("FoldReport", "fold", "unfold", "fold_checkpoint", "GGUFFoldReport", "fold_gguf"),
-    ".merging": ("merge",),
+    ".merging": ("merge", "run_recipe"),
+    ".recipe": ("Recipe", "load_recipe"),
     ".fusion": ("get_method", "methods"),
     ".mixture": ("Mixture", "Router", "train_router"),
     ".live": ("adapter_from_peft", "add_weighted_adapter"),
@@ -59,6 +62,9 @@ __all__ = [
     "IA3Adapter",
     "load_adapter",
     "merge",
+    "Recipe",
+    "load_recipe",
+    "run_recipe",
     "methods",
     "get_method",
     "add_weighted_adapter",
@@ -84,6 +90,7 @@ __all__ = [
     "InvalidParameterError",
     "InvalidWeightsError",
     "MethodInputError",
+    "MissingDependencyError",
     "OutputPathError",
     "RecipeError",
     "UnknownMethodError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Optional, Sequence
 
-__all__ = ["count", "format_table"]
+__all__ = ["count", "format_table", "summarize"]
 
 
 def count(n: int, noun: str, plural: Optional[str] = None) -> str:
@@ -49,3 +49,10 @@ def format_table(
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep, *(ln for r in cells[1:] for ln in lines(r))])
+
+
+def summarize(items: Sequence[str], limit: int = 5, sep: str = "; ") -> str:
+    """The first ``limit`` items joined by ``sep``, then how many more: every message that lists
+    problems says it this way, e.g. ``summarize(["a", "b", "c"], 2) == "a; b; and 1 more"``."""
+    rest = len(items) - limit
+    return sep.join(items[:limit]) + (f"{sep}and {rest} more" if rest > 0 else "")

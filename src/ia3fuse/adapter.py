@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -20,6 +20,9 @@ from torch import Tensor
 from ._io import atomic_output_dir, check_output_path
 from .errors import AdapterFormatError, InvalidParameterError
 from ._text import count
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 __all__ = ["IA3Adapter", "load_adapter", "is_feedforward_module", "KEY_PREFIX"]
 
@@ -69,7 +72,7 @@ class IA3Adapter:
     config: dict[str, Any]
     name: str = "adapter"
     extras: dict[str, Tensor] = field(default_factory=dict)
-    recipe: Optional[dict[str, Any]] = None
+    recipe: Optional["Recipe"] = None
     source: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -142,7 +145,7 @@ class IA3Adapter:
             f"An IA3 adapter with {count(len(self.vectors), 'module')} ({n_ff} feed-forward), written by ia3fuse."
         )
         if self.recipe is not None:
-            lines += ["", "## Fusion recipe", "", "```yaml", yaml.safe_dump(self.recipe, sort_keys=False).rstrip(), "```"]
+            lines += ["", "## Fusion recipe", "", "```yaml", yaml.safe_dump(self.recipe.plain(), sort_keys=False).rstrip(), "```"]
         return "\n".join(lines) + "\n"
 
 

@@ -152,23 +152,6 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     sp_.add_argument("--allow-pickle", action="store_true", help="read legacy adapter_model.bin (weights_only=True)")
     search_params = _param_flags(sp_, skip=("seed",))
 
-    bp = sub.add_parser("bench", help="benchmarks: multi-task quality suites, speed against PEFT")
-    bsub = bp.add_subparsers(dest="bench_command", required=True)
-    qp = bsub.add_parser("quality", help="fuse each suite's task adapters with every method and score every task")
-    qp.add_argument("--suite", choices=["encoder", "causal", "all"], default="all", help="which suite (default all)")
-    qp.add_argument("--quick", action="store_true", help="small data and training: a few minutes on 2 cores")
-    qp.add_argument("--cache", default=None, help="folder for trained models (default ~/.cache/ia3fuse/bench)")
-    qp.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG results")
-    qp.add_argument("--seed", type=int, default=0, help="data and training seed")
-    qp.add_argument("--methods", nargs="+", default=None, help="only these fusion methods")
-    qp.add_argument("--no-progress", action="store_true", help="no progress bars")
-    qp.add_argument("--no-search", action="store_true", help="skip the weight-search and router rows")
-    rp = bsub.add_parser("report", help="rewrite docs/benchmarks.md from benchmarks/results/")
-    rp.add_argument("--results", default="benchmarks/results", help="folder of the results")
-    rp.add_argument("-o", "--output", default="docs/benchmarks.md", help="the page to write")
-    sp = bsub.add_parser("speed", help="merge, fold and GGUF fold timings against the baselines (runs the scripts in benchmarks/)")
-    sp.add_argument("--quick", action="store_true", help="2-layer models: a smoke run")
-
     dp = sub.add_parser("demo", help="build a tiny model and adapters, fuse with every method, check in PEFT")
     dp.add_argument("--workdir", default="ia3fuse-demo", help="folder for the demo files (default ./ia3fuse-demo)")
     dp.add_argument("--arch", default="llama", help="tiny architecture: llama, gpt2, t5 or bert")
@@ -177,7 +160,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
 def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
     from .errors import RecipeError
-    from .recipe import load_recipe, parse_recipe, run_recipe
+    from .merging import run_recipe
+    from .recipe import load_recipe, parse_recipe
     from ._text import count
 
     params = {n: getattr(args, f"param_{n}") for n in param_names if getattr(args, f"param_{n}") is not None}
@@ -320,44 +304,6 @@ def _cmd_search(args: argparse.Namespace, param_names: list[str]) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .errors import IA3FuseError
-
-    if args.bench_command == "speed":
-        import subprocess
-
-        scripts = Path(__file__).resolve().parents[2] / "benchmarks"
-        if not (scripts / "merge_speed.py").is_file():
-            raise IA3FuseError(
-                f"'ia3fuse bench speed' runs the scripts in the repository's benchmarks/ folder, not found at "
-                f"{str(scripts)!r}; run it from a source checkout (pip install -e .)"
-            )
-        for script in ("merge_speed.py", "fold_speed.py", "gguf_fold.py"):
-            cmd = [sys.executable, str(scripts / script)] + (["--quick"] if args.quick else [])
-            if subprocess.call(cmd) != 0:
-                raise IA3FuseError(f"{script} failed; run it alone to see why: {' '.join(cmd)}")
-        return 0
-    if args.bench_command == "report":
-        from .bench.report import write_benchmarks_doc
-
-        print(f"wrote {write_benchmarks_doc(Path(args.results), Path(args.output))}")
-        return 0
-    from .bench import SUITES, get_suite
-    from .bench.quality import run_quality
-    from .bench.report import quality_markdown, write_quality
-
-    cache = Path(args.cache) if args.cache else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ia3fuse" / "bench"
-    names = list(SUITES) if args.suite == "all" else [args.suite]
-    for name in names:
-        result = run_quality(get_suite(name), cache=cache, quick=args.quick, seed=args.seed,
-                             progress=not args.no_progress, methods=args.methods,
-                             search=not args.no_search)
-        paths = write_quality(result, Path(args.out))
-        print(quality_markdown(result))
-        print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -366,8 +312,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``ia3fuse`` command; returns the exit status."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # ia3fuse never downloads anything
+    """Entry point of the ``ia3fuse`` command; returns the exit status.
+
+    It sets ``HF_HUB_OFFLINE`` (ia3fuse never downloads anything) and its own warning printer
+    while it runs, and restores both, so calling it from Python leaves the process as it was.
+    """
+    offline, hook = os.environ.get("HF_HUB_OFFLINE"), warnings.showwarning
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = hook
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser, param_names = _build_parser()  # imports no torch: --help and usage errors stay fast
     args = parser.parse_args(argv)
     from .errors import IA3FuseError
@@ -392,8 +352,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_inspect(args)
         if args.command == "methods":
             return _cmd_methods()
-        if args.command == "bench":
-            return _cmd_bench(args)
         if args.command == "fold":
             return _cmd_fold(args)
         if args.command == "search":

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .errors import IA3FuseError
-from .examples import TINY_ARCHS, random_ia3_adapter, tiny_model
+from ._tiny_models import TINY_ARCHS, random_ia3_adapter, tiny_model
 from ._text import format_table
 
 __all__ = ["run_demo"]

@@ -19,6 +19,7 @@ __all__ = [
     "RecipeError",
     "FoldError",
     "DataError",
+    "MissingDependencyError",
 ]
 
 
@@ -72,3 +73,14 @@ class DataError(IA3FuseError):
 
 class IA3FuseWarning(UserWarning):
     """A suspicious but legal input (e.g. adapters trained on different bases) or a lossy step."""
+
+
+class MissingDependencyError(IA3FuseError, ImportError):
+    """An optional package a feature needs is not installed; the message names the pip extra.
+
+    Both an `IA3FuseError` (the CLI prints it as one line) and an ``ImportError``.
+    """
+
+    def __init__(self, feature: str, package: str, extra: str) -> None:
+        super().__init__(f"{feature} needs the {package} package; install it with pip install 'ia3fuse[{extra}]'")
+        self.package, self.extra = package, extra

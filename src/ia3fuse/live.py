@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ._text import summarize
 from .adapter import IA3Adapter
 from .errors import IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
 from .merging import merge
@@ -226,7 +227,7 @@ def _check_fits(peft_model: Any, config: Any, fused: IA3Adapter) -> None:
     keys = {_extras_key(path, k) for path, w in wrappers.items() for k in w.original_module.state_dict()}
     stray += sorted(k for k in fused.extras if k not in keys)
     if stray:
-        shown = ", ".join(map(repr, stray[:3])) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+        shown = summarize([repr(s) for s in stray], 3, ", ")
         raise InvalidParameterError(
             f"the fused adapter has {len(stray)} module(s) that the model cannot take ({shown}); fuse adapters "
             "trained on this model"

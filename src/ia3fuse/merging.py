@@ -4,19 +4,23 @@ calls one registered method per module. No base model is needed."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ._io import check_output_path
 from ._runtime import torch_threads
 from .adapter import IA3Adapter, PathLike, _targets_module, as_adapters, is_feedforward_module
-from .errors import IA3FuseWarning, IncompatibleAdaptersError, InvalidParameterError, MethodInputError
+from ._text import summarize
+from .errors import IA3FuseWarning, IncompatibleAdaptersError, InvalidParameterError, MethodInputError, RecipeError
 from .fusion import get_method
+from .recipe import AdapterRef, Recipe
 from .stack import ModulePlan, module_seed, plan_modules
 from .weights import WeightSchedule, WeightsArg, layer_index, layer_positions, plan_weights
 
-__all__ = ["merge", "merge_extras", "fused_config", "weights_to_plain", "cli_choice", "trained_modules"]
+__all__ = ["merge", "run_recipe", "merge_extras", "fused_config", "weights_to_plain", "cli_choice", "trained_modules"]
 
 Missing = Literal["identity", "zero"]
 Extras = Literal["error", "first", "average", "drop"]
@@ -326,13 +330,17 @@ def merge(
     with torch_threads(1):  # tiny ops: the thread pool only adds latency
         for m in modules:
             vectors[m.path] = _fuse_module(spec, method, params, m, loaded, plan, depths[m.path], compute, fill, out_dtype)
-    recipe = {
-        "method": method,
-        "parameters": params,
-        "weights": weights_to_plain(weights),
-        "missing": missing,
-        "adapters": [{"name": a.name, **({"path": a.source} if a.source else {})} for a in loaded],
-    }
+    recipe = Recipe(
+        adapters=[AdapterRef(path=a.source, name=a.name) for a in loaded],
+        method=method,
+        weights=weights_to_plain(weights),
+        parameters=params,
+        missing=missing,
+        strict=strict,
+        mixed_bases=mixed_bases,
+        extras=extras,
+        name=name,
+    )
     return IA3Adapter(
         vectors=vectors,
         feedforward={m.path: m.feedforward for m in modules},
@@ -381,6 +389,42 @@ def trained_modules(model: Any, adapters: Sequence[IA3Adapter], extras: str) -> 
     if problems:
         raise IncompatibleAdaptersError(
             f"{len(problems)} of the adapters' trained modules (modules_to_save) do not fit the model "
-            f"({'; '.join(problems[:2])}); pass {cli_choice('extras', 'drop')} to mix the IA3 vectors only"
+            f"({summarize(problems, 2)}); pass {cli_choice('extras', 'drop')} to mix the IA3 vectors only"
         )
     return targets
+
+
+def run_recipe(recipe: Recipe, *, output: Optional[Union[str, Path]] = None, overwrite: bool = False, allow_pickle: bool = False) -> Path:
+    """Fuse as ``recipe`` says and save to its output (or ``output``), atomically.
+
+    The output is checked (exists, is an input, is a symlink) before any adapter is read.
+
+    Returns:
+        The absolute output directory.
+    """
+    target = output if output is not None else recipe.output
+    if target is None:
+        raise RecipeError("the recipe has no output; add 'output: DIR' to it or pass -o DIR")
+    unpathed = [r.label() for r in recipe.refs if r.path is None]
+    if unpathed:
+        raise RecipeError(
+            f"the recipe names adapters {', '.join(map(repr, unpathed))} without a path (they were fused in memory); "
+            "add 'path:' to each adapter entry"
+        )
+    inputs = [Path(r.path) for r in recipe.refs if r.path is not None]
+    check_output_path(Path(target), inputs, overwrite=overwrite)
+    fused = merge(
+        {name: str(ref.path) for name, ref in zip(recipe.adapter_names(), recipe.refs)}
+        if len(set(recipe.adapter_names())) == len(recipe.refs)
+        else [str(ref.path) for ref in recipe.refs],
+        recipe.weights_arg(),
+        recipe.method,
+        missing=recipe.missing,
+        strict=recipe.strict,
+        mixed_bases=recipe.mixed_bases,
+        extras=recipe.extras,
+        name=recipe.name,
+        allow_pickle=allow_pickle,
+        **recipe.parameters,
+    )
+    return fused.save(target, overwrite=overwrite)

@@ -24,18 +24,28 @@ from .errors import IA3FuseError, RecipeError
 from .fusion import get_method
 from .weights import WeightSchedule, plan_weights
 
-__all__ = ["Recipe", "AdapterRef", "load_recipe"]
+__all__ = ["Recipe", "AdapterRef", "Schedule", "load_recipe", "parse_recipe"]
 
 WeightValue = Union[float, list[float]]
 PerAdapter = Union[list[WeightValue], dict[str, WeightValue]]
 
 
 class AdapterRef(BaseModel):
-    """One input adapter: a directory and an optional name."""
+    """One input adapter: a directory and an optional name (an adapter fused in memory, with no
+    directory, is recorded by name only; such a recipe documents a fusion but cannot be run)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    path: str
+    path: Optional[str] = None
     name: Optional[str] = None
+
+    @pydantic.model_validator(mode="after")
+    def _named(self) -> "AdapterRef":
+        if self.path is None and self.name is None:
+            raise ValueError("an adapter entry needs a path (or at least a name)")
+        return self
+
+    def label(self) -> str:
+        return self.name or Path(self.path or "").name
 
 
 class Override(BaseModel):
@@ -56,7 +66,7 @@ _WEIGHTS = pydantic.TypeAdapter(Optional[Union[Schedule, PerAdapter]])
 
 def _names(adapters: list[Union[str, AdapterRef]]) -> list[str]:
     refs = [a if isinstance(a, AdapterRef) else AdapterRef(path=a) for a in adapters]
-    return [r.name or Path(r.path).name for r in refs]
+    return [r.label() for r in refs]
 
 
 class Recipe(BaseModel):
@@ -129,9 +139,30 @@ class Recipe(BaseModel):
             raise ValueError("; ".join(problems))
         return self
 
+    def plain(self) -> dict[str, Any]:
+        """The recipe as YAML/JSON data (model cards, recipe.yaml, GGUF metadata): every field that
+        changes the result, options at their defaults left out."""
+        out: dict[str, Any] = {
+            "adapters": [{k: v for k, v in (("path", r.path), ("name", r.name)) if v is not None} for r in self.refs],
+            "method": self.method,
+            "weights": self.weights.model_dump(exclude_defaults=True) if isinstance(self.weights, Schedule) else self.weights,
+            "parameters": dict(self.parameters),
+            "missing": self.missing,
+        }
+        for key, default in (("strict", False), ("mixed_bases", False), ("extras", "error")):
+            if getattr(self, key) != default:
+                out[key] = getattr(self, key)
+        out["name"] = self.name
+        if self.output is not None:
+            out["output"] = self.output
+        return out
+
     def resolved(self, base: Path) -> "Recipe":
         """The same recipe with relative adapter and output paths made relative to ``base``."""
-        refs = [AdapterRef(path=str((base / r.path) if not Path(r.path).is_absolute() else r.path), name=r.name) for r in self.refs]
+        refs = [
+            r if r.path is None else AdapterRef(path=str(base / r.path if not Path(r.path).is_absolute() else r.path), name=r.name)
+            for r in self.refs
+        ]
         out = None if self.output is None else str(base / self.output if not Path(self.output).is_absolute() else self.output)
         return self.model_copy(update={"adapters": refs, "output": out})
 
@@ -193,36 +224,3 @@ def load_recipe(path: Union[str, Path]) -> Recipe:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML ({detail}); fix the syntax") from None
     return parse_recipe(data, source=f"recipe {str(path)!r}").resolved(p.parent)
-
-
-def run_recipe(recipe: Recipe, *, output: Optional[Union[str, Path]] = None, overwrite: bool = False, allow_pickle: bool = False) -> Path:
-    """Fuse as ``recipe`` says and save to its output (or ``output``), atomically.
-
-    The output is checked (exists, is an input, is a symlink) before any adapter is read.
-
-    Returns:
-        The absolute output directory.
-    """
-    from ._io import check_output_path
-    from .merging import merge
-
-    target = output if output is not None else recipe.output
-    if target is None:
-        raise RecipeError("the recipe has no output; add 'output: DIR' to it or pass -o DIR")
-    inputs = [Path(r.path) for r in recipe.refs]
-    check_output_path(Path(target), inputs, overwrite=overwrite)
-    fused = merge(
-        {name: ref.path for name, ref in zip(recipe.adapter_names(), recipe.refs)}
-        if len(set(recipe.adapter_names())) == len(recipe.refs)
-        else [ref.path for ref in recipe.refs],
-        recipe.weights_arg(),
-        recipe.method,
-        missing=recipe.missing,
-        strict=recipe.strict,
-        mixed_bases=recipe.mixed_bases,
-        extras=recipe.extras,
-        name=recipe.name,
-        allow_pickle=allow_pickle,
-        **recipe.parameters,
-    )
-    return fused.save(target, overwrite=overwrite)

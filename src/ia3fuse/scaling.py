@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._text import summarize
 from .adapter import IA3Adapter
 from .errors import IA3FuseError, IncompatibleAdaptersError
 from .stack import ModulePlan, plan_modules
@@ -168,7 +169,7 @@ class ScaleHooks:
             else:
                 targets.append((s, module))
         if problems:
-            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            shown = summarize(problems, 4)
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             what = type(model).__name__ + (f", model type {model_type!r}" if model_type else "")
             raise IncompatibleAdaptersError(

@@ -8,6 +8,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
+from ._text import summarize
 from .adapter import IA3Adapter
 from .errors import IncompatibleAdaptersError
 
@@ -55,7 +56,7 @@ def plan_modules(adapters: Sequence[IA3Adapter]) -> list[ModulePlan]:
             problems.append(f"{p!r} has different shapes ({desc})")
         plans.append(ModulePlan(p, owners[0].feedforward[p], tuple(owners[0].vectors[p].shape), tuple(p in a.vectors for a in adapters)))
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        shown = summarize(problems)
         raise IncompatibleAdaptersError(
             f"the adapters do not fit one base model: {shown}; fuse only adapters trained on the same base "
             "with the same feedforward_modules"

@@ -29,8 +29,8 @@ def adapter_table(adapter: IA3Adapter) -> str:
     ]
     if adapter.extras:
         head.append(f"other tensors (modules_to_save): {len(adapter.extras)}")
-    if adapter.recipe:
-        head.append(f"fused with: {adapter.recipe.get('method')} {adapter.recipe.get('parameters') or ''}".rstrip())
+    if adapter.recipe is not None:
+        head.append(f"fused with: {adapter.recipe.method} {adapter.recipe.parameters or ''}".rstrip())
     table = format_table(["module", "kind", "shape", "dtype", "mean tau", "std tau", "min tau", "max tau"], rows)
     return "\n".join(head) + "\n\n" + table
 

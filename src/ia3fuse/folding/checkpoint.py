@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._io import atomic_output_dir, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
-from .._text import count, format_table
+from .._text import count, format_table, summarize
 from .checkpoint_files import CARD_FILE, CONFIG_FILE, copy_files, write_card
 from .dense import DenseBackend
 from .math import scale_bias, scale_weight
@@ -390,7 +390,7 @@ def _plan_trained(extras: dict[str, Tensor], sources: dict[str, _Source]) -> dic
     if problems:
         raise FoldError(
             f"the adapter's trained modules (modules_to_save, e.g. a classifier head) do not fit this checkpoint "
-            f"({'; '.join(problems[:3])}); fold into the checkpoint the adapter was trained on, or pass "
+            f"({summarize(problems, 3)}); fold into the checkpoint the adapter was trained on, or pass "
             "extras='drop' (--extras drop on the command line) to fold the IA3 vectors only"
         )
     return out
@@ -473,7 +473,7 @@ def _plan(
             elif role == "weight" or rows is not None:  # an input-side scale leaves the bias alone
                 scales[key] = _Scale(rows, cols if role == "weight" else None, role == "bias", transposed, groups, (path,))
     if problems:
-        raise FoldError(f"cannot fold the adapter into this checkpoint: {'; '.join(problems[:5])}")
+        raise FoldError(f"cannot fold the adapter into this checkpoint: {summarize(problems)}")
     return scales, model_type
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .._io import atomic_output_file, check_output_path
 from ..adapter import IA3Adapter, load_adapter
-from ..errors import FoldError
+from ..errors import FoldError, MissingDependencyError
 from .._text import count
 from ..errors import IA3FuseWarning
 from . import gguf_blocks as blocks
@@ -72,7 +72,7 @@ def _read(path: Path) -> Any:
     try:
         import gguf
     except ImportError:  # pragma: no cover - the extra is missing
-        raise FoldError("folding into GGUF files needs the gguf package: pip install 'ia3fuse[gguf]'") from None
+        raise MissingDependencyError("folding into GGUF files", "gguf", "gguf") from None
     if not path.is_file():
         what = "does not exist" if not path.exists() else "is not a file"
         raise FoldError(f"GGUF file {str(path)!r} {what}; pass a .gguf model file")

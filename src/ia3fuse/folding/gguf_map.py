@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._text import summarize
 from ..errors import FoldError
 from .misfit import refusal
 
@@ -294,7 +295,7 @@ def plan_gguf(
             )
     if problems:
         raise FoldError(
-            f"cannot fold the adapter into this GGUF file: {'; '.join(problems[:5])}; fold the Hugging Face checkpoint "
+            f"cannot fold the adapter into this GGUF file: {summarize(problems)}; fold the Hugging Face checkpoint "
             "instead (ia3fuse fold --base) and convert that, or keep the adapter unmerged"
         )
     return list(jobs.values()), permuted

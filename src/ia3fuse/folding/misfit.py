@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .._text import summarize
+
 __all__ = ["refusal"]
 
 
@@ -53,7 +55,5 @@ def refusal(
         "cannot fold the adapter into this checkpoint: 1 of the adapter's 4 modules does not fit the model: 'a' (absent); the adapter was trained on another base model: fold it into that base, or use an adapter trained on this one"
     """
     parts = [_misfit_sentence(misfits, modules, where, trained_on)] if misfits else []
-    parts += problems[:5]
-    if len(problems) > 5:
-        parts.append(f"and {len(problems) - 5} more")
+    parts += [summarize(problems)] if problems else []
     return f"cannot fold the adapter into {target}: {'; '.join(parts)}" if parts else None

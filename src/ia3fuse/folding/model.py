@@ -18,7 +18,7 @@ from torch import nn
 
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
-from .._text import format_table
+from .._text import format_table, summarize
 from . import dense as _dense  # noqa: F401  (registers the full-precision backend)
 from .base import FoldOptions, Snapshot, backends
 from .plan import Work, describe, plan_fold
@@ -317,7 +317,7 @@ def _trained_targets(model: nn.Module, extras: dict[str, torch.Tensor]) -> dict[
 
     out, problems = trained_module_targets(model, extras)
     if problems:
-        shown = "; ".join(problems[:2]) + (f"; and {len(problems) - 2} more" if len(problems) > 2 else "")
+        shown = summarize(problems, 2)
         raise FoldError(
             f"{len(problems)} of the adapter's trained modules (modules_to_save) do not fit the model ({shown}); "
             "fold into the model the adapter was trained on, or pass extras='drop' (--extras drop on the command "

@@ -57,7 +57,7 @@ class Provenance:
 
     @classmethod
     def of(cls, adapter: IA3Adapter) -> Provenance:
-        recipe = adapter.recipe if adapter.recipe is not None else _card_recipe(adapter.source)
+        recipe = adapter.recipe.plain() if adapter.recipe is not None else _card_recipe(adapter.source)
         return cls(_version(), adapter.name, adapter.source, adapter.base_model, recipe)
 
     def gguf_metadata(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..errors import InvalidParameterError
+from ..errors import MissingDependencyError
 
 __all__ = ["OPTIMIZERS", "Trace", "run_adam", "run_cma"]
 
@@ -95,9 +95,7 @@ def run_cma(
     try:
         import cma
     except ImportError:
-        raise InvalidParameterError(
-            "optimizer 'cma' needs the cma package; install it with pip install 'ia3fuse[search]'"
-        ) from None
+        raise MissingDependencyError("optimizer 'cma'", "cma", "search") from None
     shape = theta0.shape
     x0 = _clamp(theta0, bounds).reshape(-1).double()
     options: dict[str, Any] = {"seed": seed + 1, "verbose": -9}

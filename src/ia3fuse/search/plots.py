@@ -12,9 +12,9 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        from ..errors import IA3FuseError
+        from ..errors import MissingDependencyError
 
-        raise IA3FuseError("plots need matplotlib; install it with pip install 'ia3fuse[search]'") from None
+        raise MissingDependencyError("plots", "matplotlib", "search") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

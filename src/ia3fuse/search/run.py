@@ -15,6 +15,7 @@ from .._io import atomic_output_dir, check_output_path
 from ..adapter import IA3Adapter, PathLike, as_adapters
 from ..errors import DataError, IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
 from ..merging import merge, trained_modules, weights_to_plain
+from ..recipe import AdapterRef, Recipe
 from ..fusion import get_method
 from .._text import count
 from ..scaling import ScaleHooks, TaskStack
@@ -91,8 +92,8 @@ class SearchResult:
         """The weights of one adapter, one per group."""
         return self.weights[self.names.index(adapter)].tolist()
 
-    def recipe(self, relative_to: Optional[PathLike] = None) -> dict[str, Any]:
-        """A YAML-able recipe that ``ia3fuse merge`` turns into ``adapter`` bit for bit.
+    def recipe(self, relative_to: Optional[PathLike] = None) -> Recipe:
+        """The `Recipe` that ``ia3fuse merge`` turns into ``adapter`` bit for bit.
 
         Adapter paths are absolute, or relative to ``relative_to`` (the recipe's folder); an
         adapter given in memory (no directory) appears by name only.
@@ -100,19 +101,12 @@ class SearchResult:
         refs = []
         for name, src in zip(self.names, self.sources or [None] * len(self.names)):
             if src is None:
-                refs.append({"path": name, "name": name})
+                refs.append(AdapterRef(name=name))
                 continue
             where = Path(src).resolve()
-            refs.append({"path": str(where if relative_to is None else os.path.relpath(where, Path(relative_to).resolve())), "name": name})
-        return {
-            "adapters": refs,
-            "method": self.method,
-            "weights": weights_to_plain(self.schedule),
-            "parameters": dict(self.params),
-            "missing": "identity",
-            "name": self.adapter.name,
-            **({"extras": self.extras} if self.extras != "error" else {}),
-        }
+            refs.append(AdapterRef(path=str(where if relative_to is None else os.path.relpath(where, Path(relative_to).resolve())), name=name))
+        return Recipe(adapters=refs, method=self.method, weights=weights_to_plain(self.schedule), parameters=dict(self.params),
+                      missing="identity", extras=self.extras, name=self.adapter.name)
 
     def weights_table(self) -> str:
         """The weights as a markdown table (adapters x groups)."""
@@ -151,7 +145,7 @@ class SearchResult:
             self.adapter._write_files(tmp / "adapter")  # inside this atomic write: errors name `out`
             (tmp / "recipe.yaml").write_text(
                 "# ia3fuse search result; reproduce the adapter with: ia3fuse merge recipe.yaml -o OUT\n"
-                + yaml.safe_dump(self.recipe(relative_to=out), sort_keys=False)
+                + yaml.safe_dump(self.recipe(relative_to=out).plain(), sort_keys=False)
             )
             (tmp / "weights.md").write_text(
                 f"# Searched weights of {self.adapter.name} ({self.granularity}-wise, {self.optimizer}, "

@@ -2,7 +2,7 @@
 
 A suite owns a base model, a few tasks with fixed train / validation / test splits, one IA3
 adapter per task and one trained on all tasks together (trained with PEFT, cached on disk),
-and a scorer. The runner (`ia3fuse.bench.quality`) fuses the task adapters with every method
+and a scorer. The runner (`benchmarks.quality.runner`) fuses the task adapters with every method
 and asks the suite to score each fused model on every task; it never looks inside a task.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import DataError, IA3FuseError
+from ia3fuse.errors import DataError, IA3FuseError
 
 __all__ = [
     "SEARCH_BATCH",

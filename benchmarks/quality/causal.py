@@ -14,7 +14,7 @@ pick its rule: a big gain for a few thousand scales, and fusing the adapters is 
 
 Example:
     >>> from pathlib import Path
-    >>> from ia3fuse.bench.causal import CausalSuite
+    >>> from benchmarks.quality.causal import CausalSuite
     >>> suite = CausalSuite()
     >>> suite.prepare(Path("bench-cache"), quick=True, seed=0, progress=False)  # doctest: +SKIP
     >>> suite.evaluate(suite.base_model(), "add", "test")  # doctest: +SKIP
@@ -42,9 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._runtime import no_hf_progress_bars as _no_hf_progress_bars
-from .._runtime import torch_threads as _torch_threads
-from ..errors import IA3FuseError
+from ia3fuse._runtime import no_hf_progress_bars as _no_hf_progress_bars
+from ia3fuse._runtime import torch_threads as _torch_threads
+from ia3fuse.errors import IA3FuseError
+
 from .suite import SUITE_SPLITS, SearchObjective, check_search_pick, even_batches, mean_entropy
 
 __all__ = [

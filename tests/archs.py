@@ -9,7 +9,7 @@ Widths are 64 (not smaller) because bitsandbytes' 4-bit blocks are 64 values lon
 hold whole blocks for the exact statistic fold, and the CPU kernels want multiples of 32.
 
 Example:
-    >>> from ia3fuse.archs import ARCHITECTURES, tiny_arch_model
+    >>> from archs import ARCHITECTURES, tiny_arch_model  # tests/ on sys.path, as under pytest
     >>> model = tiny_arch_model("qwen2", seed=0)  # doctest: +SKIP
     >>> model.config.model_type  # doctest: +SKIP
     'qwen2'
@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping, Optional
 
 import torch
 
-from .errors import IA3FuseError
+from ia3fuse.errors import IA3FuseError
 
 __all__ = [
     "ARCHITECTURES", "ArchRecipe", "UnsupportedModelTypeError", "tiny_arch_model", "tiny_config", "peft_ia3_defaults",

