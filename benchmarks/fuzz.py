@@ -466,7 +466,9 @@ def recipe_data(draw: Callable[[Any], Any]) -> Any:
     # The simplest draws (all zeros, where libFuzzer starts) give a valid recipe.
     if draw(st.integers(0, 9)) == 9:
         return draw(json_values)
-    good = lambda: draw(st.integers(0, 3)) < 3  # one biased coin per field
+    def good() -> bool:  # one biased coin per field
+        return draw(st.integers(0, 3)) < 3
+
     data: dict[Any, Any] = {}
     names: Optional[list[str]] = None
     if good():

@@ -389,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     batches = sorted({1, R})
     for b in batches:
-        for key, (prepare, fn) in paths.items():  # warm-up
+        for prepare, fn in paths.values():  # warm-up
             prepare()
             fn(b)
         samples_b: dict[str, list[float]] = {k: [] for k in paths}

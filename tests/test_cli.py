@@ -529,3 +529,15 @@ def test_a_missing_optional_package_is_one_error_type_naming_the_extra(monkeypat
     assert isinstance(caught.value, ImportError) and isinstance(caught.value, ia3fuse.IA3FuseError)
     assert str(caught.value) == "optimizer 'cma' needs the cma package; install it with pip install 'ia3fuse[search]'"
     assert (caught.value.package, caught.value.extra) == ("cma", "search")
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    """`ia3fuse methods | head -1`: the reader closes the pipe early; no traceback, status 0."""
+    from cli_runner import CLI
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*CLI, "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the command prints (it imports for a second first)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""

@@ -32,7 +32,7 @@ from ia3fuse.cli import main as cli_main
 from factories import save_tiny_model, tiny_model
 from ia3fuse.search import SearchResult
 
-ckpt = importlib.import_module("ia3fuse.folding.checkpoint")  # ia3fuse.fold is also a function's name
+ckpt = importlib.import_module("ia3fuse.folding.safetensors_io")  # where the shards are opened and written
 adapter_mod = importlib.import_module("ia3fuse.adapter")
 
 ENOSPC = "No space left on device"

@@ -117,7 +117,10 @@ def test_report_table_fits_100_columns_and_keeps_every_cell(files, arch):
     text = report.table()
     assert max(len(line) for line in text.splitlines()) <= 100
     table, _, notes = text.partition("\n\nlossy because:\n")
-    squeeze = lambda s: "".join(s.split())  # a long word may be split across lines
+
+    def squeeze(s: str) -> str:  # a long word may be split across lines
+        return "".join(s.split())
+
     rows = _wrapped_rows(table)
     assert [squeeze(c) for r in rows for c in r] == [
         squeeze(c) for e in report.entries

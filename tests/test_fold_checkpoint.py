@@ -28,7 +28,8 @@ from cli_runner import run_cli
 import ia3fuse
 from ia3fuse import FoldError, IA3Adapter, OutputPathError, fold_checkpoint
 from factories import random_ia3_adapter, tiny_config, tiny_model
-from ia3fuse.folding import checkpoint as ck
+from ia3fuse.folding import math as fold_math
+from ia3fuse.folding import safetensors_io as ckio
 
 K_PROJ0 = "model.layers.0.self_attn.k_proj"
 
@@ -207,10 +208,10 @@ def test_scale_weight_equals_the_in_memory_dense_fold(kind: str) -> None:
     rows, cols = 1 + 0.3 * torch.randn(4), 1 + 0.3 * torch.randn(6)
     weight, bias = module.weight.detach().clone(), module.bias.detach().clone()
     DenseBackend().requantize(module, rows, cols, options=FoldOptions())  # rows and cols, one rounding
-    got = ck.scale_weight(weight, rows, cols, transposed=kind == "conv1d", groups=getattr(module, "groups", 1))
+    got = fold_math.scale_weight(weight, rows, cols, transposed=kind == "conv1d", groups=getattr(module, "groups", 1))
     assert got.dtype == torch.float32 and not torch.equal(got.bfloat16(), weight)
     assert torch.equal(got.to(torch.bfloat16), module.weight)
-    assert torch.equal(ck.scale_bias(bias, rows).to(torch.bfloat16), module.bias)
+    assert torch.equal(fold_math.scale_bias(bias, rows).to(torch.bfloat16), module.bias)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
@@ -324,7 +325,7 @@ def test_holds_one_tensor_at_a_time(inputs: Inputs, tmp_path: Path, monkeypatch:
     # the next input tensor is read, none of them may still be alive.
     alive: set[int] = set()
     alive_at_read, peak, reads = [], [0], []
-    read, write = ck._read_tensor, ck._write_bytes
+    read, write = ckio._read_tensor, ckio._write_bytes
 
     def track(tensor: torch.Tensor) -> None:
         alive.add(id(tensor))
@@ -342,8 +343,8 @@ def test_holds_one_tensor_at_a_time(inputs: Inputs, tmp_path: Path, monkeypatch:
         track(tensor)
         write(out, tensor)
 
-    monkeypatch.setattr(ck, "_read_tensor", counting_read)
-    monkeypatch.setattr(ck, "_write_bytes", counting_write)
+    monkeypatch.setattr(ckio, "_read_tensor", counting_read)
+    monkeypatch.setattr(ckio, "_write_bytes", counting_write)
     report = fold_checkpoint(inputs.llama_dir, inputs.adapter, tmp_path / "out", dtype=dtype, progress=False)
     if dtype is None:  # tensors that keep their bytes are copied, never decoded
         assert sorted(reads) == sorted(e.tensor for e in report.entries)
@@ -456,7 +457,7 @@ def test_output_inside_the_base_is_refused(inputs: Inputs) -> None:
 
 def test_a_write_failure_midway_leaves_nothing(inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = ck._write_tensor
+    real = ckio._write_tensor
 
     def failing(*args: Any) -> None:
         calls.append(1)
@@ -464,7 +465,7 @@ def test_a_write_failure_midway_leaves_nothing(inputs: Inputs, tmp_path: Path, m
             raise OSError(errno.ENOSPC, "No space left on device")
         real(*args)
 
-    monkeypatch.setattr(ck, "_write_tensor", failing)
+    monkeypatch.setattr(ckio, "_write_tensor", failing)
     out = tmp_path / "out"
     with pytest.raises(OutputPathError, match="No space left on device"):
         fold_checkpoint(inputs.llama_dir, inputs.adapter, out, max_shard_size="20KB", progress=False)

@@ -777,7 +777,7 @@ def test_errors_during_the_search_restore_the_model(world: World) -> None:
     for optimizer in ("adam", "cma"):
         assert_refused(model, ids, world.targets, [world.root], DataError,
                  "the objective is nan; check the data (labels all -100?) and the bounds",
-                 lambda: search_weights(model, [world.a, world.b], unlabeled, optimizer=optimizer, budget=40))
+                 lambda opt=optimizer: search_weights(model, [world.a, world.b], unlabeled, optimizer=opt, budget=40))
     assert_refused(model, ids, world.targets, [world.root], DataError,
              "the entropy objective on a causal LM needs to know where prompts end; pass text records, or give each "
              "ready batch a 'prompt_end' tensor (index of each row's last prompt token)",

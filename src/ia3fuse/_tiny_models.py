@@ -19,7 +19,8 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     import transformers as tf
 
     # no dropout: train-mode forwards stay deterministic (the tests compare them)
-    common = dict(vocab_size=128)
+    common: dict[str, Any] = dict(vocab_size=128)  # Any: mypy checks a **dict against every keyword
+    cfg: tf.PretrainedConfig
     if arch == "llama":
         cfg = tf.LlamaConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -29,8 +30,9 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
         cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
     elif arch == "t5":
+        # T5Config accepts decoder_start_token_id as an extra config field; its typed signature omits it
         cfg = tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-                          decoder_start_token_id=0, dropout_rate=0.0, **common)
+                          decoder_start_token_id=0, dropout_rate=0.0, **common)  # type: ignore[call-arg]
     elif arch == "bert":
         cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

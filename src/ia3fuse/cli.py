@@ -321,6 +321,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return _main(argv)
+    except BrokenPipeError:  # the reader went away (`ia3fuse methods | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     finally:
         warnings.showwarning = hook
         if offline is None:

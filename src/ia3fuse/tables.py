@@ -46,11 +46,14 @@ def methods_table(width: int = 100) -> str:
     specs = list(methods())
     indent = " " * (max(len(m.name) for m in specs) + 2)
     blocks = []
-    for m in specs:
-        params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "-"
-        fill = lambda text, first, rest: textwrap.wrap(
+
+    def fill(text: str, first: str, rest: str) -> list[str]:
+        return textwrap.wrap(
             text, width, initial_indent=first, subsequent_indent=rest, break_long_words=False, break_on_hyphens=False
         )
+
+    for m in specs:
+        params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "-"
         lines = fill(m.summary, m.name.ljust(len(indent)), indent)
         lines += fill(f"parameters: {params}", indent, indent + "  ") + fill(f"paper: {m.paper}", indent, indent)
         blocks.append("\n".join(lines))

@@ -120,19 +120,19 @@ def _int8_float_master(module: nn.Module) -> bool:
     return module.weight.dtype != torch.int8
 
 
-def _int8_scbs(module: nn.Module) -> list[Tensor]:
+def _int8_scbs(module: bnb.nn.Linear8bitLt) -> list[Tensor]:
     return _unique([getattr(module.weight, "SCB", None), module.state.SCB])
 
 
-def _int8_cbs(module: nn.Module) -> list[Tensor]:
+def _int8_cbs(module: bnb.nn.Linear8bitLt) -> list[Tensor]:
     return _unique([module.weight.data, getattr(module.weight, "CB", None), module.state.CB])
 
 
-def _int8_active(module: nn.Module) -> tuple[Tensor, Tensor]:
+def _int8_active(module: bnb.nn.Linear8bitLt) -> tuple[Tensor, Tensor]:
     """(CB, SCB) the next forward uses: the weight's until ``init_8bit_state`` moves them."""
-    w = module.weight
-    if getattr(w, "CB", None) is not None and getattr(w, "SCB", None) is not None:
-        return w.CB, w.SCB
+    cb, scb = getattr(module.weight, "CB", None), getattr(module.weight, "SCB", None)
+    if cb is not None and scb is not None:
+        return cb, scb
     if module.state.CB is not None and module.state.SCB is not None:
         return module.state.CB, module.state.SCB
     raise FoldError(
@@ -141,7 +141,7 @@ def _int8_active(module: nn.Module) -> tuple[Tensor, Tensor]:
     )
 
 
-def _int8_reset_cache(module: nn.Module) -> None:
+def _int8_reset_cache(module: bnb.nn.Linear8bitLt) -> None:
     # Float-master layers: bnb re-derives CB/SCB from the float weight when these are None.
     module.state.CB = None
     module.state.SCB = None
@@ -156,6 +156,7 @@ class Int8Backend:
         return isinstance(module, bnb.nn.Linear8bitLt)
 
     def features(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, bnb.nn.Linear8bitLt)  # handles() accepted it
         return module.out_features, module.in_features
 
     def exact_rows(self, module: nn.Module) -> Optional[str]:
@@ -168,6 +169,7 @@ class Int8Backend:
         )
 
     def snapshot(self, module: nn.Module, *, weights: bool) -> Snapshot:
+        assert isinstance(module, bnb.nn.Linear8bitLt)  # handles() accepted it
         snap: Snapshot = {"bias": _snap_bias(module)}
         if _int8_float_master(module):
             snap["weight"] = module.weight.data.detach().clone()
@@ -179,6 +181,7 @@ class Int8Backend:
         return snap
 
     def restore(self, module: nn.Module, snap: Snapshot) -> None:
+        assert isinstance(module, bnb.nn.Linear8bitLt)  # handles() accepted it
         with torch.no_grad():
             if "weight" in snap:
                 module.weight.data = snap["weight"].clone()
@@ -193,6 +196,7 @@ class Int8Backend:
             _restore_bias(module, snap["bias"])
 
     def scale_rows(self, module: nn.Module, rows: Tensor, *, options: FoldOptions = _DEFAULT) -> str:
+        assert isinstance(module, bnb.nn.Linear8bitLt)  # handles() accepted it
         w = module.weight
         l = _vector(rows, module.out_features, "rows", module, w.device)
         with torch.no_grad():
@@ -212,6 +216,7 @@ class Int8Backend:
     def requantize(
         self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor], *, options: FoldOptions = _DEFAULT
     ) -> str:
+        assert isinstance(module, bnb.nn.Linear8bitLt)  # handles() accepted it
         w = module.weight
         with torch.no_grad():
             dense = self.dequantize(module)
@@ -235,6 +240,7 @@ class Int8Backend:
         return "requantize"
 
     def dequantize(self, module: nn.Module) -> Tensor:
+        assert isinstance(module, bnb.nn.Linear8bitLt)  # handles() accepted it
         if _int8_float_master(module):
             return module.weight.data.detach().float().clone()
         cb, scb = _int8_active(module)
@@ -261,7 +267,9 @@ def _was_nested(qs: QuantState) -> bool:
 def _unpack_cpu(data: Tensor, qs: QuantState) -> Tensor:
     """Codes of a CPU-repacked weight back in the canonical packed layout (bit exact)."""
     tmp = copy.copy(qs)  # the inverse rewrites fields of the state it gets; keep ours intact
-    tmp.original_nested = False  # bnb would re-nest the bf16 absmax, lossily; we only want codes
+    # bnb would re-nest the bf16 absmax, lossily; we only want codes. (QuantState declares no
+    # original_nested: bnb's CPU repack sets it.)
+    tmp.original_nested = False  # type: ignore[attr-defined]
     codes, _ = bnbF._convert_weight_packed_for_cpu_inverse(data, tmp)
     return codes
 
@@ -332,6 +340,7 @@ class FourBitBackend:
         return isinstance(module, bnb.nn.Linear4bit)
 
     def features(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, bnb.nn.Linear4bit)  # handles() accepted it
         return module.out_features, module.in_features
 
     def exact_rows(self, module: nn.Module) -> Optional[str]:
@@ -361,6 +370,7 @@ class FourBitBackend:
         )
 
     def snapshot(self, module: nn.Module, *, weights: bool) -> Snapshot:
+        assert isinstance(module, bnb.nn.Linear4bit)  # handles() accepted it
         qs = _qstate(module)
         if qs is None:
             raise FoldError(self.exact_rows(module) or "")
@@ -374,7 +384,9 @@ class FourBitBackend:
         return snap
 
     def restore(self, module: nn.Module, snap: Snapshot) -> None:
+        assert isinstance(module, bnb.nn.Linear4bit)  # handles() accepted it
         qs = _qstate(module)
+        assert qs is not None  # snapshot() refused a layer without one
         fields = _clone_fields(snap["weight.quant_state"])
         with torch.no_grad():
             if "weight.data" in snap:
@@ -386,7 +398,7 @@ class FourBitBackend:
                 else:
                     module.weight.data = _pack_cpu(module.weight.data, fields["shape"], fields["blocksize"])
             _set_fields(qs, fields)
-            module.weight.quant_state = qs
+            module.weight.quant_state = qs  # type: ignore[attr-defined]  # a Params4bit, typed as nn.Linear's Tensor
             module.quant_state = qs
             _restore_bias(module, snap["bias"])
             if snap.get(_PIN) is not None:
@@ -397,7 +409,9 @@ class FourBitBackend:
         if reason is not None:
             raise FoldError(reason)
         mode = _check_double_quant(options)
+        assert isinstance(module, bnb.nn.Linear4bit)  # handles() accepted it
         qs = _qstate(module)
+        assert qs is not None  # exact_rows() refused a layer without one
         l = _vector(rows, module.out_features, "rows", module, module.weight.device)
         with torch.no_grad():
             if _repacked(qs) and mode == "renest":
@@ -421,6 +435,7 @@ class FourBitBackend:
     def requantize(
         self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor], *, options: FoldOptions = _DEFAULT
     ) -> str:
+        assert isinstance(module, bnb.nn.Linear4bit)  # handles() accepted it
         qs = _qstate(module)
         if qs is None:
             raise FoldError(self.exact_rows(module) or "")
@@ -448,6 +463,7 @@ class FourBitBackend:
         return "requantize"
 
     def dequantize(self, module: nn.Module) -> Tensor:
+        assert isinstance(module, bnb.nn.Linear4bit)  # handles() accepted it
         qs = _qstate(module)
         if qs is None:
             return module.weight.data.detach().float().clone()

@@ -25,6 +25,19 @@ def _conv1d_type() -> Optional[type]:
     return Conv1D
 
 
+# torch types a Module attribute as ``Tensor | Module``; handles() checked that these are tensors.
+def _weight(module: nn.Module) -> Tensor:
+    w = module.weight
+    assert isinstance(w, Tensor)
+    return w
+
+
+def _bias(module: nn.Module) -> Optional[Tensor]:
+    b = getattr(module, "bias", None)
+    assert b is None or isinstance(b, Tensor)
+    return b
+
+
 class DenseBackend:
     """nn.Linear, transformers' Conv1D (weight stored (in, out)) and nn.Conv2d/Conv3d."""
 
@@ -49,7 +62,8 @@ class DenseBackend:
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return module.out_channels, module.in_channels
         if self._is_conv1d(module):
-            return module.weight.shape[1], module.weight.shape[0]
+            return _weight(module).shape[1], _weight(module).shape[0]
+        assert isinstance(module, nn.Linear)  # handles() accepted it
         return module.out_features, module.in_features
 
     def exact_rows(self, module: nn.Module) -> Optional[str]:
@@ -61,25 +75,27 @@ class DenseBackend:
     def snapshot(self, module: nn.Module, *, weights: bool) -> Snapshot:
         snap: Snapshot = {}
         if weights:
-            snap["weight"] = module.weight.detach().clone()
-            if module.bias is not None:
-                snap["bias"] = module.bias.detach().clone()
+            snap["weight"] = _weight(module).detach().clone()
+            bias = _bias(module)
+            if bias is not None:
+                snap["bias"] = bias.detach().clone()
         return snap
 
     def restore(self, module: nn.Module, snap: Snapshot) -> None:
         with torch.no_grad():
-            module.weight.copy_(snap["weight"])
+            _weight(module).copy_(snap["weight"])
             if "bias" in snap:
-                module.bias.copy_(snap["bias"])
+                _bias(module).copy_(snap["bias"])
 
     def _apply(self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor]) -> None:
         with torch.no_grad():
-            w = module.weight
+            w = _weight(module)
             groups = getattr(module, "groups", 1)
             new = scale_weight(w.detach(), rows, cols, transposed=self._is_conv1d(module), groups=groups)
             w.copy_(new.to(w.dtype))
-            if rows is not None and module.bias is not None:
-                module.bias.copy_(scale_bias(module.bias.detach(), rows).to(module.bias.dtype))
+            bias = _bias(module)
+            if rows is not None and bias is not None:
+                bias.copy_(scale_bias(bias.detach(), rows).to(bias.dtype))
 
     def scale_rows(self, module: nn.Module, rows: Tensor, *, options: FoldOptions) -> str:
         self._apply(module, rows, None)
@@ -94,7 +110,7 @@ class DenseBackend:
         return "dense"
 
     def dequantize(self, module: nn.Module) -> Tensor:
-        w = module.weight.detach().to(torch.float32, copy=True)
+        w = _weight(module).detach().to(torch.float32, copy=True)
         if self._is_conv1d(module):
             return w.t()
         return w.reshape(w.shape[0], -1)

@@ -1,0 +1,259 @@
+"""Name resolution for the streaming checkpoint fold: the module skeleton built from
+``config.json`` on the meta device, the adapter's module paths matched to its modules and to the
+checkpoint's tensor names, and each tensor's scale, every problem found before anything is written.
+The decisions are the in-memory fold's for full-precision layers (`DenseBackend`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .._text import summarize
+from ..adapter import IA3Adapter
+from ..errors import FoldError
+from .dense import DenseBackend
+from .misfit import refusal
+from .checkpoint_files import CONFIG_FILE
+from .safetensors_io import _CASTABLE, _Scale, _Source
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def _read_config(base: Path) -> dict[str, Any]:
+    path = base / CONFIG_FILE
+    if not path.is_file():
+        raise FoldError(f"{str(base)!r} has no {CONFIG_FILE}; pass the directory save_pretrained wrote")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FoldError(f"{str(path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise FoldError(f"{str(path)!r} holds a {type(config).__name__}, not a JSON object")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?") if isinstance(config["quantization_config"], dict) else "?"
+        raise FoldError(
+            f"{str(base)!r} is a quantized checkpoint ({method}); the streaming fold handles full-precision "
+            "checkpoints: load the model and use ia3fuse.fold instead"
+        )
+    return config
+
+
+def _skeleton(base: Path) -> nn.Module:
+    """The model's modules on the meta device (no memory, no weights), built from config.json."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(base))
+    except Exception as exc:  # transformers raises several types for unknown/broken configs
+        raise FoldError(f"cannot read the model config in {str(base)!r} ({exc})") from None
+    errors = []
+    classes = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+    for cls in [c for c in classes if c is not None] + [transformers.AutoModel]:
+        try:
+            with torch.device("meta"):
+                if cls is transformers.AutoModel:
+                    return transformers.AutoModel.from_config(config)
+                return cls._from_config(config)
+        except Exception as exc:  # any failure: try the next class
+            errors.append(f"{getattr(cls, '__name__', cls)}: {exc}")
+    raise FoldError(
+        f"cannot build the model of {str(base)!r} (model type {getattr(config, 'model_type', '?')!r}) from its "
+        f"config on the meta device ({'; '.join(errors)}); the streaming fold needs a transformers architecture"
+    )
+
+
+def _candidates(path: str, names: Any) -> list[str]:
+    """Names equal to ``path``, or that add or drop a prefix to it at a component boundary."""
+    if path in names:
+        return [path]
+    return sorted(n for n in names if n.endswith("." + path) or path.endswith("." + n))
+
+
+def _rewrite(path: str, name: str) -> str:
+    if name == path:
+        return "same path"
+    if name.endswith("." + path):
+        return f"adds prefix {name[: -len(path)]!r}"
+    return f"drops prefix {path[: -len(name)]!r}"
+
+
+def _resolve(paths: list[str], names: Any, what: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """Map each path to its unique counterpart in ``names``: (found, absent paths, other problems)."""
+    found: dict[str, str] = {}
+    absent, problems = [], []
+    for p in paths:
+        hits = _candidates(p, names)
+        if not hits:
+            absent.append(p)
+        elif len(hits) > 1:
+            problems.append(
+                f"the adapter's module {p!r} matches {len(hits)} modules of {what} ({', '.join(map(repr, hits[:4]))}); "
+                "the match is ambiguous: pass an adapter saved for this model class"
+            )
+        else:
+            found[p] = hits[0]
+    rewrites = {_rewrite(p, n) for p, n in found.items()}
+    if len(rewrites) > 1:
+        shown = "; ".join(f"{p!r} -> {n!r}" for p, n in list(found.items())[:4])
+        problems.append(
+            f"the adapter's modules map to {what} inconsistently ({', '.join(sorted(rewrites))}: {shown}); "
+            "the adapter does not belong to this model"
+        )
+    return found, absent, problems
+
+
+def _tied(skeleton: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> the other names that share its tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n: [o for o in names if o != n] for names in by_id.values() if len(names) > 1 for n in names}
+
+
+def _layout(module: nn.Module) -> tuple[bool, int]:
+    """(weight stored (in, out), groups) of a module that the dense backend handles."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return True, 1
+    return False, int(getattr(module, "groups", 1))
+
+
+def _plan_trained(extras: dict[str, Tensor], sources: dict[str, _Source]) -> dict[str, Tensor]:
+    """Checkpoint tensor name -> the adapter's trained copy (modules_to_save) that replaces it,
+    as PEFT's merge_and_unload keeps it; every tensor checked before anything is written."""
+    leaves = {k: k.removeprefix("base_model.model.").rpartition(".") for k in extras}
+    ckpt = {n.rpartition(".")[0] for n in sources}
+    found, absent, problems = _resolve(sorted({owner for owner, _, _ in leaves.values()}), ckpt, "the checkpoint")
+    problems += [f"the checkpoint has no module {m!r}" for m in absent]
+    out = {}
+    for key, (owner, _, leaf) in leaves.items():
+        name = f"{found[owner]}.{leaf}" if owner in found else None
+        src = sources.get(name) if name else None
+        if owner in found and src is None:
+            problems.append(f"the checkpoint has no tensor {name!r}")
+        elif src is not None and src.shape != tuple(extras[key].shape):
+            problems.append(f"{key!r} is {tuple(extras[key].shape)} but the checkpoint's {name!r} is {src.shape}")
+        elif src is not None and src.dtype not in _CASTABLE:
+            problems.append(f"the checkpoint's {name!r} is {src.dtype}, not a float tensor")
+        elif src is not None:
+            out[src.name] = extras[key]
+    if problems:
+        raise FoldError(
+            f"the adapter's trained modules (modules_to_save, e.g. a classifier head) do not fit this checkpoint "
+            f"({summarize(problems, 3)}); fold into the checkpoint the adapter was trained on, or pass "
+            "extras='drop' (--extras drop on the command line) to fold the IA3 vectors only"
+        )
+    return out
+
+
+def _plan(
+    adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source]
+) -> tuple[dict[str, _Scale], str]:
+    """Checkpoint tensor name -> its scale; checks every module before anything is written.
+
+    The decisions are the in-memory fold's for full-precision layers (`DenseBackend`): an
+    output-side vector scales its module's rows and bias, a feed-forward one its columns.
+    """
+    model_type = getattr(getattr(skeleton, "config", None), "model_type", type(skeleton).__name__)
+    weighted = {n for n, m in skeleton.named_modules() if isinstance(getattr(m, "weight", None), Tensor)}
+    what = f"the model built from config.json ({type(skeleton).__name__}, model type {model_type!r})"
+    to_skel, absent, problems = _resolve(list(adapter.vectors), weighted, what)
+    tied = _tied(skeleton)
+    dense = DenseBackend()
+    misfits = []
+    for path, vec in adapter.vectors.items():
+        if path in absent:
+            misfits.append(f"{path!r} (absent)")
+            continue
+        if path not in to_skel:
+            continue
+        module = skeleton.get_submodule(to_skel[path])
+        if f"{to_skel[path]}.weight" in tied:
+            others = ", ".join(map(repr, tied[f"{to_skel[path]}.weight"]))
+            problems.append(f"{path!r} has its weight tied to {others}; folding it would change those too")
+        elif not dense.handles(module):
+            problems.append(
+                f"{path!r} is a {type(module).__name__} (model type {model_type!r}); the streaming fold scales "
+                "nn.Linear, Conv1D and Conv2d/Conv3d weights"
+            )
+        else:
+            out_f, in_f = dense.features(module)
+            want = in_f if adapter.feedforward[path] else out_f
+            if vec.numel() != want:
+                side = "input" if adapter.feedforward[path] else "output"
+                misfits.append(f"{path!r} ({want} {side} features, the adapter's vector {vec.numel()})")
+    message = refusal("this checkpoint", misfits=misfits, problems=problems, modules=len(adapter.vectors), where=what,
+                      trained_on=adapter.base_model)
+    if message:
+        raise FoldError(message)
+
+    ckpt_modules = {n[: -len(".weight")] for n in sources if n.endswith(".weight")}
+    to_ckpt, absent, problems = _resolve(list(to_skel.values()), ckpt_modules, "the checkpoint's tensors")
+    problems = [
+        f"the checkpoint has no tensor of {p!r}, which config.json builds; the checkpoint and its config.json disagree"
+        for p in absent
+    ] + problems
+    if problems:
+        raise FoldError(refusal("this checkpoint", misfits=[], problems=problems, modules=len(adapter.vectors),
+                                where=what, trained_on=None))
+    scales: dict[str, _Scale] = {}
+    for path, vec in adapter.vectors.items():
+        skel = to_skel[path]
+        module = skeleton.get_submodule(skel)
+        l = vec.detach().reshape(-1).to("cpu", torch.float32)
+        rows, cols = (None, l) if adapter.feedforward[path] else (l, None)
+        transposed, groups = _layout(module)
+        for role in ("weight", "bias"):
+            param = getattr(module, role, None)
+            key = f"{to_ckpt[skel]}.{role}"
+            src = sources.get(key)
+            if param is None:
+                if src is not None:
+                    problems.append(f"the checkpoint holds {key!r} but config.json builds {skel!r} without a bias")
+                continue
+            if src is None:
+                problems.append(f"the checkpoint lacks {key!r}, which config.json's {skel!r} has")
+            elif src.shape != tuple(param.shape):
+                problems.append(
+                    f"the checkpoint's {key!r} has shape {src.shape} but config.json builds {tuple(param.shape)}; "
+                    "the checkpoint and its config.json disagree"
+                )
+            elif src.dtype not in _CASTABLE:
+                problems.append(f"the checkpoint's {key!r} is {src.dtype}; the streaming fold scales float tensors only")
+            elif role == "weight" or rows is not None:  # an input-side scale leaves the bias alone
+                scales[key] = _Scale(rows, cols if role == "weight" else None, role == "bias", transposed, groups, (path,))
+    if problems:
+        raise FoldError(f"cannot fold the adapter into this checkpoint: {summarize(problems)}")
+    return scales, model_type
+
+
+def _parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise FoldError(f"dtype={dtype!r} is not an output dtype; pass 'float32', 'float16', 'bfloat16' or None (keep)")
+
+
+def _keep_fp32(skeleton: nn.Module, dtype: Optional[torch.dtype]) -> Optional[re.Pattern[str]]:
+    """The tensors that transformers would keep in float32 at this dtype (``_keep_in_fp32_modules``)."""
+    names = set()
+    if dtype == torch.float16:
+        names |= set(getattr(skeleton, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        names |= set(getattr(skeleton, "_keep_in_fp32_modules_strict", None) or ())
+    if not names:
+        return None
+    return re.compile("|".join(f"(?:{n.replace('*', '.*')})" for n in sorted(names)))
