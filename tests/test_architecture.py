@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"errors", "_io", "_runtime", "_text", "_version"},
     {"adapter", "weights", "fusion"},
     {"stack", "recipe"},
-    {"merging", "scaling"},
+    {"merging", "scaling", "forms"},
     {"live", "mixture", "search"},
     {"folding"},
     {"cli", "tables", "demo", "_tiny_models", "__init__", "__main__"},

@@ -863,3 +863,64 @@ def test_mixture_is_differentiable_in_its_weights(llama):
         with torch.no_grad():
             numeric = (loss(ROWS + step) - loss(ROWS - step)).item() / (2 * eps)
         assert math.isclose(w.grad[b, k].item(), numeric, rel_tol=2e-2, abs_tol=1e-5), (b, k, numeric)
+
+
+# ---------------------------------------------------------------- method forms (ia3fuse.forms)
+
+FORMED = [
+    ("linear", {}), ("task_arithmetic", {"lam": 0.8}), ("geometric", {}), ("ties", {"density": 0.5}),
+    ("dare_linear", {"density": 0.5, "seed": 3}), ("dare_ties", {"density": 0.7, "seed": 1}),
+    ("magnitude_prune", {"density": 0.4}), ("breadcrumbs", {"density": 0.8, "gamma": 0.1}), ("svd", {"svd_rank": 2}),
+]
+
+
+@pytest.mark.parametrize("method, params", FORMED, ids=[m for m, _ in FORMED])
+def test_every_method_with_a_form_mixes_as_merge_fuses(llama, method, params):
+    """Mixtures take their math from the registry's forms: per sample, the scales equal the merged
+    vectors of that sample's weights (sign-elected methods: at uniform weights, where the mixture
+    fixes its election)."""
+    mix = llama.mixture(method=method, params=params)
+    rows = torch.tensor([[1 / 3] * 3] * 2) if method.endswith("ties") else torch.tensor([[0.5, -0.25, 0.75], [1.0, 0, 0]])
+    flat = mix.scales(rows)
+    for b, row in enumerate(rows.tolist()):
+        fused = merge(dict(llama.paths), row, method, **params)
+        want = torch.cat([fused.vectors[s.path].reshape(-1).float() for s in mix.segments])
+        torch.testing.assert_close(flat[b], want, rtol=2e-6, atol=2e-6)
+    if not method.endswith("ties"):  # export is merge with the mixture's method
+        _assert_same_adapter(mix.export(rows[0].tolist()), merge(dict(llama.paths), rows[0].tolist(), method, **params))
+    mix.close()
+
+
+def test_method_and_form_options_are_checked(llama):
+    with raises_exactly(InvalidParameterError, "method='ties' takes its parameters (lam included) in params=...; pass "
+                                               "either method (and params) or form and lam"):
+        llama.mixture(method="ties", lam=0.5)
+    with raises_exactly(InvalidParameterError, "params apply to a method; pass method=... with them"):
+        llama.mixture(params={"density": 0.5})
+
+
+def test_a_registered_method_with_a_form_is_mixable_saved_and_searchable(llama, tmp_path):
+    from ia3fuse.fusion.registry import _REGISTRY, register
+
+    @register("half_tau", summary="task arithmetic at half strength (a test method)", paper="-", form="delta")
+    def half_tau(vectors: Tensor, weights: Tensor) -> Tensor:
+        taus = vectors.reshape(vectors.shape[0], -1) - 1
+        return (1 + 0.5 * (taus * weights.to(taus.dtype).unsqueeze(1)).sum(0)).reshape(vectors.shape[1:])
+
+    try:
+        mix = llama.mixture(method="half_tau")
+        want = merge(dict(llama.paths), [0.2, 0.3, 0.5], "half_tau")
+        flat = mix.scales(torch.tensor([0.2, 0.3, 0.5]))
+        torch.testing.assert_close(flat, torch.cat([want.vectors[s.path].reshape(-1).float() for s in mix.segments]))
+        back = Mixture.load(mix.save(tmp_path / "saved"), llama.fresh())
+        assert back.method == "half_tau" and torch.equal(back.scales(torch.tensor([0.2, 0.3, 0.5])), flat)
+        mix.close()
+        back.close()
+        # the same form drives the weight search (a few Adam steps on the mixture's own batch)
+        from ia3fuse import search_weights
+
+        batch = {**llama.inputs, "labels": llama.inputs["input_ids"]} if "labels" not in llama.inputs else llama.inputs
+        result = search_weights(llama.fresh(), dict(llama.paths), [batch], method="half_tau", budget=3)
+        assert result.method == "half_tau" and result.forwards == 3
+    finally:
+        _REGISTRY.pop("half_tau", None)

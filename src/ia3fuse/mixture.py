@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from ._io import atomic_output_dir, check_output_path
 from .adapter import IA3Adapter, PathLike, as_adapters, load_adapter
 from .errors import IA3FuseError, InvalidParameterError, InvalidWeightsError, MethodInputError
+from .forms import MethodForm, mix
+from .fusion import get_method
 from .merging import merge, trained_modules
 from .scaling import ScaleHooks, TaskStack
 
@@ -93,8 +95,13 @@ class Mixture(nn.Module):
     Args:
         model: the base transformers model (or any module holding the IA3 target modules).
         adapters: IA3 adapters (objects or directories), a list or a mapping name -> adapter.
-        form: ``"delta"`` (``1 + lam * sum alpha_k tau_k``) or ``"geometric"`` (``exp(sum alpha_k log l_k)``).
+        form: ``"delta"`` (``1 + lam * sum alpha_k tau_k``, the default) or ``"geometric"``
+            (``exp(sum alpha_k log l_k)``).
         lam: scale of the delta form.
+        method, params: instead of ``form``, any fusion method that declares a form (TIES, DARE,
+            magnitude pruning, breadcrumbs, SVD, a method you registered with ``form=``) and its
+            parameters: each sample's scales are then that method's fusion with the sample's
+            weights (`ia3fuse.forms`; sign-elected methods fix their election at uniform weights).
         router: an optional `Router`.
         extras: the adapters' trained modules (``modules_to_save``, e.g. a classifier head), which
             cannot vary per sample: ``"error"`` (default) runs with them when the adapters agree
@@ -111,14 +118,25 @@ class Mixture(nn.Module):
         ...     out = model.generate(**batch)  # sample 0: math; sample 1: 0.3 math + 0.7 code
     """
 
-    def __init__(self, model: nn.Module, adapters: Any, *, form: str = "delta", lam: float = 1.0,
+    def __init__(self, model: nn.Module, adapters: Any, *, form: Optional[str] = None, lam: float = 1.0,
+                 method: Optional[str] = None, params: Optional[Mapping[str, Any]] = None,
                  router: Optional[Router] = None, allow_pickle: bool = False, extras: str = "error",
                  _peft_tuner: Any = None):
         super().__init__()
-        if form not in FORMS:
+        if method is not None and (form is not None or lam != 1.0):
+            raise InvalidParameterError(
+                f"method={method!r} takes its parameters (lam included) in params=...; pass either method (and params) "
+                "or form and lam"
+            )
+        if method is None and params:
+            raise InvalidParameterError("params apply to a method; pass method=... with them")
+        form = "delta" if form is None and method is None else form
+        if method is None and form not in FORMS:
             raise InvalidParameterError(f"form={form!r} is not a mixture form; pass one of {', '.join(FORMS)}")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
             raise InvalidParameterError(f"lam={lam!r}; pass a finite number")
+        spec = get_method(method) if method is not None else None
+        checked = spec.validate(dict(params or {})) if spec is not None else {}
         if hasattr(model, "peft_config") and _peft_tuner is None:
             raise IA3FuseError(
                 f"the model is a {type(model).__name__}; build the mixture with Mixture.from_peft(peft_model) "
@@ -131,22 +149,31 @@ class Mixture(nn.Module):
         except StopIteration:
             device = torch.device("cpu")
         stack = TaskStack(loaded, device=device)
-        if form == "geometric":
+        agree = None
+        if method is not None:  # the method's form (ia3fuse.forms), shared with the weight search
+            k = len(stack.adapters)
+            uniform = torch.full((k, stack.vectors.shape[1]), 1.0 / k)  # sign elections are fixed here
+            shape = MethodForm(stack, method, checked, uniform, device)
+            kind, basis, agree, lam = shape.kind, shape.basis, shape.agree, shape.lam
+        elif form == "geometric":
             low = float(stack.vectors.min())
             if not low > 0:
                 raise MethodInputError(
                     f"the geometric form takes log(l), so every IA3 value must be > 0, but the adapters hold {low:.6g}; "
                     "use form='delta'"
                 )
-            basis = stack.vectors.double().log().float()
+            kind, basis = "log", stack.vectors.double().log().float()
         else:
-            basis = stack.vectors - 1
+            kind, basis = "delta", stack.vectors - 1
         object.__setattr__(self, "model", model)  # not a submodule: never trained, moved or saved with the router
         object.__setattr__(self, "_tuner", _peft_tuner)
         self.adapters: list[IA3Adapter] = stack.adapters
         self.segments = stack.segments
-        self.form, self.lam = form, float(lam)
+        self.form, self.lam, self.kind = form, float(lam), kind
+        self.method = method if method is not None else ("task_arithmetic" if form == "delta" else "geometric")
+        self.params = checked if method is not None else ({"lam": float(lam)} if form == "delta" else {})
         self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("agree", agree, persistent=False)
         self.register_buffer("_ones", torch.ones(1, basis.shape[1], device=basis.device), persistent=False)
         self.router = router
         if router is not None:
@@ -239,10 +266,7 @@ class Mixture(nn.Module):
         """The flat IA3 vectors for ``weights``: ``(N,)``, ``(B, N)`` or ``(B, T, N)``."""
         w = self.weights_tensor(weights).to(self.basis.device)
         rows = w.reshape(-1, w.shape[-1])
-        if self.form == "delta":  # 1 + lam * w @ basis in one kernel
-            flat = torch.addmm(self._ones, rows, self.basis, alpha=self.lam)
-        else:
-            flat = (rows @ self.basis).exp_()
+        flat = mix(self.kind, rows, self.basis, self.lam, self.agree, self._ones)
         return flat.reshape(*w.shape[:-1], flat.shape[-1])
 
     @contextlib.contextmanager
@@ -334,8 +358,10 @@ class Mixture(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     def export(self, weights: WeightsLike, *, name: str = "mixture") -> IA3Adapter:
-        """A fixed mixture as an ordinary adapter: ``ia3fuse.merge`` with the same weights
-        (``task_arithmetic`` with ``lam`` for the delta form, ``geometric`` otherwise)."""
+        """A fixed mixture as an ordinary adapter: ``ia3fuse.merge`` with the same weights and the
+        mixture's method (``task_arithmetic`` with ``lam`` for the delta form, ``geometric`` for the
+        geometric one). For a sign-elected method (TIES), merge elects at these weights, while the
+        mixture's election is fixed at uniform weights: the two agree at uniform weights."""
         w = self.weights_tensor(weights)
         if w.dim() != 1:
             raise InvalidWeightsError(
@@ -346,9 +372,7 @@ class Mixture(nn.Module):
             values = [float(weights.get(n, 0.0)) for n in self.names]
         else:
             values = torch.as_tensor(weights, dtype=torch.float64).tolist()
-        if self.form == "delta":
-            return merge(self.adapters, values, "task_arithmetic", lam=self.lam, name=name)
-        return merge(self.adapters, values, "geometric", name=name)
+        return merge(self.adapters, values, self.method, name=name, **self.params)
 
     # ------------------------------------------------------------------ router I/O
     def _check_router(self, router: Router) -> None:
@@ -378,6 +402,7 @@ class Mixture(nn.Module):
                 (tmp / "adapters" / str(i)).mkdir()
                 a._write_files(tmp / "adapters" / str(i))  # inside this atomic write: errors name `out`
             meta = {"format": "ia3fuse-mixture", "version": 1, "names": self.names, "form": self.form, "lam": self.lam,
+                    "method": self.method, "params": self.params,
                     "extras": self.extras, "router": None if self.router is None else self.router.config}
             (tmp / "mixture.json").write_text(json.dumps(meta, indent=2) + "\n")
             if self.router is not None:
@@ -407,7 +432,11 @@ class Mixture(nn.Module):
             cfg = dict(meta["router"])
             router = Router(cfg.pop("hidden_size"), cfg.pop("num_adapters"), **cfg)
             router.load_state_dict(load_file(str(root / "router.safetensors")))
-        mix = cls(model, adapters, form=meta["form"], lam=meta["lam"], extras=meta.get("extras", "error"))
+        if meta.get("form") is None and meta.get("method"):  # a mixture of a method's form
+            mix = cls(model, adapters, method=meta["method"], params=meta.get("params") or {},
+                      extras=meta.get("extras", "error"))
+        else:
+            mix = cls(model, adapters, form=meta["form"], lam=meta["lam"], extras=meta.get("extras", "error"))
         if router is not None:
             mix._check_router(router)
             mix.router = router.to(mix.basis.device)

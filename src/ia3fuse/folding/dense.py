@@ -62,7 +62,8 @@ class DenseBackend:
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return module.out_channels, module.in_channels
         if self._is_conv1d(module):
-            return _weight(module).shape[1], _weight(module).shape[0]
+            w = _weight(module)
+            return w.shape[1], w.shape[0]
         assert isinstance(module, nn.Linear)  # handles() accepted it
         return module.out_features, module.in_features
 
@@ -85,7 +86,9 @@ class DenseBackend:
         with torch.no_grad():
             _weight(module).copy_(snap["weight"])
             if "bias" in snap:
-                _bias(module).copy_(snap["bias"])
+                bias = _bias(module)
+                assert bias is not None  # snapshot() saved it because there was one
+                bias.copy_(snap["bias"])
 
     def _apply(self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor]) -> None:
         with torch.no_grad():

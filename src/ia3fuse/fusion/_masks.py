@@ -50,6 +50,18 @@ def random_mask(shape: torch.Size, density: float, seed: int) -> Tensor:
     return torch.rand(shape, generator=gen, dtype=torch.float64) < density
 
 
+def elect(weighted: Tensor, majority: str) -> Tensor:
+    """TIES sign election over weighted task vectors ``weighted`` (k, n): which entries agree
+    with the elected sign of their column, that of the summed mass (``total``) or of the vote
+    count (``frequency``); ties go to ``+``. Shared by `elect_and_merge` and the method forms."""
+    import torch
+
+    signs = weighted.sign()
+    votes = weighted.sum(0) if majority == "total" else signs.sum(0)
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
+    return signs == elected
+
+
 def elect_and_merge(weighted: Tensor, weights: Tensor, majority: str) -> Tensor:
     """TIES sign election and disjoint mean of weighted task vectors ``weighted`` (k, n).
 
@@ -59,10 +71,7 @@ def elect_and_merge(weighted: Tensor, weights: Tensor, majority: str) -> Tensor:
     """
     import torch
 
-    signs = weighted.sign()
-    votes = weighted.sum(0) if majority == "total" else signs.sum(0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = signs == elected
+    agree = elect(weighted, majority)
     num = (weighted * agree).sum(0)
     den = (weights.abs().unsqueeze(1).to(weighted.dtype) * agree).sum(0)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(weighted.dtype).tiny), torch.zeros_like(num))

@@ -47,7 +47,7 @@ def _weighted_sum(taus: Tensor, weights: Tensor) -> Tensor:
     return (taus * weights.to(taus.dtype).unsqueeze(1)).sum(0)
 
 
-@register("linear", summary="Weighted sum of the raw vectors, sum_i w_i l_i (what PEFT's add_weighted_adapter computes)", paper="https://arxiv.org/abs/2205.05638")
+@register("linear", summary="Weighted sum of the raw vectors, sum_i w_i l_i (what PEFT's add_weighted_adapter computes)", paper="https://arxiv.org/abs/2205.05638", form="linear")
 def linear(vectors: Tensor, weights: Tensor) -> Tensor:
     # Accumulate in adapter order exactly as PEFT does, so missing="zero" is bit-for-bit.
     out = vectors[0].new_zeros(vectors[0].shape)
@@ -56,13 +56,13 @@ def linear(vectors: Tensor, weights: Tensor) -> Tensor:
     return out
 
 
-@register("task_arithmetic", summary="Weighted sum of task vectors around the identity, 1 + lam * sum_i w_i (l_i - 1)", paper="https://arxiv.org/abs/2212.04089")
+@register("task_arithmetic", summary="Weighted sum of task vectors around the identity, 1 + lam * sum_i w_i (l_i - 1)", paper="https://arxiv.org/abs/2212.04089", form="delta")
 def task_arithmetic(vectors: Tensor, weights: Tensor, *, lam: Lam = 1.0) -> Tensor:
     taus = _flat(vectors) - 1
     return (1 + lam * _weighted_sum(taus, weights)).reshape(vectors.shape[1:])
 
 
-@register("geometric", summary="Weighted geometric mean in log space, exp(sum_i w_i log l_i); all weights 1 = all adapters active at once", paper="https://arxiv.org/abs/2205.05638")
+@register("geometric", summary="Weighted geometric mean in log space, exp(sum_i w_i log l_i); all weights 1 = all adapters active at once", paper="https://arxiv.org/abs/2205.05638", form="log")
 def geometric(vectors: Tensor, weights: Tensor) -> Tensor:
     flat = _flat(vectors)
     mins = flat.min(dim=1).values
@@ -78,7 +78,7 @@ def geometric(vectors: Tensor, weights: Tensor) -> Tensor:
     return _weighted_sum(logs, weights.double()).exp().to(vectors.dtype).reshape(vectors.shape[1:])
 
 
-@register("ties", summary="TIES: trim each task vector to its top-density magnitudes, elect signs, average agreeing entries", paper="https://arxiv.org/abs/2306.01708")
+@register("ties", summary="TIES: trim each task vector to its top-density magnitudes, elect signs, average agreeing entries", paper="https://arxiv.org/abs/2306.01708", form="elected")
 def ties(
     vectors: Tensor, weights: Tensor, *, density: Density = 0.2, majority_sign_method: Majority = "total", lam: Lam = 1.0
 ) -> Tensor:
@@ -89,7 +89,7 @@ def ties(
     return (1 + lam * merged).reshape(vectors.shape[1:])
 
 
-@register("dare_linear", summary="DARE: drop task-vector entries at random (keep prob. density), rescale, weighted sum", paper="https://arxiv.org/abs/2311.03099", randomized=True)
+@register("dare_linear", summary="DARE: drop task-vector entries at random (keep prob. density), rescale, weighted sum", paper="https://arxiv.org/abs/2311.03099", randomized=True, form="delta")
 def dare_linear(
     vectors: Tensor, weights: Tensor, *, density: Density = 0.5, rescale: Rescale = True, seed: Seed = 0, lam: Lam = 1.0
 ) -> Tensor:
@@ -97,7 +97,7 @@ def dare_linear(
     return (1 + lam * _weighted_sum(taus, weights)).reshape(vectors.shape[1:])
 
 
-@register("dare_ties", summary="DARE random drop and rescale, then TIES sign election and disjoint mean", paper="https://arxiv.org/abs/2311.03099", randomized=True)
+@register("dare_ties", summary="DARE random drop and rescale, then TIES sign election and disjoint mean", paper="https://arxiv.org/abs/2311.03099", randomized=True, form="elected")
 def dare_ties(
     vectors: Tensor,
     weights: Tensor,
@@ -119,7 +119,7 @@ def _dare(taus: Tensor, density: float, rescale: bool, seed: int) -> Tensor:
     return kept / density if rescale else kept
 
 
-@register("magnitude_prune", summary="Keep each task vector's top-density magnitudes, then weighted sum", paper="https://arxiv.org/abs/2306.01708")
+@register("magnitude_prune", summary="Keep each task vector's top-density magnitudes, then weighted sum", paper="https://arxiv.org/abs/2306.01708", form="delta")
 def magnitude_prune(vectors: Tensor, weights: Tensor, *, density: Density = 0.5, lam: Lam = 1.0) -> Tensor:
     taus = _flat(vectors) - 1
     pruned = taus * _masks.top_magnitude_mask(taus, density)
@@ -135,7 +135,7 @@ def _check_band(params: dict) -> None:
         )
 
 
-@register("breadcrumbs", summary="Model Breadcrumbs: drop the largest gamma and smallest entries of each task vector, keep density, weighted sum", paper="https://arxiv.org/abs/2312.06795", check=_check_band)
+@register("breadcrumbs", summary="Model Breadcrumbs: drop the largest gamma and smallest entries of each task vector, keep density, weighted sum", paper="https://arxiv.org/abs/2312.06795", check=_check_band, form="delta")
 def breadcrumbs(
     vectors: Tensor, weights: Tensor, *, density: Density = 0.9, gamma: Gamma = 0.01, lam: Lam = 1.0
 ) -> Tensor:
@@ -145,7 +145,7 @@ def breadcrumbs(
     return (1 + lam * _weighted_sum(pruned, weights)).reshape(vectors.shape[1:])
 
 
-@register("svd", summary="Rank-r approximation of the stacked task vectors (drops adapter-specific interference), then weighted sum", paper="https://arxiv.org/abs/2412.00081")
+@register("svd", summary="Rank-r approximation of the stacked task vectors (drops adapter-specific interference), then weighted sum", paper="https://arxiv.org/abs/2412.00081", form="delta")
 def svd(vectors: Tensor, weights: Tensor, *, svd_rank: SvdRank = None, lam: Lam = 1.0) -> Tensor:
     k = vectors.shape[0]
     rank = max(1, k - 1) if svd_rank is None else svd_rank

@@ -22,7 +22,7 @@ from ..errors import InvalidParameterError, UnknownMethodError
 if TYPE_CHECKING:  # the schema is read without torch, so the CLI's --help does not import it
     from torch import Tensor
 
-__all__ = ["MethodSpec", "ParamSpec", "register", "get_method", "methods", "method_names"]
+__all__ = ["MethodSpec", "ParamSpec", "register", "get_method", "methods", "method_names", "FORMS"]
 
 MethodFn = Callable[..., "Tensor"]
 
@@ -58,6 +58,7 @@ class MethodSpec:
     randomized: bool
     _model: type[pydantic.BaseModel]
     _check: Optional[Callable[[dict[str, Any]], None]] = None
+    form: Optional[str] = None  # its structure in the weights (see FORMS); None: merge only
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Check parameter names, types and ranges; return them with defaults filled in.
@@ -96,6 +97,7 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+FORMS = ("linear", "log", "delta", "elected")
 
 
 def register(
@@ -105,12 +107,24 @@ def register(
     paper: str,
     randomized: bool = False,
     check: Optional[Callable[[dict[str, Any]], None]] = None,
+    form: Optional[str] = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a pure fusion function under ``name``; its keyword-only parameters are its schema.
 
     ``check`` validates combinations of parameters (raising InvalidParameterError) before any
     work starts; single-parameter ranges belong in the type hints.
+
+    ``form`` declares the method's structure in the weights, which makes it searchable
+    (`ia3fuse.search_weights`) and mixable (`ia3fuse.Mixture`) through one differentiable
+    function (`ia3fuse.forms`): ``"linear"`` (``sum_k w_k l_k``), ``"log"``
+    (``exp(sum_k w_k log l_k)``), ``"delta"`` (``1 + lam * sum_k w_k B_k``, where ``B_k + 1`` is
+    what the method makes of adapter k alone with weight 1 and ``lam=1``: true of every method
+    whose preprocessing of the task vectors does not depend on the weights) or ``"elected"`` (TIES-style:
+    the ``delta`` basis, a sign election per entry, the weighted mean of the agreeing entries).
+    None: the method only merges.
     """
+    if form is not None and form not in FORMS:
+        raise ValueError(f"form={form!r} is not a method form; pass one of {', '.join(FORMS)} or None")
 
     def decorate(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
@@ -132,7 +146,7 @@ def register(
         model = pydantic.create_model(
             f"{name}_params", __config__=pydantic.ConfigDict(strict=False, extra="forbid"), **fields
         )
-        _REGISTRY[name] = MethodSpec(name, fn, summary, paper, tuple(params), randomized, model, check)
+        _REGISTRY[name] = MethodSpec(name, fn, summary, paper, tuple(params), randomized, model, check, form)
         return fn
 
     return decorate

@@ -22,7 +22,8 @@ from ..scaling import ScaleHooks, TaskStack
 from .data import Batch, make_batches, read_records
 from .objectives import resolve_objective
 from .optim import OPTIMIZERS, Trace, run_adam, run_cma
-from .space import GRANULARITIES, SEARCHABLE_METHODS, MethodForm, WeightSpace
+from ..forms import MethodForm, formed_methods
+from .space import GRANULARITIES, SEARCHABLE_METHODS, WeightSpace
 
 __all__ = [
     "search_weights",
@@ -289,7 +290,8 @@ def search_weights(
             or per adapter, layer and module kind (``"module"``).
         optimizer: ``"adam"`` (through the differentiable method; TIES/DARE masks fixed at the
             start) or ``"cma"`` (CMA-ES, gradient-free).
-        method: the fusion method (one of `SEARCHABLE_METHODS`); ``**params`` its parameters.
+        method: a fusion method that declares a form (the built-in ones: `SEARCHABLE_METHODS`; a method
+            registered with ``form=`` too); ``**params`` its parameters.
         budget: forward passes to spend (default: 100 passes over the data).
         l1: penalty ``l1 * mean(|weights|)`` added to the objective (LoraHub uses 0.05).
         bounds: (low, high) for every weight; CMA-ES defaults to (-1.5, 1.5), Adam to none.
@@ -325,9 +327,9 @@ def search_weights(
         box = (-1.5, 1.5)
     spec = get_method(method)
     params = spec.validate({**params, **({"seed": seed} if spec.randomized else {})})
-    if method not in SEARCHABLE_METHODS:
+    if spec.form is None:
         raise InvalidParameterError(
-            f"method {method!r} has no differentiable form for weight search; pass one of {', '.join(SEARCHABLE_METHODS)}"
+            f"method {method!r} has no differentiable form for weight search; pass one of {', '.join(formed_methods())}"
         )
     obj_name, obj_fn = resolve_objective(objective)
     if type(model).__name__ == "PeftModel" or hasattr(model, "peft_config"):
