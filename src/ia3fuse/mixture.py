@@ -14,7 +14,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, TypedDict, Union
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,15 @@ __all__ = ["Mixture", "Router", "train_router", "FORMS"]
 FORMS = ("delta", "geometric")
 WeightsLike = Union[Tensor, Sequence[Any], Mapping[str, float]]
 _CACHE_KEYS = ("past_key_values", "cache")
+
+
+class _RouterConfig(TypedDict):
+    hidden_size: int
+    num_adapters: int
+    level: str
+    layer: int
+    hidden: int
+    temperature: float
 
 
 class Router(nn.Module):
@@ -54,13 +63,14 @@ class Router(nn.Module):
             raise InvalidParameterError(f"router level={level!r}; pass 'sequence' or 'token'")
         if not temperature > 0:
             raise InvalidParameterError(f"router temperature={temperature!r}; pass a value > 0")
-        self.config = {"hidden_size": int(hidden_size), "num_adapters": int(num_adapters), "level": level,
-                       "layer": int(layer), "hidden": int(hidden), "temperature": float(temperature)}
+        self.config: _RouterConfig = {"hidden_size": int(hidden_size), "num_adapters": int(num_adapters), "level": level,
+                                      "layer": int(layer), "hidden": int(hidden), "temperature": float(temperature)}
         if hidden:
             self.net: nn.Module = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, num_adapters))
         else:
             self.net = nn.Linear(hidden_size, num_adapters)
         last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+        assert isinstance(last, nn.Linear)  # the Sequential ends in one
         nn.init.zeros_(last.weight)  # starts at uniform weights: the plain mean of the adapters
         nn.init.zeros_(last.bias)
 
@@ -117,6 +127,14 @@ class Mixture(nn.Module):
         >>> with mix.using([[1.0, 0.0], [0.3, 0.7]]):  # doctest: +SKIP
         ...     out = model.generate(**batch)  # sample 0: math; sample 1: 0.3 math + 0.7 code
     """
+
+    # Set with object.__setattr__ (not submodules) and register_buffer, which nn.Module's types
+    # would otherwise read back as ``Tensor | Module``. The model's own methods (generate,
+    # get_encoder) still read that way: the ignores below.
+    model: nn.Module
+    _tuner: Any  # PEFT's tuner model (from_peft) or None
+    basis: Tensor
+    _ones: Tensor
 
     def __init__(self, model: nn.Module, adapters: Any, *, form: Optional[str] = None, lam: float = 1.0,
                  method: Optional[str] = None, params: Optional[Mapping[str, Any]] = None,
@@ -291,7 +309,7 @@ class Mixture(nn.Module):
             with torch.no_grad():
                 if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
                     # route on the encoder's view of the input: the decoder has not started yet
-                    out = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                    out = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)  # type: ignore[operator]
                 else:
                     out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
         finally:
@@ -341,7 +359,7 @@ class Mixture(nn.Module):
         """``model.generate`` with per-request or per-sample weights (or the router's, from the prompt)."""
         if mixture_weights is None:
             if self.hooks.scales is not None:
-                return self.model.generate(*args, **kwargs)
+                return self.model.generate(*args, **kwargs)  # type: ignore[operator]
             ids = kwargs.get("input_ids", args[0] if args else None)
             mixture_weights = self.route(ids, kwargs.get("attention_mask"))
             if mixture_weights.dim() == 3:
@@ -355,7 +373,7 @@ class Mixture(nn.Module):
                 "per-token weights (B, T, K) cannot drive generate(): each step sees one new token; pass (K,) or (B, K)"
             )
         with self.using(w.detach()):
-            return self.model.generate(*args, **kwargs)
+            return self.model.generate(*args, **kwargs)  # type: ignore[operator]
 
     def export(self, weights: WeightsLike, *, name: str = "mixture") -> IA3Adapter:
         """A fixed mixture as an ordinary adapter: ``ia3fuse.merge`` with the same weights and the

@@ -2,6 +2,8 @@
 (`checkpoint`), or into a llama.cpp GGUF file (`gguf`); backends per weight format (`dense`,
 `bnb`) behind one interface (`base`)."""
 
+from typing import Any
+
 from .model import FoldEntry, FoldReport, backends, fold, unfold
 
 __all__ = [
@@ -10,7 +12,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # the on-disk folds import their I/O only when used
+def __getattr__(name: str) -> Any:  # the on-disk folds import their I/O only when used
     if name in ("fold_checkpoint", "CheckpointFoldReport"):
         from . import checkpoint
 

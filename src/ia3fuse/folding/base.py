@@ -22,7 +22,9 @@ from typing import Any, Optional, Protocol
 
 from torch import Tensor, nn
 
-__all__ = ["FoldBackend", "Snapshot", "register_backend", "backend_for", "backends"]
+from ..errors import FoldError
+
+__all__ = ["FoldBackend", "Snapshot", "register_backend", "backend_for", "backends", "check_options"]
 
 # name of a module attribute (dotted, e.g. "weight.SCB" or "weight.quant_state.absmax") -> tensor
 Snapshot = dict[str, Any]
@@ -70,6 +72,27 @@ class FoldOptions:
     """Policy knobs that some backends read."""
 
     double_quant: str = "unnest"  # "unnest": exact fp32 absmax; "renest": keep the nested layout
+
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "exact": ("auto", "require", "allow_requant"),
+    "double_quant": ("unnest", "renest"),
+    "measure_error": (True, False, "lossy"),
+    "extras": ("keep", "drop"),
+    "permute_qk": (None, True, False),
+}
+_WHAT = {"exact": "a policy", "double_quant": "a layout"}
+
+
+def check_options(**options: Any) -> None:
+    """The one check of the fold options every entry point runs first, before anything is read
+    or changed: each value must be one of its choices, else a FoldError naming them."""
+    for name, value in options.items():
+        choices = _CHOICES[name]
+        if not any(value is c if isinstance(c, bool) or c is None else value == c for c in choices):
+            listed = ", ".join("None (by architecture)" if c is None else repr(c) for c in choices)
+            listed = " or ".join(listed.rsplit(", ", 1))
+            raise FoldError(f"{name}={value!r} is not {_WHAT.get(name, 'a choice')}; pass {listed}")
 
 
 _BACKENDS: list[FoldBackend] = []

@@ -21,6 +21,7 @@ from .._io import atomic_output_dir, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
 from .._text import count, format_table
+from .base import check_options
 from .checkpoint_files import CARD_FILE, copy_files, write_card
 from .provenance import Provenance
 from .checkpoint_plan import _keep_fp32, _parse_dtype, _plan, _plan_trained, _read_config, _skeleton
@@ -190,10 +191,9 @@ def fold_checkpoint(
         >>> report = ia3fuse.fold_checkpoint("llama-7b", "adapters/math", "llama-7b-math")  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP
     """
+    check_options(extras=extras)
     out_dtype = _parse_dtype(dtype)
     max_bytes = _parse_size(max_shard_size)
-    if extras not in ("keep", "drop"):
-        raise FoldError(f"extras={extras!r} is not a choice; pass 'keep' or 'drop'")
     if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
         raise FoldError("the streaming fold writes safetensors' little-endian bytes and needs a little-endian machine")
     base = Path(base_dir)

@@ -26,6 +26,7 @@ from ..errors import IA3FuseWarning
 from . import gguf_blocks as blocks
 from .gguf_header import header_with_strings
 from .provenance import GGUF_KEYS, Provenance
+from .base import check_options
 from .model import FoldEntry, FoldReport, refuse_lossy
 from .gguf_map import Arch, GGUFTensor, Job, plan_gguf
 
@@ -224,16 +225,9 @@ def fold_gguf(
         >>> report = ia3fuse.fold_gguf("tinyllama-q4_k_m.gguf", "adapters/math", "tinyllama-math.gguf")  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP
     """
-    if exact not in ("auto", "require", "allow_requant"):
-        raise FoldError(f"exact={exact!r} is not a policy; pass 'auto', 'require' or 'allow_requant'")
-    if measure_error not in (True, False, "lossy"):
-        raise FoldError(f"measure_error={measure_error!r} is not a choice; pass True, False or 'lossy'")
-    if permute_qk not in (None, True, False):
-        raise FoldError(f"permute_qk={permute_qk!r} is not a choice; pass None (by architecture), True or False")
+    check_options(exact=exact, measure_error=measure_error, permute_qk=permute_qk, extras=extras)
     src = Path(gguf_path)
     loaded = adapter if isinstance(adapter, IA3Adapter) else load_adapter(adapter)
-    if extras not in ("keep", "drop"):
-        raise FoldError(f"extras={extras!r} is not a choice; pass 'keep' or 'drop'")
     if loaded.extras and extras == "keep":
         keys = sorted(loaded.extras)
         raise FoldError(

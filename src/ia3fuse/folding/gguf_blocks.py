@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
 
 __all__ = ["ScaleStats", "exact_types", "float_types", "scale_rows", "scale_cols", "dequantize", "requantize", "can_requantize"]
 
@@ -41,7 +44,7 @@ _F16_SUBNORMAL = np.float32(2.0**-14)  # smallest normal fp16: below it rounding
 _COARSE = 1e-2  # a relative rounding error of a scale that the fold warns about
 
 
-def _types():  # the gguf package is optional: import on first use
+def _types() -> type[GGMLQuantizationType]:  # the gguf package is optional: import on first use
     from gguf import GGMLQuantizationType as T
 
     return T
@@ -83,7 +86,7 @@ class ScaleStats:
 def _block_view(raw: np.ndarray, qtype: int) -> np.ndarray:
     from gguf import GGML_QUANT_SIZES
 
-    _, type_size = GGML_QUANT_SIZES[qtype]
+    _, type_size = GGML_QUANT_SIZES[_types()(qtype)]
     rows = raw.shape[0]
     return raw.reshape(rows, -1, type_size)
 
@@ -177,7 +180,7 @@ def dequantize(raw: np.ndarray, qtype: int) -> np.ndarray:
         return raw.view(np.float32).reshape(n, -1).copy()
     if qtype == T.F16:
         return raw.view(np.float16).astype(np.float32).reshape(n, -1)
-    return quants.dequantize(raw, qtype).reshape(n, -1)
+    return quants.dequantize(raw, T(qtype)).reshape(n, -1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,8 +191,9 @@ def can_requantize(qtype: int) -> bool:
     if qtype in float_types():
         return True
     try:
-        quants.quantize(np.zeros((1, GGML_QUANT_SIZES[qtype][0]), dtype=np.float32), qtype)
-    except (NotImplementedError, KeyError):
+        t = _types()(qtype)  # gguf's functions take the enum (an int crashes their NotImplementedError message)
+        quants.quantize(np.zeros((1, GGML_QUANT_SIZES[t][0]), dtype=np.float32), t)
+    except (NotImplementedError, KeyError, ValueError):  # ValueError: a code this gguf version does not know
         return False
     return True
 
@@ -206,4 +210,4 @@ def requantize(raw: np.ndarray, qtype: int, rows: Optional[np.ndarray], cols: Op
     T = _types()
     if qtype == T.BF16:
         return _to_bf16(w).view(np.uint8).reshape(raw.shape)
-    return np.ascontiguousarray(quants.quantize(w.astype(np.float32), qtype)).view(np.uint8).reshape(raw.shape)
+    return np.ascontiguousarray(quants.quantize(w.astype(np.float32), T(qtype))).view(np.uint8).reshape(raw.shape)

@@ -226,7 +226,7 @@ def plan_gguf(
         base, kind, expert = found
         t = tensors[f"{base}.weight"]
         n_exp = t.ne[2] if len(t.ne) > 2 else None
-        if (expert is None) != (n_exp is None) or (expert is not None and expert >= n_exp):
+        if (expert is None) != (n_exp is None) or (expert is not None and n_exp is not None and expert >= n_exp):
             misfits.append(
                 f"{path!r} (maps to {t.name!r} of shape {list(t.ne)}, which "
                 f"{'holds no experts' if n_exp is None else f'has {n_exp} experts'})"
@@ -248,6 +248,7 @@ def plan_gguf(
             if expert is None:
                 scale[:] = l
             else:
+                assert n_exp is not None  # an expert's tensor holds experts (refused above otherwise)
                 scale.reshape(n_exp, -1)[expert] = l
                 how += f" of expert {expert}"
             job(t.name).add_rows(scale, path, how)
@@ -331,6 +332,8 @@ def _row_order(
             "fold the Hugging Face checkpoint instead (ia3fuse fold --base) and convert it"
         )
     try:
+        if heads is None:  # no head count in the metadata: refused as a count that does not fit
+            raise ValueError(heads)
         regrouped = qkv_by_heads(l, heads) if arch.name in _QKV_HEADS else qkv_falcon(l, heads, kv)
     except (TypeError, ValueError, ZeroDivisionError):
         raise FoldError(

@@ -20,7 +20,7 @@ from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError
 from .._text import format_table, summarize
 from . import dense as _dense  # noqa: F401  (registers the full-precision backend)
-from .base import FoldOptions, Snapshot, backends
+from .base import FoldOptions, Snapshot, backends, check_options
 from .plan import Work, describe, plan_fold
 
 __all__ = ["fold", "unfold", "FoldReport", "FoldEntry", "backends"]
@@ -255,14 +255,7 @@ def fold(
         >>> model = ia3fuse.fold(peft_model)  # doctest: +SKIP
         >>> print(model.ia3fuse_report.table())  # doctest: +SKIP
     """
-    if exact not in ("auto", "require", "allow_requant"):
-        raise FoldError(f"exact={exact!r} is not a policy; pass 'auto', 'require' or 'allow_requant'")
-    if double_quant not in ("unnest", "renest"):
-        raise FoldError(f"double_quant={double_quant!r} is not a layout; pass 'unnest' or 'renest'")
-    if measure_error not in (True, False, "lossy"):  # every option before the model is touched
-        raise FoldError(f"measure_error={measure_error!r} is not a choice; pass True, False or 'lossy'")
-    if extras not in ("keep", "drop"):
-        raise FoldError(f"extras={extras!r} is not a choice; pass 'keep' or 'drop'")
+    check_options(exact=exact, double_quant=double_quant, measure_error=measure_error, extras=extras)  # model untouched
     trained: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if _is_peft(model):
         if adapter is not None:
