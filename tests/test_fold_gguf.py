@@ -387,6 +387,13 @@ def test_gelu_mlp_requantizes_under_auto_and_is_refused_under_require(zoo, tmp_p
         ia3fuse.fold_gguf(src, adapter, tmp_path / "quiet.gguf", exact="allow_requant", progress=False)
 
 
+def test_can_requantize_takes_the_header_s_plain_int_codes():
+    # gguf names a type it cannot quantize by the enum's .name: a plain int code crashed that message
+    assert gguf_blocks.can_requantize(int(Q.I32)) is False
+    assert gguf_blocks.can_requantize(999) is False  # a code this gguf version does not know
+    assert gguf_blocks.can_requantize(int(Q.Q8_0)) is True
+
+
 def test_mxfp4_requantizes_and_nvfp4_is_refused(tmp_path):
     rng = np.random.default_rng(2)
     for qtype, ok in ((Q.MXFP4, True), (Q.NVFP4, False)):

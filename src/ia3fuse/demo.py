@@ -73,8 +73,9 @@ def run_demo(workdir: Path, *, arch: str = "llama") -> str:
         out_dir = workdir / "fused" / spec.name
         fused.save(out_dir, overwrite=True)
         peft_model = PeftModel.from_pretrained(tiny_model(arch), str(out_dir)).eval()
+        # PEFT's submodules read as Tensor | Module (nn.Module.__getattr__): the ignore
         loaded = all(
-            torch.equal(peft_model.base_model.model.get_submodule(p).ia3_l["default"].detach().reshape(v.shape), v)
+            torch.equal(peft_model.base_model.model.get_submodule(p).ia3_l["default"].detach().reshape(v.shape), v)  # type: ignore[union-attr,index]
             for p, v in fused.vectors.items()
         )
         moved = (_output(peft_model, batch) - ref).norm() / ref.norm()

@@ -6,6 +6,8 @@ Every message names what was wrong, the offending value and the fix. The CLI tur
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = [
     "IA3FuseWarning",
     "IA3FuseError",
@@ -53,6 +55,8 @@ class InvalidParameterError(IA3FuseError):
 
 class MethodInputError(IA3FuseError):
     """A fusion method cannot handle the vectors it was given (e.g. geometric with l <= 0)."""
+
+    adapter_index: Optional[int] = None  # the offending adapter's position, where the method knows it
 
 
 class OutputPathError(IA3FuseError):

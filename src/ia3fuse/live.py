@@ -14,7 +14,7 @@ import torch
 from ._text import summarize
 from .adapter import IA3Adapter
 from .errors import IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
-from .merging import merge
+from .merging import Extras, Missing, merge
 from .weights import WeightsArg
 
 __all__ = ["adapter_from_peft", "add_weighted_adapter", "ia3_layers"]
@@ -103,10 +103,10 @@ def add_weighted_adapter(
     majority_sign_method: Optional[str] = None,
     *,
     overwrite: bool = False,
-    missing: str = "identity",
+    missing: Missing = "identity",
     strict: bool = False,
     mixed_bases: bool = False,
-    extras: str = "error",
+    extras: Extras = "error",
     **params: Any,
 ) -> IA3Adapter:
     """Add a fused IA3 adapter to a live PeftModel, like PEFT's LoRA ``add_weighted_adapter``.
@@ -164,10 +164,10 @@ def add_weighted_adapter(
         inputs,
         weights,
         combination_type,
-        missing=missing,  # type: ignore[arg-type]
+        missing=missing,
         strict=strict,
         mixed_bases=mixed_bases,
-        extras=extras,  # type: ignore[arg-type]
+        extras=extras,
         name=adapter_name,
         layers=model_layers(tuner.model, [p for a in inputs for p in a.vectors]),
         **params,
@@ -193,8 +193,8 @@ def model_layers(model: Any, paths: Sequence[str]) -> dict[str, int]:
     from .weights import layer_index
 
     counts = {}
-    for where in {layer_index(p) for p in paths} - {None}:
-        stack = where[0]  # type: ignore[index]
+    for where in {w for p in paths if (w := layer_index(p)) is not None}:
+        stack = where[0]
         try:
             counts[stack] = len(model.get_submodule(stack))
         except (AttributeError, TypeError):  # not a ModuleList / Sequential: keep the offline rule

@@ -18,7 +18,7 @@ from .errors import IA3FuseWarning, IncompatibleAdaptersError, InvalidParameterE
 from .fusion import get_method
 from .recipe import AdapterRef, Recipe
 from .stack import ModulePlan, module_seed, plan_modules
-from .weights import WeightSchedule, WeightsArg, layer_index, layer_positions, plan_weights
+from .weights import WeightPlan, WeightSchedule, WeightsArg, WeightValue, layer_index, layer_positions, plan_weights
 
 __all__ = ["merge", "run_recipe", "merge_extras", "fused_config", "weights_to_plain", "cli_choice", "trained_modules"]
 
@@ -92,7 +92,7 @@ def _extras_choices(first: str) -> str:
     )
 
 
-def merge_extras(adapters: Sequence[IA3Adapter], policy: str, plan: Optional[Any] = None) -> dict[str, Tensor]:
+def merge_extras(adapters: Sequence[IA3Adapter], policy: str, plan: Optional[WeightPlan] = None) -> dict[str, Tensor]:
     """The non-IA3 tensors (``modules_to_save``, e.g. a classifier head) of the fused adapter.
 
     ``policy``: ``"error"`` keeps them when every adapter that has them has the same ones and
@@ -134,7 +134,7 @@ def _first_or_drop() -> str:
     return f"{cli_choice('extras', 'first')} or {cli_choice('extras', 'drop')}"
 
 
-def _average_extras(adapters: Sequence[IA3Adapter], plan: Optional[Any]) -> dict[str, Tensor]:
+def _average_extras(adapters: Sequence[IA3Adapter], plan: Optional[WeightPlan]) -> dict[str, Tensor]:
     keys = set(adapters[0].extras)
     for a in adapters:
         if set(a.extras) != keys or any(a.extras[k].shape != adapters[0].extras[k].shape for k in keys):
@@ -143,12 +143,13 @@ def _average_extras(adapters: Sequence[IA3Adapter], plan: Optional[Any]) -> dict
                 f"same shapes; {a.name!r} differs from {adapters[0].name!r}; pass {_first_or_drop()}"
             )
     raw = plan.default if plan is not None else tuple(1.0 for _ in adapters)
-    if any(not isinstance(w, float) for w in raw):
+    per_adapter = [w for w in raw if isinstance(w, float)]
+    if len(per_adapter) != len(raw):
         raise IncompatibleAdaptersError(
             "extras='average' weighs the trained modules with one number per adapter, but the weights are depth "
             f"gradients; pass plain per-adapter weights, or {_first_or_drop()}"
         )
-    total = float(sum(raw))  # type: ignore[arg-type]
+    total = float(sum(per_adapter))
     if total == 0.0:
         raise IncompatibleAdaptersError(
             "extras='average' divides by the sum of the adapters' weights, which is 0; pass weights with a nonzero "
@@ -165,7 +166,8 @@ def _average_extras(adapters: Sequence[IA3Adapter], plan: Optional[Any]) -> dict
                 )
             out[k] = first.clone()
             continue
-        acc = sum(float(w) * a.extras[k].double() for w, a in zip(raw, adapters))  # type: ignore[arg-type]
+        acc = sum(float(w) * a.extras[k].double() for w, a in zip(per_adapter, adapters))
+        assert isinstance(acc, Tensor)  # a sum over at least one adapter
         out[k] = (acc / total).to(first.dtype)
     return out
 
@@ -182,11 +184,12 @@ def fused_config(adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan], *,
     """
     config = dict(adapters[0].config)
     targets = [a.config.get("target_modules") for a in adapters]
+    target_lists = [t for t in targets if isinstance(t, list)]
     ffs = [a.config.get("feedforward_modules") for a in adapters]
     target_modules: Any = None
     ff_modules: Any = None
-    if all(isinstance(t, list) for t in targets) and all(f is None or isinstance(f, list) for f in ffs):
-        target_modules = sorted({n for t in targets for n in t})
+    if len(target_lists) == len(targets) and all(f is None or isinstance(f, list) for f in ffs):
+        target_modules = sorted({n for t in target_lists for n in t})
         ff_modules = sorted({n for f in ffs if f for n in f})
         fits = all(
             _targets_module(target_modules, m.path) and is_feedforward_module(ff_modules, m.path) == m.feedforward
@@ -351,7 +354,7 @@ def merge(
     )
 
 
-def weights_to_plain(weights: WeightsArg) -> Any:
+def weights_to_plain(weights: Union[WeightsArg, WeightValue]) -> Any:
     """Weights as plain YAML/JSON data, for recipes and model cards."""
     if weights is None:
         return None

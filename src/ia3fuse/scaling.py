@@ -120,14 +120,15 @@ def module_size(module: nn.Module, feedforward: bool) -> Optional[int]:
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
-        Conv1D = ()  # type: ignore[assignment,misc]
+        Conv1D = ()  # type: ignore[assignment,misc]  # isinstance(x, ()) is False
     base = getattr(module, "base_layer", module)  # a PEFT wrapper holds the real layer
     if isinstance(base, nn.modules.conv._ConvNd):
         return base.in_channels if feedforward else base.out_channels
-    if Conv1D and isinstance(base, Conv1D):
+    if isinstance(base, Conv1D):
         return base.weight.shape[0] if feedforward else base.nf
     if hasattr(base, "in_features") and hasattr(base, "out_features"):  # nn.Linear and bitsandbytes layers
-        return int(base.in_features if feedforward else base.out_features)
+        # torch types an unknown Module attribute as Tensor | Module; these are ints
+        return int(base.in_features if feedforward else base.out_features)  # type: ignore[arg-type]
     return None
 
 

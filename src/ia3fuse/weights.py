@@ -94,17 +94,21 @@ def _interp(anchors: Sequence[float], t: Optional[float]) -> float:
 
 
 def _check_value(value: Any, where: str) -> Union[float, tuple[float, ...]]:
-    if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
-        raise InvalidWeightsError(
-            f"{where} is {value!r}; a weight is a number or a list of numbers (a depth gradient)"
-        )
     if isinstance(value, (list, tuple)):
         if not value:
             raise InvalidWeightsError(f"{where} is an empty list; a depth gradient needs at least one number")
         for v in value:
             if isinstance(v, (list, tuple)):
                 raise InvalidWeightsError(f"{where} holds the list {v!r}; a depth gradient is a flat list of numbers")
-        return tuple(float(_check_value(v, where)) for v in value)  # type: ignore[arg-type]
+        return tuple(_check_number(v, where) for v in value)
+    return _check_number(value, where)
+
+
+def _check_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidWeightsError(
+            f"{where} is {value!r}; a weight is a number or a list of numbers (a depth gradient)"
+        )
     if not math.isfinite(value):
         raise InvalidWeightsError(f"{where} is {value!r}; weights must be finite numbers")
     return float(value)
@@ -174,8 +178,9 @@ def plan_weights(weights: WeightsArg, names: Sequence[str]) -> WeightPlan:
     if weights is None:
         return WeightPlan(tuple(1.0 / k for _ in names), {}, ())
     if isinstance(weights, Mapping) and weights and set(weights) <= _SCHEDULE_KEYS and not set(weights) & set(names):
+        schedule: Mapping[str, Any] = weights  # plain data (YAML): its values are checked below
         weights = WeightSchedule(
-            default=weights.get("default"), kinds=weights.get("kinds") or {}, overrides=_pairs(weights.get("overrides") or ())
+            default=schedule.get("default"), kinds=schedule.get("kinds") or {}, overrides=_pairs(schedule.get("overrides") or ())
         )
     if not isinstance(weights, WeightSchedule):
         return WeightPlan(_per_adapter(weights, names, "weights"), {}, ())

@@ -147,7 +147,8 @@ def _is_bias(job: Job) -> bool:
 def _error(before: np.ndarray, after: np.ndarray, job: Job) -> float:
     want = before.astype(np.float64)
     if _is_bias(job):
-        want = (want.reshape(-1) * job.rows.reshape(-1)).reshape(want.shape)  # type: ignore[union-attr]
+        assert job.rows is not None  # a bias (1-D) only takes row scales
+        want = (want.reshape(-1) * job.rows.reshape(-1)).reshape(want.shape)
     else:
         if job.rows is not None:
             want = want * job.rows.reshape(-1, 1)

@@ -166,7 +166,7 @@ def _strip_ia3(peft_model: Any) -> nn.Module:
         if isinstance(copies, nn.ModuleDict) and isinstance(getattr(module, "original_module", None), nn.Module):
             active = getattr(module, "active_adapter", None)
             active = active[0] if isinstance(active, list) and active else active
-            replacements[path] = copies[active] if active in copies else module.original_module
+            replacements[path] = copies[active] if isinstance(active, str) and active in copies else module.original_module
     for path, new in replacements.items():
         parent_path, _, name = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
@@ -385,7 +385,8 @@ def unfold(model: nn.Module) -> nn.Module:
         module = model.get_submodule(e.module)
         backend = backend_for(module)
         assert backend is not None
-        backend.restore(module, e._snapshot)  # type: ignore[arg-type]
+        assert e._snapshot is not None  # refused above otherwise
+        backend.restore(module, e._snapshot)
     with torch.no_grad():
         for tensor, original in report._trained_originals.values():
             tensor.copy_(original)

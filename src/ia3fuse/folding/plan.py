@@ -61,8 +61,8 @@ def _module(model: nn.Module, path: str) -> nn.Module:
         module = model.get_submodule(path)
     except AttributeError:
         raise _Absent(path) from None
-    while isinstance(getattr(module, "base_layer", None), nn.Module):  # a PEFT wrapper: fold into its base layer
-        module = module.base_layer
+    while isinstance(base := getattr(module, "base_layer", None), nn.Module):  # a PEFT wrapper: fold into its base layer
+        module = base
     return module
 
 
@@ -174,6 +174,7 @@ def plan_fold(
             except (FoldError, _Absent):
                 nbr = None
         if nbr is not None and nbr.backend.exact_rows(nbr.module) is None:
+            assert target is not None  # nbr is its module
             n_out = nbr.backend.features(nbr.module)[0]
             scale = torch.ones(n_out)
             sl = target[1] if target[1] is not None else slice(0, n_out)
@@ -194,9 +195,9 @@ def plan_fold(
         w.lossy = reason
     for w in works.values():
         if w.rows is not None and w.lossy is None:
-            reason = w.backend.exact_rows(w.module)
-            if reason is not None:
-                w.lossy = reason
+            rows_reason = w.backend.exact_rows(w.module)
+            if rows_reason is not None:
+                w.lossy = rows_reason
     message = refusal("this model", misfits=misfits, problems=problems, modules=len(vectors),
                       where=f"the model (model type {model_type!r})", trained_on=trained_on)
     if message:

@@ -214,7 +214,8 @@ def _write_tensor(out: BinaryIO, job: _Job, raw: BinaryIO, handle: Any) -> None:
     if s is None:
         tensor = tensor.to(dtype)
     elif s.bias:
-        tensor = scale_bias(tensor, s.rows).to(dtype)  # type: ignore[arg-type]
+        assert s.rows is not None  # a bias only takes row scales
+        tensor = scale_bias(tensor, s.rows).to(dtype)
     else:
         tensor = scale_weight(tensor, s.rows, s.cols, transposed=s.transposed, groups=s.groups).to(dtype)
     _write_bytes(out, tensor)
@@ -238,7 +239,8 @@ class _Inputs:
             self._ctx = safe_open(str(path), framework="pt")
             self.handle = self._ctx.__enter__()
             self.path = path
-        return self.raw, self.handle  # type: ignore[return-value]
+        assert self.raw is not None  # opened with self.path
+        return self.raw, self.handle
 
     def close(self) -> None:
         if self.raw is not None:

@@ -72,7 +72,7 @@ def geometric(vectors: Tensor, weights: Tensor) -> Tensor:
                 f"geometric fusion takes log(l), so every IA3 value must be > 0, but this adapter has {m:.6g}; "
                 "use method 'task_arithmetic' (delta space), which accepts any value"
             )
-            err.adapter_index = i  # type: ignore[attr-defined]
+            err.adapter_index = i
             raise err
     logs = flat.double().log()
     return _weighted_sum(logs, weights.double()).exp().to(vectors.dtype).reshape(vectors.shape[1:])

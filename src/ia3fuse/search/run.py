@@ -14,7 +14,7 @@ from torch import Tensor
 from .._io import atomic_output_dir, check_output_path
 from ..adapter import IA3Adapter, PathLike, as_adapters
 from ..errors import DataError, IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
-from ..merging import merge, trained_modules, weights_to_plain
+from ..merging import Extras, merge, trained_modules, weights_to_plain
 from ..recipe import AdapterRef, Recipe
 from ..fusion import get_method
 from .._text import count
@@ -75,7 +75,7 @@ class SearchResult:
     sources: list[Optional[str]] = field(default_factory=list)
     budget: Optional[int] = None
     stopped: str = ""
-    extras: str = "error"  # the policy for the adapters' trained modules (see ia3fuse.merge)
+    extras: Extras = "error"  # the policy for the adapters' trained modules (see ia3fuse.merge)
 
     def passes(self) -> str:
         """The forward passes spent of the budget, e.g. ``"39 of 40 forward passes (3 per
@@ -99,7 +99,7 @@ class SearchResult:
         Adapter paths are absolute, or relative to ``relative_to`` (the recipe's folder); an
         adapter given in memory (no directory) appears by name only.
         """
-        refs = []
+        refs: list[Union[str, AdapterRef]] = []
         for name, src in zip(self.names, self.sources or [None] * len(self.names)):
             if src is None:
                 refs.append(AdapterRef(name=name))
@@ -180,13 +180,14 @@ def load_model(path: PathLike, *, classifier: bool = False, dtype: Optional[torc
         config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise DataError(f"model {str(path)!r} is not a transformers model directory ({str(exc).splitlines()[0]})") from None
+    cls: type[Union[tf.AutoModelForSeq2SeqLM, tf.AutoModelForSequenceClassification, tf.AutoModelForCausalLM]]
     if getattr(config, "is_encoder_decoder", False):
         cls = tf.AutoModelForSeq2SeqLM
     elif classifier:
         cls = tf.AutoModelForSequenceClassification
     else:
         cls = tf.AutoModelForCausalLM
-    kwargs = {"local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True}  # Any: mypy checks a **dict against every keyword
     if dtype is not None:
         kwargs["dtype"] = dtype
     with no_hf_progress_bars():
@@ -274,7 +275,7 @@ def search_weights(
     name: str = "searched",
     progress: bool = False,
     allow_pickle: bool = False,
-    extras: str = "error",
+    extras: Extras = "error",
     **params: Any,
 ) -> SearchResult:
     """Find fusion weights that minimise an objective on a few examples.
