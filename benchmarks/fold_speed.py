@@ -87,11 +87,11 @@ RUNS = [
     Run("a", A, "nf4", "fold", "used", "a"),
     Run("b", B, "nf4", "requantize", "used", "a"),
     Run("c", "(c) workaround: load bf16, PEFT merge_and_unload, save, reload nf4", "nf4", "workaround", "-", "a"),
-    Run("a_renest", "(a) `fold(peft_model, double_quant=\"renest\")`", "nf4", "fold", "used", "a", "renest"),
+    Run("a_renest", '(a) `fold(peft_model, double_quant="renest")`', "nf4", "fold", "used", "a", "renest"),
     Run("a_fresh", A, "nf4", "fold", "fresh", "a_fresh"),
     Run("b_fresh", B, "nf4", "requantize", "fresh", "a_fresh"),
-    Run("a_dq_unnest", "(a) `fold(peft_model, double_quant=\"unnest\")`", "nf4-dq", "fold", "used", "a"),
-    Run("a_dq_renest", "(a) `fold(peft_model, double_quant=\"renest\")`", "nf4-dq", "fold", "used", "a", "renest"),
+    Run("a_dq_unnest", '(a) `fold(peft_model, double_quant="unnest")`', "nf4-dq", "fold", "used", "a"),
+    Run("a_dq_renest", '(a) `fold(peft_model, double_quant="renest")`', "nf4-dq", "fold", "used", "a", "renest"),
     Run("a_int8", A, "int8", "fold", "used", "a_int8"),
     Run("b_int8", B, "int8", "requantize", "used", "a_int8"),
 ]
@@ -159,14 +159,15 @@ def _load_quantized(path: str, quant: str, compute_dtype: str) -> Any:
         cfg = BitsAndBytesConfig(load_in_8bit=True)
     else:
         cfg = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=quant == "nf4-dq",
         )
     # The unquantized modules (embeddings, norms, lm_head) stay float32 whatever the compute dtype:
     # in a bf16 model PEFT 0.21's 4-bit IA3 layer returns float32 k/v (it casts its input to float32
     # and never back), and attention then fails on mixed dtypes.
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.float32,
-                                                 device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.float32, device_map="cpu")
     return model.eval()
 
 
@@ -281,8 +282,10 @@ def _requantize_each(peft_model: Any) -> tuple[Any, dict[str, int]]:
     from ia3fuse.live import ia3_layers
 
     layers = ia3_layers(peft_model)
-    jobs = [(path, layer.ia3_l["default"].detach().float().reshape(-1), bool(layer.is_feedforward))
-            for path, layer in layers.items()]
+    jobs = [
+        (path, layer.ia3_l["default"].detach().float().reshape(-1), bool(layer.is_feedforward))
+        for path, layer in layers.items()
+    ]
     # PEFT's unload() refuses 4-bit IA3 models ("Cannot merge ia3 layers ... 4-bit"), even without
     # merging; put each wrapper's base layer back by hand.
     base = peft_model.base_model.model
@@ -455,11 +458,19 @@ def _setup(bench: FoldBench, model_config: dict[str, Any]) -> dict[str, Any]:
         for d in ("base", "adapter"):
             shutil.rmtree(wd / d, ignore_errors=True)
         marker.unlink()
-    print(f"setup: building a {model_config['num_hidden_layers']}-layer bf16 model and one IA3 adapter in {wd}",
-          flush=True)
+    print(
+        f"setup: building a {model_config['num_hidden_layers']}-layer bf16 model and one IA3 adapter in {wd}",
+        flush=True,
+    )
     adapter_dir = wd / "adapter"
-    info = bench.worker("setup", "setup", base_dir=str(wd / "base"), adapter_dirs=[str(adapter_dir)],
-                        model_config=model_config, dtype="bfloat16")
+    info = bench.worker(
+        "setup",
+        "setup",
+        base_dir=str(wd / "base"),
+        adapter_dirs=[str(adapter_dir)],
+        model_config=model_config,
+        dtype="bfloat16",
+    )
     info.pop("process")
     saved = {"key": key, "base_dir": str(wd / "base"), "adapter_dir": str(adapter_dir), "info": info}
     ms._write_json_atomic(marker, saved)
@@ -484,7 +495,8 @@ def _aggregate(run: Run, samples: list[dict[str, Any]]) -> dict[str, Any]:
         "rss_increase_mib": _median([r["step_peak_rss_mib"] - r["rss_before_step_mib"] for r in samples]),
         "rss_retained_mib": _median([r["rss_after_step_mib"] - r["rss_before_step_mib"] for r in samples]),
         "rss_retained_after_trim_mib": _median(
-            [r["rss_after_step_trimmed_mib"] - r["rss_before_step_mib"] for r in samples]),
+            [r["rss_after_step_trimmed_mib"] - r["rss_before_step_mib"] for r in samples]
+        ),
         "step_peak_resettable": all(r["step_peak_resettable"] for r in samples),
         "rel_error_vs_peft": _median([r["rel_error_vs_peft"] for r in samples]),
         "rel_error_vs_peft_canonical": _median([r["rel_error_vs_peft_canonical"] for r in samples]),
@@ -499,8 +511,17 @@ def _aggregate(run: Run, samples: list[dict[str, Any]]) -> dict[str, Any]:
     for when in ("before", "after"):
         times = [t for r in samples for t in r.get(f"forward_{when}", [])]
         out[f"forward_{when}_s"] = {"best": min(times), "median": statistics.median(times)} if times else None
-    for k in ("load_quantized", "noise_floor_repacked_vs_canonical", "noise_floor_rounding", "fold_measure_error_seconds",
-              "weight_rel_error_max", "load_bf16", "merge_and_unload", "save_bf16", "reload_quantized"):
+    for k in (
+        "load_quantized",
+        "noise_floor_repacked_vs_canonical",
+        "noise_floor_rounding",
+        "fold_measure_error_seconds",
+        "weight_rel_error_max",
+        "load_bf16",
+        "merge_and_unload",
+        "save_bf16",
+        "reload_quantized",
+    ):
         if k in last:
             out[k] = _median([r[k] for r in samples])
     if "refold_seconds" in last:
@@ -579,8 +600,10 @@ def _goal(res: dict[str, dict[str, Any]], cfg: dict[str, Any], compute: str) -> 
     if not all(k in res for k in ("a", "b", "a_fresh", "b_fresh")):
         return None
     a, b, af, bf = res["a"], res["b"], res["a_fresh"], res["b_fresh"]
-    fresh, used = bf["fold_seconds"]["median"] / af["fold_seconds"]["median"], \
-        b["fold_seconds"]["median"] / a["fold_seconds"]["median"]
+    fresh, used = (
+        bf["fold_seconds"]["median"] / af["fold_seconds"]["median"],
+        b["fold_seconds"]["median"] / a["fold_seconds"]["median"],
+    )
     text = (
         "**Goal check** (the project's goal for (a): at the compute-dtype noise floor, no weight-sized "
         "temporaries, at least 100x faster than (b) on CPU). *Fresh load:* "
@@ -596,7 +619,7 @@ def _goal(res: dict[str, dict[str, Any]], cfg: dict[str, Any], compute: str) -> 
     if "a_renest" in res:
         rn = res["a_renest"]
         text += (
-            f" `double_quant=\"renest\"` folds the repacked layers in {_fmt_secs(rn['fold_seconds']['median'])} s "
+            f' `double_quant="renest"` folds the repacked layers in {_fmt_secs(rn["fold_seconds"]["median"])} s '
             f"((b)/that = {_fmt_ratio(b['fold_seconds']['median'] / rn['fold_seconds']['median'])}, "
             f"+{rn['rss_increase_mib']:,.0f} MiB) at the price of one bf16 rounding per block absmax (weight error "
             f"{_fmt(rn.get('weight_rel_error_max'), '.1e')})."
@@ -608,16 +631,19 @@ def _notes(data: dict[str, Any]) -> list[str]:
     res = data["results"]
     out = []
     if data["ratios"]:
-        out.append("**Ratios** (fold wall time, median): " + "; ".join(
-            f"{k} = {_fmt_ratio(v)}" for k, v in data["ratios"].items()) + ".")
+        out.append(
+            "**Ratios** (fold wall time, median): "
+            + "; ".join(f"{k} = {_fmt_ratio(v)}" for k, v in data["ratios"].items())
+            + "."
+        )
     goal = _goal(res, data["model_config"], data["compute_dtype"])
     if goal:
         out.append(goal)
     out.append(
         "**Model at fold.** *After inference*: the PeftModel ran eval-mode forwards before the fold (the reference "
-        "logits and the \"before\" timings), so bitsandbytes had repacked every 4-bit layer for its fused CPU "
+        'logits and the "before" timings), so bitsandbytes had repacked every 4-bit layer for its fused CPU '
         "kernel (`packing_format_for_cpu`). *Fresh load*: the fold runs right after loading, the 4-bit layers "
-        "still in the canonical layout (their reference through the repacked kernel comes from the \"after "
+        'still in the canonical layout (their reference through the repacked kernel comes from the "after '
         "inference\" worker: same model, same batch; the after-inference workers' references were bit-identical: "
         f"{all(r.get('ref_matches_saved', True) for r in res.values())}). (c) starts from the checkpoint on disk."
     )
@@ -625,8 +651,9 @@ def _notes(data: dict[str, Any]) -> list[str]:
     if a:
         paths = ", ".join(f"{n} x {p}" for p, n in a["fold_paths"].items())
         carries = "; ".join(f"{n} x {c}" for c, n in a["fold_carries"].items())
-        errs = ", ".join(f"{k} {r['weight_rel_error_max']:.1e}" for k, r in res.items()
-                         if r.get("weight_rel_error_max") is not None)
+        errs = ", ".join(
+            f"{k} {r['weight_rel_error_max']:.1e}" for k, r in res.items() if r.get("weight_rel_error_max") is not None
+        )
         out.append(
             f"**(a)** `FoldReport` paths (nf4): {paths} (exact: {a['fold_exact']}); what they carry: {carries}. "
             "Fold wall time is the first fold of the PeftModel (PEFT wrappers stripped); in parentheses the median "
@@ -636,8 +663,11 @@ def _notes(data: dict[str, Any]) -> list[str]:
             f"(`measure_error=True`, float32, vs diag(r) W diag(c)): {errs}. `measure_error=True` is `fold`'s "
             "default: it dequantizes every changed layer before and after (one float32 layer at a time), and the "
             "same fold then took "
-            + ", ".join(f"{k} {_fmt_secs(r['fold_measure_error_seconds'])} s" for k, r in res.items()
-                        if r.get("fold_measure_error_seconds") is not None)
+            + ", ".join(
+                f"{k} {_fmt_secs(r['fold_measure_error_seconds'])} s"
+                for k, r in res.items()
+                if r.get("fold_measure_error_seconds") is not None
+            )
             + " (timed after an unfold, untimed elsewhere)."
         )
     if any(k in res for k in ("b", "b_fresh", "b_int8")):
@@ -667,8 +697,10 @@ def _notes(data: dict[str, Any]) -> list[str]:
         if r is None:
             continue
         kernel = r.get("noise_floor_repacked_vs_canonical")
-        floors.append(f"{QUANT_TITLES[quant]}: rounding {r['noise_floor_rounding']:.2e}"
-                      + (f", kernel {kernel:.2e}" if kernel is not None else ""))
+        floors.append(
+            f"{QUANT_TITLES[quant]}: rounding {r['noise_floor_rounding']:.2e}"
+            + (f", kernel {kernel:.2e}" if kernel is not None else "")
+        )
     if floors:
         out.append(
             "**Noise floors** (relative logit differences of PEFT's unmerged model with itself): *rounding*: every "
@@ -684,7 +716,7 @@ def _notes(data: dict[str, Any]) -> list[str]:
     if "a" in res:
         r = res["a"]
         out.append(
-            "**CPU inference after the fold.** The exact `\"unnest\"` fold pins the 4-bit layers it scales (k_proj, "
+            '**CPU inference after the fold.** The exact `"unnest"` fold pins the 4-bit layers it scales (k_proj, '
             "v_proj, up_proj) to the canonical layout (`support_avx512bf16_for_cpu=False`), undoing bnb's repack "
             "where it had happened, because the fused kernel would round the scaled absmax to bf16. Those layers "
             "then dequantize to float32 and run a float32 matmul on every forward: "
@@ -693,7 +725,7 @@ def _notes(data: dict[str, Any]) -> list[str]:
             f"{r['forward_after_s']['best']:.2f} s. Undoing the repack is also most of (a)'s time and memory after "
             "inference: bitsandbytes' `_convert_weight_packed_for_cpu_inverse` unpacks each layer's codes through "
             "an int32 tensor of out x in elements (as large as the float32 weight) and several uint8 ones; the "
-            "freed blocks stay in the heap until `malloc_trim`. `\"renest\"` keeps the repacked bf16 layout and "
+            'freed blocks stay in the heap until `malloc_trim`. `"renest"` keeps the repacked bf16 layout and '
             "the forward speed; (b) and (c) leave canonical layers that bnb repacks on the next forward."
         )
     out.append(
@@ -702,8 +734,11 @@ def _notes(data: dict[str, Any]) -> list[str]:
         "the whole process (model load included; loading quantizes the model). RSS increase: step peak minus "
         "RSS before the step (after `gc.collect()` and `malloc_trim`) / what remained after the step and another "
         "`malloc_trim` ((c): the reloaded model itself)"
-        + ("" if all(r["step_peak_resettable"] for r in res.values()) else
-           " (/proc/self/clear_refs was not writable: step peaks are the process's peaks so far)")
+        + (
+            ""
+            if all(r["step_peak_resettable"] for r in res.values())
+            else " (/proc/self/clear_refs was not writable: step peaks are the process's peaks so far)"
+        )
         + ". Fold time / (a)'s: against the default fold of the same "
         "format and model state (above 1: (a) is faster). Forward: "
         f"batch {BATCH[0]} x {BATCH[1]}, best of {FORWARD_REPEATS} after a warm-up forward (medians in the JSON), "
@@ -714,11 +749,14 @@ def _notes(data: dict[str, Any]) -> list[str]:
         out.append(
             f"**Contention.** Other processes kept {min(busy):.2f}–{max(busy):.2f} of the {data['machine']['cpu_count']} "
             "CPUs busy while the workers ran (per path in the JSON); wall times include their interference."
-            + (f" Every worker ran with OMP_NUM_THREADS={data['threads']} (`--threads {data['threads']}`): with torch's "
-               "default of one thread per CPU, another process on one core made the threads wait for each other and "
-               "the same step swung by up to 10x between runs." if data["threads"] else
-               " torch used one thread per CPU; with another process on one core its threads wait for each other, "
-               "so timings can swing by up to 10x (`--threads 1` avoids that).")
+            + (
+                f" Every worker ran with OMP_NUM_THREADS={data['threads']} (`--threads {data['threads']}`): with torch's "
+                "default of one thread per CPU, another process on one core made the threads wait for each other and "
+                "the same step swung by up to 10x between runs."
+                if data["threads"]
+                else " torch used one thread per CPU; with another process on one core its threads wait for each other, "
+                "so timings can swing by up to 10x (`--threads 1` avoids that)."
+            )
         )
     out.append(
         f"**Repeats.** {data['repeats']} subprocess run(s) per path (`--repeats`, default 1: the slow paths take "
@@ -732,16 +770,20 @@ def _check_runs(runs: list[Run]) -> None:
     """Fresh-load workers and (c) read the repacked-kernel reference an earlier worker wrote."""
     for i, run in enumerate(runs):
         needs_ref = run.method == "workaround" or run.state == "fresh"
-        if needs_ref and not any(p.quant == run.quant and p.state == "used" and p.method != "workaround"
-                                 for p in runs[:i]):
-            raise SystemExit(f"path {run.key} needs the reference logits that an earlier {run.quant} "
-                             "after-inference path (a or b) computes; add one to --paths")
+        if needs_ref and not any(
+            p.quant == run.quant and p.state == "used" and p.method != "workaround" for p in runs[:i]
+        ):
+            raise SystemExit(
+                f"path {run.key} needs the reference logits that an earlier {run.quant} "
+                "after-inference path (a or b) computes; add one to --paths"
+            )
 
 
 def _bench(args: argparse.Namespace) -> None:
     t_script = time.perf_counter()
-    model_config = dict(ms.LLAMA_SHAPE,
-                        num_hidden_layers=ms.QUICK_LAYERS if args.quick else ms.LLAMA_SHAPE["num_hidden_layers"])
+    model_config = dict(
+        ms.LLAMA_SHAPE, num_hidden_layers=ms.QUICK_LAYERS if args.quick else ms.LLAMA_SHAPE["num_hidden_layers"]
+    )
     runs = [r for r in RUNS if r.key in args.paths]
     _check_runs(runs)
     workdir, created = _prepare_workdir(args)
@@ -758,26 +800,41 @@ def _bench(args: argparse.Namespace) -> None:
             shutil.rmtree(refs, ignore_errors=True)
             refs.mkdir()
             for run in runs:
-                spec = dict(base_dir=setup["base_dir"], adapter_dir=setup["adapter_dir"],
-                            compute_dtype=args.compute_dtype, quant=run.quant, method=run.method, state=run.state,
-                            double_quant=run.double_quant, ref_path=str(refs / f"{run.quant}.pt"), inner=args.inner)
+                spec = dict(
+                    base_dir=setup["base_dir"],
+                    adapter_dir=setup["adapter_dir"],
+                    compute_dtype=args.compute_dtype,
+                    quant=run.quant,
+                    method=run.method,
+                    state=run.state,
+                    double_quant=run.double_quant,
+                    ref_path=str(refs / f"{run.quant}.pt"),
+                    inner=args.inner,
+                )
                 if run.method == "workaround":
                     r = bench.worker("workaround", f"{run.key}-{rep}", out_dir=str(workdir / "merged"), **spec)
                 else:
                     r = bench.worker("fold", f"{run.key}-{rep}", **spec)
                 samples[run.key].append(r)
-                print(f"  {run.key:12s} fold {r['fold_seconds']:9.4f} s, step peak RSS {r['step_peak_rss_mib']:6.0f} "
-                      f"MiB (+{r['step_peak_rss_mib'] - r['rss_before_step_mib']:.0f}), rel. error "
-                      f"{r['rel_error_vs_peft']:.2e}, process {r['process']['wall']:.0f} s", flush=True)
+                print(
+                    f"  {run.key:12s} fold {r['fold_seconds']:9.4f} s, step peak RSS {r['step_peak_rss_mib']:6.0f} "
+                    f"MiB (+{r['step_peak_rss_mib'] - r['rss_before_step_mib']:.0f}), rel. error "
+                    f"{r['rel_error_vs_peft']:.2e}, process {r['process']['wall']:.0f} s",
+                    flush=True,
+                )
         results = {r.key: _aggregate(r, samples[r.key]) for r in runs}
         for r in results.values():
             base = results.get(r["base"])
             r["ratio_vs_base"] = None if base is None else r["fold_seconds"]["median"] / base["fold_seconds"]["median"]
         ratios = {
             name: results[num]["fold_seconds"]["median"] / results[den]["fold_seconds"]["median"]
-            for num, den, name in (("b", "a", "nf4 after inference (b)/(a)"), ("c", "a", "nf4 (c)/(a after inference)"),
-                                   ("b_fresh", "a_fresh", "nf4 fresh load (b)/(a)"),
-                                   ("c", "a_fresh", "nf4 (c)/(a fresh load)"), ("b_int8", "a_int8", "int8 (b)/(a)"))
+            for num, den, name in (
+                ("b", "a", "nf4 after inference (b)/(a)"),
+                ("c", "a", "nf4 (c)/(a after inference)"),
+                ("b_fresh", "a_fresh", "nf4 fresh load (b)/(a)"),
+                ("c", "a_fresh", "nf4 (c)/(a fresh load)"),
+                ("b_int8", "a_int8", "int8 (b)/(a)"),
+            )
             if num in results and den in results
         }
         machine = ms._machine(setup["info"], "bfloat16")
@@ -820,21 +877,40 @@ def _bench(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", help="folder for the base model, adapter and the workaround's merged copy "
-                        "(default: a temp dir); removed at the end if this run created it; a folder set up by an "
-                        "earlier run is reused")
-    parser.add_argument("--repeats", type=int, default=1, help="subprocess runs of every path (default 1: the slow "
-                        "paths take minutes); the median is reported")
+    parser.add_argument(
+        "--workdir",
+        help="folder for the base model, adapter and the workaround's merged copy "
+        "(default: a temp dir); removed at the end if this run created it; a folder set up by an "
+        "earlier run is reused",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="subprocess runs of every path (default 1: the slow paths take minutes); the median is reported",
+    )
     parser.add_argument("--inner", type=int, default=5, help="in-process unfold + refold repeats for (a)")
     parser.add_argument("--quick", action="store_true", help=f"{ms.QUICK_LAYERS} layers instead of 22 (smoke run)")
-    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="bnb_4bit_compute_dtype (the unquantized modules stay float32)")
-    parser.add_argument("--paths", default=",".join(r.key for r in RUNS),
-                        help=f"comma-separated subset of {','.join(r.key for r in RUNS)}")
+    parser.add_argument(
+        "--compute-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bnb_4bit_compute_dtype (the unquantized modules stay float32)",
+    )
+    parser.add_argument(
+        "--paths",
+        default=",".join(r.key for r in RUNS),
+        help=f"comma-separated subset of {','.join(r.key for r in RUNS)}",
+    )
     parser.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS/MKL_NUM_THREADS for every "
-                        "process (default: torch's default, one per CPU). On a shared machine 1 keeps timings stable: "
-                        "with another process on one core, torch's threads wait for each other (10x swings)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS/MKL_NUM_THREADS for every "
+        "process (default: torch's default, one per CPU). On a shared machine 1 keeps timings stable: "
+        "with another process on one core, torch's threads wait for each other (10x swings)",
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="do not delete the work folder at the end")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -137,8 +137,27 @@ json_values = st.recursive(
     max_leaves=10,
 )
 _REGEXES = st.sampled_from(
-    ["(", ")", "[", "*", "+?", "(?P<", "\\", "a{2,1}", "(?<=a+)b", ".*", "k_proj", r".*\.down_proj", "(a|b", "[z-a]",
-     "(?i)", "\x00", "(?P<n>a)(?P=m)", "", "|"]
+    [
+        "(",
+        ")",
+        "[",
+        "*",
+        "+?",
+        "(?P<",
+        "\\",
+        "a{2,1}",
+        "(?<=a+)b",
+        ".*",
+        "k_proj",
+        r".*\.down_proj",
+        "(a|b",
+        "[z-a]",
+        "(?i)",
+        "\x00",
+        "(?P<n>a)(?P=m)",
+        "",
+        "|",
+    ]
 ) | st.text(alphabet="()[]{}*+?.|\\^$-,0123456789akdownpr_", max_size=12)
 _MODULE_NAMES = st.sampled_from(["k_proj", "v_proj", "down_proj", "q_proj", "mlp", "", ".", "layers.0.mlp.down_proj"])
 
@@ -187,8 +206,32 @@ def _byte_edits(draw: Callable[[Any], Any], data: bytes, how: list[str], what: s
     return data
 
 
-_ST_DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
-              "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64", "E8M0", "f32", "", "F32 "]
+_ST_DTYPES = [
+    "F64",
+    "F32",
+    "F16",
+    "BF16",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "U16",
+    "U32",
+    "U64",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+    "F8_E8M0",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "C64",
+    "E8M0",
+    "f32",
+    "",
+    "F32 ",
+]
 
 
 def _split_header(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -209,8 +252,7 @@ def _header_edits(draw: Callable[[Any], Any], data: bytes, how: list[str]) -> by
             entry["dtype"] = draw(st.sampled_from(_ST_DTYPES) | json_values)
         elif op == "shape":
             entry["shape"] = draw(
-                st.lists(st.integers(-2, 80)
-                         | st.sampled_from([2**31, 2**32, 2**62, 2**63, 2**64]), max_size=5)
+                st.lists(st.integers(-2, 80) | st.sampled_from([2**31, 2**32, 2**62, 2**63, 2**64]), max_size=5)
                 | json_values
             )
         elif op == "offsets":
@@ -218,13 +260,35 @@ def _header_edits(draw: Callable[[Any], Any], data: bytes, how: list[str]) -> by
             if not (isinstance(old, list) and len(old) == 2 and all(type(v) is int for v in old)):
                 old = [0, 0]
             entry["data_offsets"] = draw(
-                st.sampled_from([old[::-1], [old[0], old[0]], [old[0] + 1, old[-1] + 1], [0, len(body)],
-                                 [0, len(body) + 4], [old[0], 2**64], [-1, old[-1]], old + [0], old[:1]])
-                | st.lists(st.integers(-1, len(body) + 8), max_size=3) | json_values
+                st.sampled_from(
+                    [
+                        old[::-1],
+                        [old[0], old[0]],
+                        [old[0] + 1, old[-1] + 1],
+                        [0, len(body)],
+                        [0, len(body) + 4],
+                        [old[0], 2**64],
+                        [-1, old[-1]],
+                        old + [0],
+                        old[:1],
+                    ]
+                )
+                | st.lists(st.integers(-1, len(body) + 8), max_size=3)
+                | json_values
             )
         elif op == "rename" and key in header:
-            new = draw(st.sampled_from([key.removesuffix(".ia3_l"), key.removeprefix("base_model.model."), "x." + key,
-                                        key + ".ia3_l", key.replace("k_proj", "down_proj")]) | st.text(max_size=30))
+            new = draw(
+                st.sampled_from(
+                    [
+                        key.removesuffix(".ia3_l"),
+                        key.removeprefix("base_model.model."),
+                        "x." + key,
+                        key + ".ia3_l",
+                        key.replace("k_proj", "down_proj"),
+                    ]
+                )
+                | st.text(max_size=30)
+            )
             header[new] = header.pop(key)
         elif op == "delete":
             header.pop(key, None)
@@ -249,8 +313,19 @@ def _tensor_edits(draw: Callable[[Any], Any], data: bytes, how: list[str]) -> by
     from safetensors.torch import save
 
     tensors = _tensors(data)
-    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.uint8,
-              torch.bool, torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2]
+    dtypes = [
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+    ]
     for _ in range(draw(st.integers(1, 3))):
         keys = sorted(tensors)
         key = draw(st.sampled_from(keys)) if keys else "base_model.model.x.ia3_l"
@@ -267,18 +342,35 @@ def _tensor_edits(draw: Callable[[Any], Any], data: bytes, how: list[str]) -> by
             tensors[key] = t.to(torch.float32).to(dtype) if dtype is not torch.complex64 else t.to(torch.complex64)
         elif op == "shape":
             n = t.numel()
-            shapes = [(n,), (1, n), (n, 1), (1, n, 1, 1), (1, n, 1, 1, 1), (1, 1, n), (n, 1, 1, 1), (0, 1), (1, 0),
-                      (), (2, max(n // 2, 1))]
+            shapes = [
+                (n,),
+                (1, n),
+                (n, 1),
+                (1, n, 1, 1),
+                (1, n, 1, 1, 1),
+                (1, 1, n),
+                (n, 1, 1, 1),
+                (0, 1),
+                (1, 0),
+                (),
+                (2, max(n // 2, 1)),
+            ]
             shape = draw(st.sampled_from(shapes))
             size = math.prod(shape)
             tensors[key] = t.reshape(-1)[:size].reshape(shape) if size <= n else torch.ones(shape)
         elif op == "extra":
-            tensors[draw(st.sampled_from(["base_model.model.lm_head.modules_to_save.default.weight", "x", ""])
-                         | st.text(min_size=1, max_size=20))] = torch.ones(draw(st.integers(0, 3)), 2)
+            tensors[
+                draw(
+                    st.sampled_from(["base_model.model.lm_head.modules_to_save.default.weight", "x", ""])
+                    | st.text(min_size=1, max_size=20)
+                )
+            ] = torch.ones(draw(st.integers(0, 3)), 2)
         elif op == "delete":
             tensors.pop(key, None)
         else:
-            tensors[draw(st.text(min_size=1, max_size=20) | st.just(key.replace(".ia3_l", ".ia3_x")))] = tensors.pop(key, t)
+            tensors[draw(st.text(min_size=1, max_size=20) | st.just(key.replace(".ia3_l", ".ia3_x")))] = tensors.pop(
+                key, t
+            )
         how.append(f"tensors: {op} {key!r}")
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     return save(tensors, metadata=draw(st.none() | st.just({"format": "pt"})))
@@ -286,14 +378,11 @@ def _tensor_edits(draw: Callable[[Any], Any], data: bytes, how: list[str]) -> by
 
 def _config_value(draw: Callable[[Any], Any], key: str) -> Any:
     if key == "peft_type":
-        return draw(st.sampled_from(["IA3", "ia3", "Ia3", "LORA", "", None, 3, ["IA3"], {"IA3": 1}]) | st.text(max_size=6))
-    if key in ("target_modules", "feedforward_modules"):
         return draw(
-            _REGEXES
-            | st.lists(_MODULE_NAMES, max_size=4)
-            | st.lists(json_values, max_size=3)
-            | json_values
+            st.sampled_from(["IA3", "ia3", "Ia3", "LORA", "", None, 3, ["IA3"], {"IA3": 1}]) | st.text(max_size=6)
         )
+    if key in ("target_modules", "feedforward_modules"):
+        return draw(_REGEXES | st.lists(_MODULE_NAMES, max_size=4) | st.lists(json_values, max_size=3) | json_values)
     return draw(json_values)
 
 
@@ -309,8 +398,18 @@ def _config_edits(draw: Callable[[Any], Any], data: bytes, how: list[str]) -> by
         opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
         return (opener * depth + "1" + closer * depth).encode()
     config = json.loads(data)
-    known = ["peft_type", "target_modules", "feedforward_modules", "base_model_name_or_path", "task_type",
-             "fan_in_fan_out", "init_ia3_weights", "modules_to_save", "inference_mode", "exclude_modules"]
+    known = [
+        "peft_type",
+        "target_modules",
+        "feedforward_modules",
+        "base_model_name_or_path",
+        "task_type",
+        "fan_in_fan_out",
+        "init_ia3_weights",
+        "modules_to_save",
+        "inference_mode",
+        "exclude_modules",
+    ]
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from(known) | st.text(max_size=8))
         if draw(st.integers(0, 3)) == 0:
@@ -327,7 +426,9 @@ def adapter_cases(draw: Callable[[Any], Any], seed: Optional[tuple[tuple[str, by
     """An adapter directory made from a valid one (`seed_adapter` by default) by random edits."""
     files = dict(seed if seed is not None else seed_adapter())
     how: list[str] = []
-    weights = draw(st.sampled_from(["valid", "bytes", "header", "header", "tensors", "tensors", "pickle", "absent", "directory"]))
+    weights = draw(
+        st.sampled_from(["valid", "bytes", "header", "header", "tensors", "tensors", "pickle", "absent", "directory"])
+    )
     if weights == "bytes":
         files[SAFETENSORS] = _byte_edits(draw, files[SAFETENSORS], how, "safetensors")
     elif weights == "header":
@@ -438,9 +539,13 @@ _NUMBERS = (
 _WEIGHT_VALUES = _NUMBERS | st.lists(_NUMBERS, max_size=4) | st.lists(st.lists(_NUMBERS, max_size=2), max_size=2)
 _GOOD_WEIGHTS = st.floats(-2, 2) | st.lists(st.floats(-2, 2), min_size=1, max_size=3)
 _GOOD_PARAMS = {  # values each parameter accepts (the wild branch tries everything else)
-    "density": st.sampled_from([0.1, 0.5, 1.0]), "lam": st.sampled_from([1.0, 0.5, -1.0]),
-    "majority_sign_method": st.sampled_from(["total", "frequency"]), "rescale": st.booleans(),
-    "seed": st.integers(0, 5), "gamma": st.sampled_from([0.0, 0.1]), "svd_rank": st.sampled_from([1, None]),
+    "density": st.sampled_from([0.1, 0.5, 1.0]),
+    "lam": st.sampled_from([1.0, 0.5, -1.0]),
+    "majority_sign_method": st.sampled_from(["total", "frequency"]),
+    "rescale": st.booleans(),
+    "seed": st.integers(0, 5),
+    "gamma": st.sampled_from([0.0, 0.1]),
+    "svd_rank": st.sampled_from([1, None]),
 }
 
 
@@ -449,9 +554,7 @@ def _per_adapter(draw: Callable[[Any], Any], names: Optional[list[str]] = None) 
         values = [draw(_GOOD_WEIGHTS) for _ in names]
         return dict(zip(names, values)) if draw(st.booleans()) and len(set(names)) == len(names) else values
     return draw(
-        st.lists(_WEIGHT_VALUES, max_size=4)
-        | st.dictionaries(_ADAPTER_NAMES, _WEIGHT_VALUES, max_size=4)
-        | json_values
+        st.lists(_WEIGHT_VALUES, max_size=4) | st.dictionaries(_ADAPTER_NAMES, _WEIGHT_VALUES, max_size=4) | json_values
     )
 
 
@@ -466,23 +569,31 @@ def recipe_data(draw: Callable[[Any], Any]) -> Any:
     # The simplest draws (all zeros, where libFuzzer starts) give a valid recipe.
     if draw(st.integers(0, 9)) == 9:
         return draw(json_values)
+
     def good() -> bool:  # one biased coin per field
         return draw(st.integers(0, 3)) < 3
 
     data: dict[Any, Any] = {}
     names: Optional[list[str]] = None
     if good():
-        refs = draw(st.lists(st.sampled_from(["adapters/a", "adapters/b", "c", "/abs/d"])
-                             | st.fixed_dictionaries({"path": st.sampled_from(["x/a", "y"])}, optional={"name": _ADAPTER_NAMES}),
-                             min_size=1, max_size=3))
+        refs = draw(
+            st.lists(
+                st.sampled_from(["adapters/a", "adapters/b", "c", "/abs/d"])
+                | st.fixed_dictionaries({"path": st.sampled_from(["x/a", "y"])}, optional={"name": _ADAPTER_NAMES}),
+                min_size=1,
+                max_size=3,
+            )
+        )
         data["adapters"] = refs
         names = [(r.get("name") or Path(r["path"]).name) if isinstance(r, dict) else Path(r).name for r in refs]
     elif draw(st.integers(0, 9)):
         data["adapters"] = draw(
             st.lists(
                 st.sampled_from(["adapters/a", "b", "/abs/c", "", ".", "a/b/../c"])
-                | st.fixed_dictionaries({"path": st.text(max_size=8) | json_values},
-                                        optional={"name": _ADAPTER_NAMES | json_values, "extra": json_values})
+                | st.fixed_dictionaries(
+                    {"path": st.text(max_size=8) | json_values},
+                    optional={"name": _ADAPTER_NAMES | json_values, "extra": json_values},
+                )
                 | json_values,
                 max_size=4,
             )
@@ -503,19 +614,42 @@ def recipe_data(draw: Callable[[Any], Any]) -> Any:
             if draw(st.booleans()):
                 schedule["default"] = _per_adapter(draw, ok)
             if draw(st.booleans()):
-                schedule["kinds"] = draw(
-                    st.dictionaries(st.sampled_from(["attention", "feedforward", "ffn"]) | st.text(max_size=5),
-                                    st.none() | st.lists(_WEIGHT_VALUES, max_size=3), max_size=3)
-                    | json_values
-                ) if ok is None else {draw(st.sampled_from(["attention", "feedforward"])): _per_adapter(draw, ok)}
+                schedule["kinds"] = (
+                    draw(
+                        st.dictionaries(
+                            st.sampled_from(["attention", "feedforward", "ffn"]) | st.text(max_size=5),
+                            st.none() | st.lists(_WEIGHT_VALUES, max_size=3),
+                            max_size=3,
+                        )
+                        | json_values
+                    )
+                    if ok is None
+                    else {draw(st.sampled_from(["attention", "feedforward"])): _per_adapter(draw, ok)}
+                )
             if draw(st.booleans()):
-                schedule["overrides"] = draw(st.lists(
-                    st.fixed_dictionaries({"filter": _REGEXES | json_values, "weights": st.lists(_WEIGHT_VALUES, max_size=3) | json_values})
-                    | st.tuples(_REGEXES, st.lists(_WEIGHT_VALUES, max_size=3))
-                    | json_values,
-                    max_size=3) | json_values
-                ) if ok is None else [{"filter": draw(st.sampled_from([r"layers\.0\.", "k_proj", ".*"]) | _REGEXES),
-                                       "weights": _per_adapter(draw, ok)}]
+                schedule["overrides"] = (
+                    draw(
+                        st.lists(
+                            st.fixed_dictionaries(
+                                {
+                                    "filter": _REGEXES | json_values,
+                                    "weights": st.lists(_WEIGHT_VALUES, max_size=3) | json_values,
+                                }
+                            )
+                            | st.tuples(_REGEXES, st.lists(_WEIGHT_VALUES, max_size=3))
+                            | json_values,
+                            max_size=3,
+                        )
+                        | json_values
+                    )
+                    if ok is None
+                    else [
+                        {
+                            "filter": draw(st.sampled_from([r"layers\.0\.", "k_proj", ".*"]) | _REGEXES),
+                            "weights": _per_adapter(draw, ok),
+                        }
+                    ]
+                )
             if draw(st.integers(0, 3)) == 0:
                 schedule[draw(st.text(max_size=6))] = draw(json_values)
             data["weights"] = schedule
@@ -526,12 +660,20 @@ def recipe_data(draw: Callable[[Any], Any]) -> Any:
         data["parameters"] = {name: draw(_GOOD_PARAMS.get(name, st.none())) for name in chosen}
     elif draw(st.booleans()):
         data["parameters"] = draw(
-            st.dictionaries(st.sampled_from(params) | st.text(max_size=6),
-                            _NUMBERS | st.sampled_from(["total", "frequency", "x"]) | json_values, max_size=4)
+            st.dictionaries(
+                st.sampled_from(params) | st.text(max_size=6),
+                _NUMBERS | st.sampled_from(["total", "frequency", "x"]) | json_values,
+                max_size=4,
+            )
             | json_values
         )
-    for key, choices in (("missing", ["identity", "zero"]), ("extras", ["error", "first", "drop"]),
-                         ("strict", [True, False, "yes", 1]), ("name", ["fused", ""]), ("output", ["out", "/abs/out", ""])):
+    for key, choices in (
+        ("missing", ["identity", "zero"]),
+        ("extras", ["error", "first", "drop"]),
+        ("strict", [True, False, "yes", 1]),
+        ("name", ["fused", ""]),
+        ("output", ["out", "/abs/out", ""]),
+    ):
         if draw(st.integers(0, 3)) == 0:
             data[key] = draw(st.sampled_from(choices) | (json_values if not good() else st.nothing()))
     if draw(st.integers(0, 5)) == 5:
@@ -540,11 +682,60 @@ def recipe_data(draw: Callable[[Any], Any]) -> Any:
 
 
 _YAML_TOKENS = st.sampled_from(
-    ["adapters:", "method:", "weights:", "parameters:", "output:", "name:", "default:", "overrides:", "filter:",
-     "- ", ": ", "\n", "  ", "[", "]", "{", "}", ",", "&a ", "*a", "*b", "<<: *a", "!!float ", "!!binary ",
-     "!!python/object:os.system ", "!!set ", "? ", "|\n", ">-\n", "'", '"', "#", "---\n", "...\n", "%YAML 1.1\n",
-     "~", "null", ".nan", ".inf", "0x1F", "1e400", "2001-12-14", "yes", "ties", "density: 0.5", "\t", "\ufeff",
-     "\x00", "a/b", "!", "&", "*"]
+    [
+        "adapters:",
+        "method:",
+        "weights:",
+        "parameters:",
+        "output:",
+        "name:",
+        "default:",
+        "overrides:",
+        "filter:",
+        "- ",
+        ": ",
+        "\n",
+        "  ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "&a ",
+        "*a",
+        "*b",
+        "<<: *a",
+        "!!float ",
+        "!!binary ",
+        "!!python/object:os.system ",
+        "!!set ",
+        "? ",
+        "|\n",
+        ">-\n",
+        "'",
+        '"',
+        "#",
+        "---\n",
+        "...\n",
+        "%YAML 1.1\n",
+        "~",
+        "null",
+        ".nan",
+        ".inf",
+        "0x1F",
+        "1e400",
+        "2001-12-14",
+        "yes",
+        "ties",
+        "density: 0.5",
+        "\t",
+        "\ufeff",
+        "\x00",
+        "a/b",
+        "!",
+        "&",
+        "*",
+    ]
 )
 
 
@@ -638,10 +829,16 @@ class Tally:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "target": self.target, "engine": self.engine, "inputs": self.inputs, "seconds": round(self.seconds, 1),
+            "target": self.target,
+            "engine": self.engine,
+            "inputs": self.inputs,
+            "seconds": round(self.seconds, 1),
             "inputs_per_second": round(self.inputs / self.seconds, 1) if self.seconds else None,
-            "crashes": sum(self.crash_types.values()), "crash_types": dict(self.crash_types),
-            "outcomes": dict(self.outcomes.most_common()), "crash_examples": self.crashes, "note": self.note,
+            "crashes": sum(self.crash_types.values()),
+            "crash_types": dict(self.crash_types),
+            "outcomes": dict(self.outcomes.most_common()),
+            "crash_examples": self.crashes,
+            "note": self.note,
         }
 
 
@@ -657,7 +854,9 @@ def _save_crash(target: str, case: Any, exc: BaseException) -> str:
         case.write(folder / "adapter")
         (folder / "case.txt").write_text(f"allow_pickle={case.allow_pickle}\n" + "\n".join(case.how) + "\n")
     elif case.text is not None:
-        (folder / "recipe.yaml").write_bytes(case.text if isinstance(case.text, bytes) else case.text.encode("utf-8", "surrogatepass"))
+        (folder / "recipe.yaml").write_bytes(
+            case.text if isinstance(case.text, bytes) else case.text.encode("utf-8", "surrogatepass")
+        )
     else:
         (folder / "data.txt").write_text(repr(case.data))
     (folder / "traceback.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
@@ -675,7 +874,9 @@ def _record(tally: Tally, case: Any, run: Callable[[Any, Path], str], workdir: P
         tally.crash_types[name] += 1
         tally.outcomes["CRASH " + name] += 1
         if len(tally.crashes) < 20:
-            tally.crashes.append({"type": name, "message": str(exc)[:300], "saved": _save_crash(tally.target, case, exc)})
+            tally.crashes.append(
+                {"type": name, "message": str(exc)[:300], "saved": _save_crash(tally.target, case, exc)}
+            )
 
 
 def _target(name: str) -> tuple[st.SearchStrategy[Any], Callable[[Any, Path], str]]:
@@ -697,9 +898,16 @@ def _fuzz_hypothesis(name: str, seconds: float, seed: int, workdir: Path) -> Tal
     round_ = 0
     start = time.monotonic()
     while time.monotonic() < deadline:
+
         @hyp_seed(seed * 100_003 + round_)
-        @settings(max_examples=2000, deadline=None, database=None, derandomize=False,
-                  suppress_health_check=list(HealthCheck), phases=["generate"])
+        @settings(
+            max_examples=2000,
+            deadline=None,
+            database=None,
+            derandomize=False,
+            suppress_health_check=list(HealthCheck),
+            phases=["generate"],
+        )
         @given(case=strategy)
         def one(case: Any) -> None:
             if time.monotonic() >= deadline:
@@ -755,25 +963,59 @@ def _atheris_worker(name: str, seconds: float, seed: int, stats: Path) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
             os._exit(0)
 
-    atheris.Setup([sys.argv[0], f"-seed={seed + 1}", f"-max_total_time={int(seconds) + 120}", "-rss_limit_mb=6144",
-                   f"-timeout={int(HANG_SECONDS * 3)}", "-max_len=8192", "-print_final_stats=0"], one_input)
+    atheris.Setup(
+        [
+            sys.argv[0],
+            f"-seed={seed + 1}",
+            f"-max_total_time={int(seconds) + 120}",
+            "-rss_limit_mb=6144",
+            f"-timeout={int(HANG_SECONDS * 3)}",
+            "-max_len=8192",
+            "-print_final_stats=0",
+        ],
+        one_input,
+    )
     atheris.Fuzz()
 
 
 def _fuzz_atheris(name: str, seconds: float, seed: int) -> Tally:
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "stats.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", name, "--seconds", str(seconds),
-               "--seed", str(seed), "--_stats", str(stats), "--out", str(CRASHES[0].parent)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_worker",
+            name,
+            "--seconds",
+            str(seconds),
+            "--seed",
+            str(seed),
+            "--_stats",
+            str(stats),
+            "--out",
+            str(CRASHES[0].parent),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600, check=False)
         if not stats.is_file():
-            raise RuntimeError(f"the atheris worker for {name} wrote no stats (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"the atheris worker for {name} wrote no stats (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
         d = json.loads(stats.read_text())
-    tally = Tally(name, d["engine"], d["inputs"], Counter(d["outcomes"]), d["crash_examples"], Counter(d["crash_types"]),
-                  d["seconds"], d["note"])
+    tally = Tally(
+        name,
+        d["engine"],
+        d["inputs"],
+        Counter(d["outcomes"]),
+        d["crash_examples"],
+        Counter(d["crash_types"]),
+        d["seconds"],
+        d["note"],
+    )
     if proc.returncode != 0:  # libFuzzer stopped it: a hang, out of memory, or a crash inside C code
         tally.crash_types[f"libFuzzer exit {proc.returncode}"] += 1
-        tally.note += "libFuzzer: " + " | ".join(l for l in proc.stderr.splitlines() if "ERROR" in l or "SUMMARY" in l)[:500]
+        tally.note += (
+            "libFuzzer: " + " | ".join(l for l in proc.stderr.splitlines() if "ERROR" in l or "SUMMARY" in l)[:500]
+        )
     return tally
 
 
@@ -781,10 +1023,12 @@ def _markdown(tallies: list[Tally], meta: dict[str, Any]) -> str:
     lines = [
         "# Fuzzing the adapter loader and the recipe parser",
         "",
-        (f"`python benchmarks/fuzz.py --seconds {meta['seconds_per_target']:g} --seed {meta['seed']} "
-         f"--engine {meta['engine_flag']}` ({meta['engine']}; {meta['machine']}; python {meta['python']}, "
-         f"torch {meta['torch']}, safetensors {meta['safetensors']}, pydantic {meta['pydantic']}, "
-         f"PyYAML {meta['pyyaml']}, hypothesis {meta['hypothesis']}, atheris {meta['atheris']})."),
+        (
+            f"`python benchmarks/fuzz.py --seconds {meta['seconds_per_target']:g} --seed {meta['seed']} "
+            f"--engine {meta['engine_flag']}` ({meta['engine']}; {meta['machine']}; python {meta['python']}, "
+            f"torch {meta['torch']}, safetensors {meta['safetensors']}, pydantic {meta['pydantic']}, "
+            f"PyYAML {meta['pyyaml']}, hypothesis {meta['hypothesis']}, atheris {meta['atheris']})."
+        ),
         "A crash is any exception other than an `IA3FuseError` subclass, a hang, or a result that breaks",
         "what the function promises. See the docstring of `benchmarks/fuzz.py` for the inputs.",
         "",
@@ -794,10 +1038,17 @@ def _markdown(tallies: list[Tally], meta: dict[str, Any]) -> str:
     for t in tallies:
         d = t.to_dict()
         types = ", ".join(f"{k} ({v})" for k, v in t.crash_types.items()) or "none"
-        lines.append(f"| {t.target} | {t.engine} | {t.inputs:,} | {d['seconds']:g} | {d['inputs_per_second']} | "
-                     f"{d['crashes']} | {types} |")
+        lines.append(
+            f"| {t.target} | {t.engine} | {t.inputs:,} | {d['seconds']:g} | {d['inputs_per_second']} | "
+            f"{d['crashes']} | {types} |"
+        )
     for t in tallies:
-        lines += ["", f"Outcomes, {t.target} ({t.engine.split()[0]}): " + ", ".join(f"`{k}` {v:,}" for k, v in t.outcomes.most_common()) + "."]
+        lines += [
+            "",
+            f"Outcomes, {t.target} ({t.engine.split()[0]}): "
+            + ", ".join(f"`{k}` {v:,}" for k, v in t.outcomes.most_common())
+            + ".",
+        ]
         for c in t.crashes:
             lines.append(f"- crash `{c['type']}`: {c['message'][:150]} (input saved in `{c['saved']}`)")
         if t.note:
@@ -810,8 +1061,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=180.0, help="time per target (default 180)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generators (default 0)")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
-    parser.add_argument("--engine", choices=["auto", "atheris", "hypothesis", "all"], default="auto",
-                        help="auto: atheris when it imports, else hypothesis; all: each that imports, in turn")
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "atheris", "hypothesis", "all"],
+        default="auto",
+        help="auto: atheris when it imports, else hypothesis; all: each that imports, in turn",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for fuzz.json and fuzz.md")
     parser.add_argument("--_worker", choices=TARGETS, help=argparse.SUPPRESS)
     parser.add_argument("--_stats", help=argparse.SUPPRESS)
@@ -827,8 +1082,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         have_atheris = True
     except ImportError:
         have_atheris = False
-    engines = {"auto": ["atheris" if have_atheris else "hypothesis"],
-               "all": ["atheris", "hypothesis"] if have_atheris else ["hypothesis"]}.get(args.engine, [args.engine])
+    engines = {
+        "auto": ["atheris" if have_atheris else "hypothesis"],
+        "all": ["atheris", "hypothesis"] if have_atheris else ["hypothesis"],
+    }.get(args.engine, [args.engine])
     tallies = []
     for engine in engines:
         for name in args.targets:
@@ -838,7 +1095,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             else:
                 with tempfile.TemporaryDirectory(prefix=f"ia3fuse-fuzz-{name}-") as tmp:
                     tally = _fuzz_hypothesis(name, args.seconds, args.seed, Path(tmp))
-            print(f"  {tally.inputs:,} inputs, {sum(tally.crash_types.values())} crashes {dict(tally.crash_types)}", flush=True)
+            print(
+                f"  {tally.inputs:,} inputs, {sum(tally.crash_types.values())} crashes {dict(tally.crash_types)}",
+                flush=True,
+            )
             tallies.append(tally)
     engine = " and ".join(engines)
 
@@ -847,16 +1107,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     meta = {
-        "seconds_per_target": args.seconds, "seed": args.seed, "engine": engine, "engine_flag": args.engine,
+        "seconds_per_target": args.seconds,
+        "seed": args.seed,
+        "engine": engine,
+        "engine_flag": args.engine,
         "machine": f"{os.cpu_count()}-CPU {platform.machine()} {platform.processor() or ''}".strip(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        **{k: metadata.version(d) for k, d in [("safetensors", "safetensors"), ("pydantic", "pydantic"), ("pyyaml", "PyYAML"),
-                                                ("hypothesis", "hypothesis")]},
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **{
+            k: metadata.version(d)
+            for k, d in [
+                ("safetensors", "safetensors"),
+                ("pydantic", "pydantic"),
+                ("pyyaml", "PyYAML"),
+                ("hypothesis", "hypothesis"),
+            ]
+        },
         "atheris": metadata.version("atheris") if have_atheris else None,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fuzz.json").write_text(json.dumps({"meta": meta, "targets": [t.to_dict() for t in tallies]}, indent=2) + "\n")
+    (out / "fuzz.json").write_text(
+        json.dumps({"meta": meta, "targets": [t.to_dict() for t in tallies]}, indent=2) + "\n"
+    )
     (out / "fuzz.md").write_text(_markdown(tallies, meta))
     print(_markdown(tallies, meta))
     print(f"wrote {out / 'fuzz.json'} and {out / 'fuzz.md'}")

@@ -98,11 +98,19 @@ def make_adapter(path: Path, layers: int, rng: np.random.Generator) -> Path:
 
     kvd = SHAPE["hidden"] // SHAPE["heads"] * SHAPE["kv"]
     path.mkdir()
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"],
-        "base_model_name_or_path": "TinyLlama-1.1B-shaped", "task_type": "CAUSAL_LM", "fan_in_fan_out": False,
-        "init_ia3_weights": True,
-    }))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "IA3",
+                "target_modules": ["k_proj", "v_proj", "down_proj"],
+                "feedforward_modules": ["down_proj"],
+                "base_model_name_or_path": "TinyLlama-1.1B-shaped",
+                "task_type": "CAUSAL_LM",
+                "fan_in_fan_out": False,
+                "init_ia3_weights": True,
+            }
+        )
+    )
     vecs = {}
     for i in range(layers):
         p = f"base_model.model.model.layers.{i}"
@@ -125,12 +133,27 @@ def tasks(reader: Any, adapter: ia3fuse.IA3Adapter, layers: int) -> list[dict[st
         d = adapter.vectors[f"{p}.mlp.down_proj"].numpy().reshape(-1)
         from ia3fuse.folding.gguf_map import llama_permute
 
-        out.append({"module": "k", "naive": (by_name[f"blk.{i}.attn_k.weight"], llama_permute(k, n_kv), None),
-                    "ours": (by_name[f"blk.{i}.attn_k.weight"], llama_permute(k, n_kv), None)})
-        out.append({"module": "v", "naive": (by_name[f"blk.{i}.attn_v.weight"], v, None),
-                    "ours": (by_name[f"blk.{i}.attn_v.weight"], v, None)})
-        out.append({"module": "down", "naive": (by_name[f"blk.{i}.ffn_down.weight"], None, d),
-                    "ours": (by_name[f"blk.{i}.ffn_up.weight"], d, None)})
+        out.append(
+            {
+                "module": "k",
+                "naive": (by_name[f"blk.{i}.attn_k.weight"], llama_permute(k, n_kv), None),
+                "ours": (by_name[f"blk.{i}.attn_k.weight"], llama_permute(k, n_kv), None),
+            }
+        )
+        out.append(
+            {
+                "module": "v",
+                "naive": (by_name[f"blk.{i}.attn_v.weight"], v, None),
+                "ours": (by_name[f"blk.{i}.attn_v.weight"], v, None),
+            }
+        )
+        out.append(
+            {
+                "module": "down",
+                "naive": (by_name[f"blk.{i}.ffn_down.weight"], None, d),
+                "ours": (by_name[f"blk.{i}.ffn_up.weight"], d, None),
+            }
+        )
     return out
 
 
@@ -139,8 +162,11 @@ def raw_of(t: Any) -> np.ndarray:
     return np.asarray(t.data).reshape(int(np.prod(ne[1:])), -1)
 
 
-def run_path(name: str, jobs: list[tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]],
-             fn: Callable[[np.ndarray, int, Optional[np.ndarray], Optional[np.ndarray], int], np.ndarray]) -> dict[str, Any]:
+def run_path(
+    name: str,
+    jobs: list[tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]],
+    fn: Callable[[np.ndarray, int, Optional[np.ndarray], Optional[np.ndarray], int], np.ndarray],
+) -> dict[str, Any]:
     """Time and trace ``fn`` tensor by tensor (peak: the largest working memory of one tensor's step,
     above what was allocated before it), then measure each result's error (untimed, untraced)."""
     seconds, peak, errors = 0.0, 0, []
@@ -155,14 +181,22 @@ def run_path(name: str, jobs: list[tuple[Any, Optional[np.ndarray], Optional[np.
         peak = max(peak, tracemalloc.get_traced_memory()[1] - base)
         tracemalloc.stop()
         before = gguf_blocks.dequantize(raw, int(t.tensor_type)).astype(np.float64)
-        want = before * (rows.reshape(-1, 1) if rows is not None else 1) * (cols.reshape(1, -1) if cols is not None else 1)
+        want = (
+            before * (rows.reshape(-1, 1) if rows is not None else 1) * (cols.reshape(1, -1) if cols is not None else 1)
+        )
         after = gguf_blocks.dequantize(new, int(t.tensor_type))
         errors.append(float(np.linalg.norm(after - want) / np.linalg.norm(want)))
         del new, before, want, after
         tracemalloc.start()
     tracemalloc.stop()
-    return {"path": name, "tensors": len(jobs), "seconds": seconds, "peak_mib": peak / 2**20,
-            "max_error": max(errors), "mean_error": statistics.fmean(errors)}
+    return {
+        "path": name,
+        "tensors": len(jobs),
+        "seconds": seconds,
+        "peak_mib": peak / 2**20,
+        "max_error": max(errors),
+        "mean_error": statistics.fmean(errors),
+    }
 
 
 def ours(raw: np.ndarray, qtype: int, rows, cols, ne0: int) -> np.ndarray:
@@ -181,6 +215,7 @@ def naive_c(ggml: Any) -> Callable[..., np.ndarray]:
         if cols is not None:
             w *= cols.reshape(1, -1)
         return ggml.quantize(w, qtype)
+
     return fn
 
 
@@ -213,24 +248,46 @@ def main() -> int:
             e2e = time.perf_counter() - t0
             reader = gguf.GGUFReader(str(src))
             ts = tasks(reader, adapter, args.layers)
-            types = sorted({Q(int(j["ours"][0].tensor_type)).name for j in ts} | {Q(int(j["naive"][0].tensor_type)).name for j in ts})
+            types = sorted(
+                {Q(int(j["ours"][0].tensor_type)).name for j in ts}
+                | {Q(int(j["naive"][0].tensor_type)).name for j in ts}
+            )
             base = {"layout": layout, "file_mb": size / 1e6, "types": ", ".join(types)}
             row = run_path("ia3fuse (block scales)", [j["ours"] for j in ts], ours)
-            rows_out.append({**base, **row, "end_to_end_s": e2e, "exact": report.exact,
-                             "warnings": [str(w.message) for w in caught]})
+            rows_out.append(
+                {
+                    **base,
+                    **row,
+                    "end_to_end_s": e2e,
+                    "exact": report.exact,
+                    "warnings": [str(w.message) for w in caught],
+                }
+            )
             if all(gguf_blocks.can_requantize(int(j["naive"][0].tensor_type)) for j in ts):
                 rows_out.append({**base, **run_path("requantize (gguf-py numpy)", [j["naive"] for j in ts], naive_py)})
             else:
-                rows_out.append({**base, "path": "requantize (gguf-py numpy)", "tensors": len(ts), "seconds": None,
-                                 "note": "the gguf package cannot quantize " + ", ".join(
-                                     t for t in types if not gguf_blocks.can_requantize(Q[t]))})
+                rows_out.append(
+                    {
+                        **base,
+                        "path": "requantize (gguf-py numpy)",
+                        "tensors": len(ts),
+                        "seconds": None,
+                        "note": "the gguf package cannot quantize "
+                        + ", ".join(t for t in types if not gguf_blocks.can_requantize(Q[t])),
+                    }
+                )
             if ggml is not None:
                 rows_out.append({**base, **run_path("requantize (ggml C)", [j["naive"] for j in ts], naive_c(ggml))})
             del reader
             src.unlink()
             (work / "out.gguf").unlink()
             print(json.dumps(rows_out[-1], default=str)[:200], file=sys.stderr)
-    result = {"shape": {**SHAPE, "layers": args.layers}, "host": host_facts(), "ggml_c": ggml is not None, "rows": rows_out}
+    result = {
+        "shape": {**SHAPE, "layers": args.layers},
+        "host": host_facts(),
+        "ggml_c": ggml is not None,
+        "rows": rows_out,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "gguf_fold" if args.layers == SHAPE["layers"] else f"gguf_fold_{args.layers}layers"

@@ -163,7 +163,12 @@ def _worker_api(spec: dict[str, Any]) -> dict[str, Any]:
     fused = ia3fuse.merge(spec["adapter_dirs"], spec["weights"], spec["method"], **spec["params"])
     fused.save(spec["out"])
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "rss_before_mib": rss_before, "peak_rss_mib": _peak_rss_mib(), "t_end_wall": time.time()}
+    return {
+        "seconds": seconds,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": _peak_rss_mib(),
+        "t_end_wall": time.time(),
+    }
 
 
 def _worker_peft(spec: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +178,11 @@ def _worker_peft(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     res: dict[str, Any] = {"t_imported_wall": time.time()}
-    dirs, weights, names = spec["adapter_dirs"], spec["weights"], [f"a{i + 1}" for i in range(len(spec["adapter_dirs"]))]
+    dirs, weights, names = (
+        spec["adapter_dirs"],
+        spec["weights"],
+        [f"a{i + 1}" for i in range(len(spec["adapter_dirs"]))],
+    )
 
     t = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(spec["base_dir"], dtype=getattr(torch, spec["dtype"]))
@@ -269,8 +278,14 @@ class Bench:
             raise RuntimeError(f"{label} failed with exit status {proc.returncode}:\n{tail}")
         cpu = usage.ru_utime + usage.ru_stime
         others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - cpu) / seconds)
-        return {"wall": seconds, "t_start_wall": t_wall, "peak_rss_mib": usage.ru_maxrss / 1024,
-                "cpu_seconds": cpu, "other_cpus_busy": others, "loadavg_1min_after": os.getloadavg()[0]}
+        return {
+            "wall": seconds,
+            "t_start_wall": t_wall,
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "cpu_seconds": cpu,
+            "other_cpus_busy": others,
+            "loadavg_1min_after": os.getloadavg()[0],
+        }
 
     def worker(self, kind: str, label: str, **spec: Any) -> dict[str, Any]:
         spec_path = self.logs / f"{self.count + 1:03d}-{label}.spec.json"
@@ -286,7 +301,9 @@ def _prepare_workdir(args: argparse.Namespace, prefix: str = "ia3bench-", marker
         return Path(tempfile.mkdtemp(prefix=prefix)), True
     wd = Path(args.workdir).absolute()
     if wd.exists() and any(wd.iterdir()) and not (wd / marker).exists():
-        raise SystemExit(f"--workdir {str(wd)!r} is not empty and was not made by this script; pass an empty or new folder")
+        raise SystemExit(
+            f"--workdir {str(wd)!r} is not empty and was not made by this script; pass an empty or new folder"
+        )
     created = not wd.exists()
     wd.mkdir(parents=True, exist_ok=True)
     return wd, created
@@ -306,10 +323,19 @@ def _setup(bench: Bench, args: argparse.Namespace, model_config: dict[str, Any])
         shutil.rmtree(wd / "adapters", ignore_errors=True)
         marker.unlink()
     (wd / "adapters").mkdir(exist_ok=True)
-    print(f"setup: building a {model_config['num_hidden_layers']}-layer model ({args.dtype}) and "
-          f"{args.adapters} adapters in {wd}", flush=True)
-    info = bench.worker("setup", "setup", base_dir=str(wd / "base"), adapter_dirs=adapter_dirs,
-                        model_config=model_config, dtype=args.dtype)
+    print(
+        f"setup: building a {model_config['num_hidden_layers']}-layer model ({args.dtype}) and "
+        f"{args.adapters} adapters in {wd}",
+        flush=True,
+    )
+    info = bench.worker(
+        "setup",
+        "setup",
+        base_dir=str(wd / "base"),
+        adapter_dirs=adapter_dirs,
+        model_config=model_config,
+        dtype=args.dtype,
+    )
     info.pop("process")
     saved = {"key": key, "base_dir": str(wd / "base"), "adapter_dirs": adapter_dirs, "info": info}
     _write_json_atomic(marker, saved)
@@ -402,8 +428,11 @@ def _fmt_s(s: dict[str, Any]) -> str:
 
 def _markdown(data: dict[str, Any]) -> str:
     m, t, cfg = data["machine"], data["timings"], data["model_config"]
-    peft_wall, peft_inproc, peft_awa = (t["peft_end_to_end_wall"]["median"], t["peft_in_process"]["median"],
-                                        t["peft_add_weighted_adapter"]["median"])
+    peft_wall, peft_inproc, peft_awa = (
+        t["peft_end_to_end_wall"]["median"],
+        t["peft_in_process"]["median"],
+        t["peft_add_weighted_adapter"]["median"],
+    )
     rss = data["peak_rss_mib"]
 
     def ratio(x: float, ref: float) -> str:
@@ -411,27 +440,58 @@ def _markdown(data: dict[str, Any]) -> str:
         return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x" if r >= 1 else f"{r:.2g}x"
 
     rows = [
-        (f"PEFT: load base + {data['adapters']} adapters, add_weighted_adapter, save", "subprocess wall, start to saved",
-         t["peft_end_to_end_wall"], rss["peft"], "1.0x", "1.0x"),
+        (
+            f"PEFT: load base + {data['adapters']} adapters, add_weighted_adapter, save",
+            "subprocess wall, start to saved",
+            t["peft_end_to_end_wall"],
+            rss["peft"],
+            "1.0x",
+            "1.0x",
+        ),
         ("&nbsp;&nbsp;PEFT: process start + imports", "wall", t["peft_start_and_imports"], None, None, None),
         ("&nbsp;&nbsp;PEFT: load base (from_pretrained)", "in-process", t["peft_load_base"], None, None, None),
-        (f"&nbsp;&nbsp;PEFT: load {data['adapters']} adapters", "in-process", t["peft_load_adapters"], None, None, None),
+        (
+            f"&nbsp;&nbsp;PEFT: load {data['adapters']} adapters",
+            "in-process",
+            t["peft_load_adapters"],
+            None,
+            None,
+            None,
+        ),
         ("&nbsp;&nbsp;PEFT: add_weighted_adapter", "in-process", t["peft_add_weighted_adapter"], None, None, None),
         ("&nbsp;&nbsp;PEFT: save_pretrained (fused only)", "in-process", t["peft_save"], None, None, None),
-        ("`ia3fuse merge ... --method task_arithmetic` (CLI)", "subprocess wall, start to exit",
-         t["cli_task_arithmetic_wall"], rss["cli_task_arithmetic"],
-         ratio(t["cli_task_arithmetic_wall"]["median"], peft_wall),
-         ratio(t["cli_task_arithmetic_wall"]["median"], peft_wall) + " (vs PEFT wall)"),
-        ("`ia3fuse.merge(...).save()` task_arithmetic (API)", "in-process",
-         t["api_task_arithmetic"], rss["api_task_arithmetic"],
-         ratio(t["api_task_arithmetic"]["median"], peft_wall),
-         ratio(t["api_task_arithmetic"]["median"], peft_inproc) + " (vs PEFT in-process)"),
-        (f"`ia3fuse.merge(...).save()` ties, density {TIES_DENSITY} (API)", "in-process",
-         t["api_ties"], rss["api_ties"], ratio(t["api_ties"]["median"], peft_wall),
-         ratio(t["api_ties"]["median"], peft_inproc) + " (vs PEFT in-process)"),
-        ("`ia3fuse.add_weighted_adapter` on the live PeftModel", "in-process, after PEFT's",
-         t["ia3fuse_add_weighted_adapter"], None, ratio(t["ia3fuse_add_weighted_adapter"]["median"], peft_wall),
-         ratio(t["ia3fuse_add_weighted_adapter"]["median"], peft_awa) + " (vs PEFT add_weighted_adapter)"),
+        (
+            "`ia3fuse merge ... --method task_arithmetic` (CLI)",
+            "subprocess wall, start to exit",
+            t["cli_task_arithmetic_wall"],
+            rss["cli_task_arithmetic"],
+            ratio(t["cli_task_arithmetic_wall"]["median"], peft_wall),
+            ratio(t["cli_task_arithmetic_wall"]["median"], peft_wall) + " (vs PEFT wall)",
+        ),
+        (
+            "`ia3fuse.merge(...).save()` task_arithmetic (API)",
+            "in-process",
+            t["api_task_arithmetic"],
+            rss["api_task_arithmetic"],
+            ratio(t["api_task_arithmetic"]["median"], peft_wall),
+            ratio(t["api_task_arithmetic"]["median"], peft_inproc) + " (vs PEFT in-process)",
+        ),
+        (
+            f"`ia3fuse.merge(...).save()` ties, density {TIES_DENSITY} (API)",
+            "in-process",
+            t["api_ties"],
+            rss["api_ties"],
+            ratio(t["api_ties"]["median"], peft_wall),
+            ratio(t["api_ties"]["median"], peft_inproc) + " (vs PEFT in-process)",
+        ),
+        (
+            "`ia3fuse.add_weighted_adapter` on the live PeftModel",
+            "in-process, after PEFT's",
+            t["ia3fuse_add_weighted_adapter"],
+            None,
+            ratio(t["ia3fuse_add_weighted_adapter"]["median"], peft_wall),
+            ratio(t["ia3fuse_add_weighted_adapter"]["median"], peft_awa) + " (vs PEFT add_weighted_adapter)",
+        ),
     ]
     v = m["versions"]
     layers = cfg["num_hidden_layers"]
@@ -511,13 +571,25 @@ def _bench(args: argparse.Namespace) -> None:
         if cli is None:
             raise SystemExit("the ia3fuse command is not installed next to this Python; pip install -e . first")
 
-        keys = ["peft_end_to_end_wall", "peft_start_and_imports", "peft_load_base", "peft_load_adapters",
-                "peft_add_weighted_adapter", "peft_save", "peft_in_process", "ia3fuse_add_weighted_adapter",
-                "cli_task_arithmetic_wall", "api_task_arithmetic", "api_task_arithmetic_process_wall",
-                "api_ties", "api_ties_process_wall"]
+        keys = [
+            "peft_end_to_end_wall",
+            "peft_start_and_imports",
+            "peft_load_base",
+            "peft_load_adapters",
+            "peft_add_weighted_adapter",
+            "peft_save",
+            "peft_in_process",
+            "ia3fuse_add_weighted_adapter",
+            "cli_task_arithmetic_wall",
+            "api_task_arithmetic",
+            "api_task_arithmetic_process_wall",
+            "api_ties",
+            "api_ties_process_wall",
+        ]
         samples: dict[str, list[float]] = {k: [] for k in keys}
-        rss: dict[str, list[float]] = {k: [] for k in ("peft", "peft_after_live", "cli_task_arithmetic",
-                                                       "api_task_arithmetic", "api_ties")}
+        rss: dict[str, list[float]] = {
+            k: [] for k in ("peft", "peft_after_live", "cli_task_arithmetic", "api_task_arithmetic", "api_ties")
+        }
         rss_before: dict[str, list[float]] = {"api_task_arithmetic": [], "api_ties": []}
         live_errs: list[dict[str, float]] = []
         live_dtypes: dict[str, str] = {}
@@ -530,8 +602,15 @@ def _bench(args: argparse.Namespace) -> None:
             print(f"repeat {rep + 1}/{args.repeats}", flush=True)
 
             out = outs / f"peft-{rep}"
-            r = bench.worker("peft", f"peft-{rep}", base_dir=setup["base_dir"], adapter_dirs=dirs,
-                             weights=weights, dtype=args.dtype, out=str(out))
+            r = bench.worker(
+                "peft",
+                f"peft-{rep}",
+                base_dir=setup["base_dir"],
+                adapter_dirs=dirs,
+                weights=weights,
+                dtype=args.dtype,
+                out=str(out),
+            )
             t0 = r["process"]["t_start_wall"]
             samples["peft_end_to_end_wall"].append(r["t_end_wall"] - t0)
             samples["peft_start_and_imports"].append(r["t_imported_wall"] - t0)
@@ -544,11 +623,24 @@ def _bench(args: argparse.Namespace) -> None:
             live_dtypes = r["live_dtypes"]
             cpu["peft"].append(r["process"]["cpu_seconds"])
             others.append(r["process"]["other_cpus_busy"])
-            print(f"  peft: {samples['peft_end_to_end_wall'][-1]:.2f} s wall, add_weighted_adapter "
-                  f"{r['add_weighted_adapter']:.3f} s; ia3fuse live {r['ia3fuse_add_weighted_adapter']:.3f} s", flush=True)
+            print(
+                f"  peft: {samples['peft_end_to_end_wall'][-1]:.2f} s wall, add_weighted_adapter "
+                f"{r['add_weighted_adapter']:.3f} s; ia3fuse live {r['ia3fuse_add_weighted_adapter']:.3f} s",
+                flush=True,
+            )
 
             out = outs / f"cli-{rep}"
-            argv = [cli, "merge", *dirs, "--weights", *map(repr, weights), "--method", "task_arithmetic", "-o", str(out)]
+            argv = [
+                cli,
+                "merge",
+                *dirs,
+                "--weights",
+                *map(repr, weights),
+                "--method",
+                "task_arithmetic",
+                "-o",
+                str(out),
+            ]
             p = bench.spawn(argv, f"cli-{rep}")
             samples["cli_task_arithmetic_wall"].append(p["wall"])
             rss["cli_task_arithmetic"].append(p["peak_rss_mib"])
@@ -557,11 +649,20 @@ def _bench(args: argparse.Namespace) -> None:
             loads.append(p["loadavg_1min_after"])
             print(f"  cli: {p['wall']:.2f} s wall", flush=True)
 
-            for label, method, params in (("api_task_arithmetic", "task_arithmetic", {}),
-                                          ("api_ties", "ties", {"density": TIES_DENSITY})):
+            for label, method, params in (
+                ("api_task_arithmetic", "task_arithmetic", {}),
+                ("api_ties", "ties", {"density": TIES_DENSITY}),
+            ):
                 out = outs / f"{label}-{rep}"
-                r = bench.worker("api", f"{label}-{rep}", adapter_dirs=dirs, weights=weights, method=method,
-                                 params=params, out=str(out))
+                r = bench.worker(
+                    "api",
+                    f"{label}-{rep}",
+                    adapter_dirs=dirs,
+                    weights=weights,
+                    method=method,
+                    params=params,
+                    out=str(out),
+                )
                 samples[label].append(r["seconds"])
                 samples[f"{label}_process_wall"].append(r["process"]["wall"])
                 rss[label].append(r["process"]["peak_rss_mib"])
@@ -600,7 +701,10 @@ def _bench(args: argparse.Namespace) -> None:
             # Other processes on the machine inflate wall times; this records how busy it was.
             "loadavg_1min": {"samples": loads, "max": max(loads)},
             # CPUs kept busy by other processes while each subprocess ran (machine busy time minus its own).
-            "other_cpus_busy": {"samples": others, "median": statistics.median([o for o in others if o is not None] or [0.0])},
+            "other_cpus_busy": {
+                "samples": others,
+                "median": statistics.median([o for o in others if o is not None] or [0.0]),
+            },
             "threads": args.threads,
             "ratios": {},
             "checks": checks,
@@ -615,9 +719,10 @@ def _bench(args: argparse.Namespace) -> None:
             "peft_wall_over_api_ties": med["peft_end_to_end_wall"] / med["api_ties"],
             "peft_in_process_over_api_task_arithmetic": med["peft_in_process"] / med["api_task_arithmetic"],
             "peft_in_process_over_api_ties": med["peft_in_process"] / med["api_ties"],
-            "peft_add_weighted_adapter_over_ia3fuse_add_weighted_adapter":
-                med["peft_add_weighted_adapter"] / med["ia3fuse_add_weighted_adapter"],
-            "peft_peak_rss_over_cli_peak_rss": data["peak_rss_mib"]["peft"] / data["peak_rss_mib"]["cli_task_arithmetic"],
+            "peft_add_weighted_adapter_over_ia3fuse_add_weighted_adapter": med["peft_add_weighted_adapter"]
+            / med["ia3fuse_add_weighted_adapter"],
+            "peft_peak_rss_over_cli_peak_rss": data["peak_rss_mib"]["peft"]
+            / data["peak_rss_mib"]["cli_task_arithmetic"],
         }
         stem = "merge_speed" + ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads else "")
         out_dir = Path(args.results).absolute()
@@ -636,15 +741,23 @@ def _bench(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", help="folder for the base model, adapters and outputs (default: a temp dir); "
-                        "removed at the end if this run created it; a folder set up by an earlier run is reused")
+    parser.add_argument(
+        "--workdir",
+        help="folder for the base model, adapters and outputs (default: a temp dir); "
+        "removed at the end if this run created it; a folder set up by an earlier run is reused",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each timed path; the median is reported")
     parser.add_argument("--adapters", type=int, default=8, help="number of adapters to fuse")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_LAYERS} layers instead of 22 (smoke run)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="base model dtype")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS/MKL_NUM_THREADS for every "
-                        "timed process (default: torch's default, one per CPU); results get a _threadsN suffix")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS/MKL_NUM_THREADS for every "
+        "timed process (default: torch's default, one per CPU); results get a _threadsN suffix",
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="do not delete the work folder at the end")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -65,8 +65,15 @@ from merge_speed import LLAMA_SHAPE, _machine_busy_seconds, _write_json_atomic, 
 
 RESULTS = HERE / "results"
 MiB = 1024 * 1024
-QUICK_SHAPE = dict(LLAMA_SHAPE, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                   num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)
+QUICK_SHAPE = dict(
+    LLAMA_SHAPE,
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=1024,
+)
 SPREAD = 0.2  # adapter vectors l = 1 + SPREAD * N(0, 1)
 CHECK_REQUESTS = 3
 
@@ -124,9 +131,13 @@ def make_adapters(model: Any, root: Path, k: int, seed: int) -> tuple[list[str],
         peft_model.save_pretrained(out)
         dirs.append(str(out))
     cfg = peft_model.peft_config["default"]
-    info = {"ia3_modules": len(vectors), "ia3_values_per_adapter": sum(p.numel() for p in vectors),
-            "target_modules": sorted(cfg.target_modules), "feedforward_modules": sorted(cfg.feedforward_modules),
-            "spread": SPREAD}
+    info = {
+        "ia3_modules": len(vectors),
+        "ia3_values_per_adapter": sum(p.numel() for p in vectors),
+        "target_modules": sorted(cfg.target_modules),
+        "feedforward_modules": sorted(cfg.feedforward_modules),
+        "spread": SPREAD,
+    }
     return dirs, info
 
 
@@ -205,8 +216,12 @@ class Memory:
         else:
             peak = (_status_kib("VmHWM") or 0) * 1024 if ok else None
             after = (_status_kib("VmRSS") or 0) * 1024
-        into[key] = {"before_mib": before / MiB, "peak_mib": None if peak is None else peak / MiB,
-                     "extra_mib": None if peak is None else (peak - before) / MiB, "after_mib": after / MiB}
+        into[key] = {
+            "before_mib": before / MiB,
+            "peak_mib": None if peak is None else peak / MiB,
+            "extra_mib": None if peak is None else (peak - before) / MiB,
+            "after_mib": after / MiB,
+        }
 
 
 def _own_cpu_seconds() -> float:
@@ -227,8 +242,13 @@ def _machine(device: Any) -> dict[str, Any]:
     import torch
 
     cuda = device.type == "cuda"
-    return {**host_facts(), "device": str(device), "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads()}
+    return {
+        **host_facts(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _diff(a: Any, b: Any) -> dict[str, float]:
@@ -261,8 +281,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plain, mixed_base, peft_base = base, shallow_copy(base), shallow_copy(base)
     n_params = sum(p.numel() for p in base.parameters())
     t_build = time.perf_counter() - t
-    print(f"model: {shape['num_hidden_layers']} layers, {n_params / 1e9:.3f} B parameters, {args.dtype} on {device} "
-          f"({t_build:.1f} s)", flush=True)
+    print(
+        f"model: {shape['num_hidden_layers']} layers, {n_params / 1e9:.3f} B parameters, {args.dtype} on {device} "
+        f"({t_build:.1f} s)",
+        flush=True,
+    )
 
     tmp = tempfile.TemporaryDirectory(prefix="ia3mix-")
     t = time.perf_counter()
@@ -296,8 +319,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             return peft_model(input_ids=x, use_cache=False).logits
 
-    def peft_serve(requests: list[int], prefix: str, keep: Optional[dict[int, Any]] = None,
-                   steps: Optional[dict[str, list[float]]] = None) -> None:
+    def peft_serve(
+        requests: list[int],
+        prefix: str,
+        keep: Optional[dict[int, Any]] = None,
+        steps: Optional[dict[str, list[float]]] = None,
+    ) -> None:
         """PEFT's path for each request: fuse, activate, forward batch 1, delete."""
         for i in requests:
             name = f"{prefix}{i}"
@@ -320,8 +347,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if steps is not None:
                 clock.sync()
                 t4 = time.perf_counter()
-                for k, v in (("add_weighted_adapter", t1 - t0), ("set_adapter", t2 - t1), ("forward", t3 - t2),
-                             ("delete_adapter", t4 - t3)):
+                for k, v in (
+                    ("add_weighted_adapter", t1 - t0),
+                    ("set_adapter", t2 - t1),
+                    ("forward", t3 - t2),
+                    ("delete_adapter", t4 - t3),
+                ):
                     steps[k].append(v)
 
     timings: dict[str, Any] = {}
@@ -346,14 +377,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 loops.append(clock.time(lambda rep=rep, keep=keep: peft_serve(list(range(R)), f"mix{rep}_", keep=keep)))
         timings["a_mixture_forward"] = _summary(samples)
         timings["a_peft_loop"] = _summary(loops)
-        print(f"  ia3fuse Mixture, one forward of {R}: {statistics.median(samples):.4f} s; "
-              f"PEFT loop of {R}: {statistics.median(loops):.3f} s", flush=True)
-        steps: dict[str, list[float]] = {k: [] for k in ("add_weighted_adapter", "set_adapter", "forward", "delete_adapter")}
+        print(
+            f"  ia3fuse Mixture, one forward of {R}: {statistics.median(samples):.4f} s; "
+            f"PEFT loop of {R}: {statistics.median(loops):.3f} s",
+            flush=True,
+        )
+        steps: dict[str, list[float]] = {
+            k: [] for k in ("add_weighted_adapter", "set_adapter", "forward", "delete_adapter")
+        }
         t_split = clock.time(lambda: peft_serve(list(range(R)), "split_", steps=steps))
         timings["a_peft_loop_synced_steps_total"] = t_split
         timings["a_peft_steps"] = {k: _summary(v) for k, v in steps.items()}
-        print(f"  PEFT add_weighted_adapter alone: {1e3 * statistics.median(steps['add_weighted_adapter']):.1f} ms "
-              f"per mixture", flush=True)
+        print(
+            f"  PEFT add_weighted_adapter alone: {1e3 * statistics.median(steps['add_weighted_adapter']):.1f} ms "
+            f"per mixture",
+            flush=True,
+        )
         a_mem_adapters_before = len(peft_model.peft_config)
         with memory.peak(mem, "a_peft_loop"):
             peft_serve(list(range(R)), "mem_")
@@ -362,8 +401,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fwd_mix(ids, W)
 
     checks["a_logits"] = {
-        str(i): {"mixture_vs_peft": _diff(mix_logits[i], peft_logits[i]),
-                 "max_abs_logit": peft_logits[i].abs().max().item()}
+        str(i): {
+            "mixture_vs_peft": _diff(mix_logits[i], peft_logits[i]),
+            "max_abs_logit": peft_logits[i].abs().max().item(),
+        }
         for i in check
     }
     # Noise floor of the comparison: the same request through the Mixture alone (batch 1) vs in the batch.
@@ -406,7 +447,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         medians = {k: statistics.median(v) for k, v in samples_b.items()}
         print(f"  batch {b}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in medians.items()), flush=True)
     peft_model.set_adapter("fused")
-    checks["b_batch1_mixture_vs_peft_fused"] = _diff(fwd_mix(ids[:1], W[:1]).float().cpu(), fwd_peft(ids[:1]).float().cpu())
+    checks["b_batch1_mixture_vs_peft_fused"] = _diff(
+        fwd_mix(ids[:1], W[:1]).float().cpu(), fwd_peft(ids[:1]).float().cpu()
+    )
 
     # ---------------------------------------------------------------- results
     def med(key: str) -> float:
@@ -417,8 +460,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "a_throughput_mixture_rps": R / med("a_mixture_forward"),
         "a_throughput_peft_rps": R / med("a_peft_loop"),
         "a_peft_add_weighted_adapter_ms": 1e3 * timings["a_peft_steps"]["add_weighted_adapter"]["median"],
-        "a_peft_share_of_loop_in_add_weighted_adapter":
-            sum(timings["a_peft_steps"]["add_weighted_adapter"]["samples"]) / t_split,
+        "a_peft_share_of_loop_in_add_weighted_adapter": sum(timings["a_peft_steps"]["add_weighted_adapter"]["samples"])
+        / t_split,
     }
 
     def low(key: str) -> float:  # interference only adds time: the minima are a second view
@@ -428,7 +471,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for b in batches:
         for ref in ("peft_fused", "peft_loaded", "base"):
             ratios[f"b_overhead_mixture_vs_{ref}_batch{b}"] = med(f"b_mixture_batch{b}") / med(f"b_{ref}_batch{b}") - 1
-            ratios[f"b_overhead_min_mixture_vs_{ref}_batch{b}"] = low(f"b_mixture_batch{b}") / low(f"b_{ref}_batch{b}") - 1
+            ratios[f"b_overhead_min_mixture_vs_{ref}_batch{b}"] = (
+                low(f"b_mixture_batch{b}") / low(f"b_{ref}_batch{b}") - 1
+            )
         ratios[f"b_overhead_peft_fused_vs_base_batch{b}"] = med(f"b_peft_fused_batch{b}") / med(f"b_base_batch{b}") - 1
     tmp.cleanup()
     wall = time.perf_counter() - t_script
@@ -437,14 +482,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "mixture_speed",
         "quick": args.quick,
-        "settings": {"device": str(device), "dtype": args.dtype, "requests": R, "adapters": K, "seq": seq,
-                     "repeats": args.repeats, "loop_repeats": args.loop_repeats, "seed": args.seed,
-                     "check_requests": check, "use_cache": False, "logits": "all positions",
-                     "attn_implementation": getattr(config, "_attn_implementation", None),
-                     "mixture_form": mixture.form, "mixture_weights": "Dirichlet(1) over K, float32 on the CPU",
-                     "peft_fused_dtype": fused_dtype.removeprefix("torch."),
-                     "peft_loaded_dtype": loaded_dtype.removeprefix("torch."), "peft_loaded_adapter": names[0],
-                     "mixture_scales_dtype": str(mixture.basis.dtype).removeprefix("torch.")},
+        "settings": {
+            "device": str(device),
+            "dtype": args.dtype,
+            "requests": R,
+            "adapters": K,
+            "seq": seq,
+            "repeats": args.repeats,
+            "loop_repeats": args.loop_repeats,
+            "seed": args.seed,
+            "check_requests": check,
+            "use_cache": False,
+            "logits": "all positions",
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "mixture_form": mixture.form,
+            "mixture_weights": "Dirichlet(1) over K, float32 on the CPU",
+            "peft_fused_dtype": fused_dtype.removeprefix("torch."),
+            "peft_loaded_dtype": loaded_dtype.removeprefix("torch."),
+            "peft_loaded_adapter": names[0],
+            "mixture_scales_dtype": str(mixture.basis.dtype).removeprefix("torch."),
+        },
         "model_config": shape,
         "parameters": n_params,
         "adapters_info": adapter_info,
@@ -456,8 +513,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": ratios,
         "memory": {"kind": memory.kind, "paths": mem},
         "checks": checks,
-        "seconds": {"build_model": t_build, "adapters_and_wrapping": t_adapters,
-                    "script": time.perf_counter() - t_script},
+        "seconds": {
+            "build_model": t_build,
+            "adapters_and_wrapping": t_adapters,
+            "script": time.perf_counter() - t_script,
+        },
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -538,7 +598,8 @@ def markdown(data: dict[str, Any]) -> str:
         + f". PEFT stores each fused vector in the base's dtype ({s['peft_fused_dtype']}); the Mixture computes "
         f"its scales in {s['mixture_scales_dtype']}. Noise floor, the same request through the Mixture alone "
         f"(batch 1) vs in the batch: max |diff| "
-        + ", ".join(f"{c['max_abs']:.2e}" for c in chk["a_mixture_batch_vs_alone"].values()) + ".",
+        + ", ".join(f"{c['max_abs']:.2e}" for c in chk["a_mixture_batch_vs_alone"].values())
+        + ".",
         "",
         "## (b) Forward overhead against a single merged adapter",
         "",
@@ -558,8 +619,11 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Median ms (min–max) of {s['repeats']} forwards per path, timed round-robin. Overhead = Mixture / other - 1 "
         f"(goal: at most +5% against PEFT's fused adapter); from the minima: "
-        + ", ".join(f"batch {b} {_pct(r[f'b_overhead_min_mixture_vs_peft_fused_batch{b}'])} vs PEFT fused, "
-                    f"{_pct(r[f'b_overhead_min_mixture_vs_base_batch{b}'])} vs base" for b in batches)
+        + ", ".join(
+            f"batch {b} {_pct(r[f'b_overhead_min_mixture_vs_peft_fused_batch{b}'])} vs PEFT fused, "
+            f"{_pct(r[f'b_overhead_min_mixture_vs_base_batch{b}'])} vs base"
+            for b in batches
+        )
         + f". PEFT fused: `add_weighted_adapter` of mixture 0, vectors "
         f"in {s['peft_fused_dtype']}; PEFT loaded: adapter {s['peft_loaded_adapter']} as "
         f"`load_adapter` leaves it ({s['peft_loaded_dtype']} vectors). The Mixture at batch 1 uses mixture 0 "
@@ -572,8 +636,12 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     mem_rows = [("a_mixture_forward", f"(a) Mixture, one forward of {R}"), ("a_peft_loop", f"(a) PEFT loop of {R}")]
     for b in batches:
-        for key, label in (("base", "base"), ("peft_fused", "PEFT fused"), ("peft_loaded", "PEFT loaded"),
-                           ("mixture", "Mixture")):
+        for key, label in (
+            ("base", "base"),
+            ("peft_fused", "PEFT fused"),
+            ("peft_loaded", "PEFT loaded"),
+            ("mixture", "Mixture"),
+        ):
             mem_rows.append((f"b_{key}_batch{b}", f"(b) {label}, batch {b}"))
     for key, label in mem_rows:
         mm = mem.get(key)
@@ -581,14 +649,20 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         "All paths share one copy of the weights (included in 'before'). "
-        + ("On CPU the figures are the process's resident set, reset before each path (`/proc/self/clear_refs`), so "
-           "freed memory kept by the allocator counts as resident; best-effort." if not m["gpu"] else
-           "The PEFT loop serves one request at a time, so its activations are those of batch 1."),
+        + (
+            "On CPU the figures are the process's resident set, reset before each path (`/proc/self/clear_refs`), so "
+            "freed memory kept by the allocator counts as resident; best-effort."
+            if not m["gpu"]
+            else "The PEFT loop serves one request at a time, so its activations are those of batch 1."
+        ),
         "",
-        ("" if data["other_cpus_busy"] is None else
-         f"Contention: other processes kept {data['other_cpus_busy']:.2f} of the {m['cpu_count']} CPUs busy on average "
-         f"during the run (1-minute load average at the end {data['loadavg_1min_end']:.1f}); wall times include "
-         "their interference. "),
+        (
+            ""
+            if data["other_cpus_busy"] is None
+            else f"Contention: other processes kept {data['other_cpus_busy']:.2f} of the {m['cpu_count']} CPUs busy on average "
+            f"during the run (1-minute load average at the end {data['loadavg_1min_end']:.1f}); wall times include "
+            "their interference. "
+        ),
         "",
         f"Script run time: {data['seconds']['script']:.0f} s (model {data['seconds']['build_model']:.1f} s, adapters "
         f"and wrapping {data['seconds']['adapters_and_wrapping']:.1f} s).",
@@ -603,21 +677,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="base model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="base model dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 22; --quick: 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per request (default 64; --quick: 16)")
     parser.add_argument("--requests", type=int, default=32, help="requests, each with its own mixture")
     parser.add_argument("--adapters", type=int, default=4, help="K, adapters in every mixture")
-    parser.add_argument("--repeats", type=int, default=None, help="timed forwards per path (default 20 on cuda, 5 on "
-                        "cpu)")
-    parser.add_argument("--loop-repeats", type=int, default=None,
-                        help="timed runs of PEFT's whole loop (default 3 on cuda, 2 on cpu)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed forwards per path (default 20 on cuda, 5 on cpu)"
+    )
+    parser.add_argument(
+        "--loop-repeats", type=int, default=None, help="timed runs of PEFT's whole loop (default 3 on cuda, 2 on cpu)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, one per "
-                        "CPU); 1 keeps CPU timings stable when other processes share the machine")
-    parser.add_argument("--quick", action="store_true", help="2 layers of small width, 16 tokens, 3 repeats, "
-                        "1 torch thread on CPU (smoke run)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's, one per "
+        "CPU); 1 keeps CPU timings stable when other processes share the machine",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 layers of small width, 16 tokens, 3 repeats, 1 torch thread on CPU (smoke run)",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown results")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:

@@ -50,7 +50,10 @@ def run_matrix(results: Path) -> tuple[int, str, float]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", TESTS, "-q", "-o", "addopts=", "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     return proc.returncode, (proc.stdout + proc.stderr)[-4000:], time.perf_counter() - start
 
@@ -147,9 +150,15 @@ def render(cells: dict[tuple[str, str], dict[str, str]], model_types: list[str],
     ]
     for reason, n in notes.items():
         hits = [(m, f, r) for (m, f), r in cells.items() if r["reason"] == reason]
-        where = "; ".join(f"`{m}` {FEATURES[f]}" + (f" ({_escape(r['detail'])})" if r["status"] == "fallback" else "")
-                          for m, f, r in hits)
-        lines += [f'<a id="note-{n}"></a>{n}. **{hits[0][2]["status"]}**: {_escape(reason)}.', f"   Cells: {where}.", ""]
+        where = "; ".join(
+            f"`{m}` {FEATURES[f]}" + (f" ({_escape(r['detail'])})" if r["status"] == "fallback" else "")
+            for m, f, r in hits
+        )
+        lines += [
+            f'<a id="note-{n}"></a>{n}. **{hits[0][2]["status"]}**: {_escape(reason)}.',
+            f"   Cells: {where}.",
+            "",
+        ]
     lines += ["## Details of every cell", ""]
     for m in rows:
         lines += [f"<details><summary><code>{m}</code></summary>", "", "| feature | status | detail |", "|---|---|---|"]

@@ -86,10 +86,7 @@ def _build(arch: str, root: Path) -> TinySetup:
     model.save_pretrained(str(base_dir))
     loaded = type(model).from_pretrained(str(base_dir)).eval()
     attention, feedforward = ATTENTION_MODULES[arch], FEEDFORWARD_MODULES[arch]
-    full = [
-        random_ia3_adapter(loaded, root / f"seed{seed}", seed=seed, spread=SPREAD)
-        for seed in (1, 2)
-    ]
+    full = [random_ia3_adapter(loaded, root / f"seed{seed}", seed=seed, spread=SPREAD) for seed in (1, 2)]
     attention_only = random_ia3_adapter(
         loaded, root / "seed3", seed=3, spread=SPREAD, target_modules=attention, feedforward_modules=[]
     )

@@ -37,4 +37,3 @@ def save_tiny_model(path: Path, arch: str = "llama", seed: int = 0, *, tokenizer
     if tokenizer:
         tiny_tokenizer().save_pretrained(str(path))
     return Path(path)
-

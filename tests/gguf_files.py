@@ -16,8 +16,18 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 
 from ia3fuse.folding import gguf_blocks  # noqa: E402
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "bloom": "bloom",
-             "gpt_neox": "gptneox", "falcon": "falcon", "gemma": "gemma", "qwen3": "qwen3", "t5": "t5"}
+GGUF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "gpt2": "gpt2",
+    "bloom": "bloom",
+    "gpt_neox": "gptneox",
+    "falcon": "falcon",
+    "gemma": "gemma",
+    "qwen3": "qwen3",
+    "t5": "t5",
+}
 
 
 def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -31,8 +41,9 @@ def _qkv_heads(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _qkv_falcon(w: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
     g = w.reshape(n_kv, n_head // n_kv + 2, -1, *w.shape[1:])
-    return torch.cat([g[:, :-2].reshape(-1, *w.shape[1:]), g[:, -2].reshape(-1, *w.shape[1:]),
-                      g[:, -1].reshape(-1, *w.shape[1:])]).reshape(w.shape)
+    return torch.cat(
+        [g[:, :-2].reshape(-1, *w.shape[1:]), g[:, -2].reshape(-1, *w.shape[1:]), g[:, -1].reshape(-1, *w.shape[1:])]
+    ).reshape(w.shape)
 
 
 def _hparams(config: Any) -> dict[str, Any]:
@@ -49,9 +60,13 @@ def _hparams(config: Any) -> dict[str, Any]:
     else:
         kv = get("num_key_value_heads", default=heads)
     return {
-        "hidden": get("hidden_size", "n_embd", "d_model"), "layers": get("num_hidden_layers", "n_layer", "num_layers"), "heads": heads,
-        "kv": kv, "ffn": get("intermediate_size", "ffn_hidden_size", "n_inner", default=0) or 0,
-        "ctx": get("max_position_embeddings", "n_positions", default=64), "eps": get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5),
+        "hidden": get("hidden_size", "n_embd", "d_model"),
+        "layers": get("num_hidden_layers", "n_layer", "num_layers"),
+        "heads": heads,
+        "kv": kv,
+        "ffn": get("intermediate_size", "ffn_hidden_size", "n_inner", default=0) or 0,
+        "ctx": get("max_position_embeddings", "n_positions", default=64),
+        "eps": get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5),
         "head_dim": get("head_dim", default=None),
     }
 
@@ -87,7 +102,9 @@ def convert(
     if arch in ("llama", "qwen2", "qwen3", "gemma"):
         w.add_layer_norm_rms_eps(float(hp["eps"]))
         w.add_rope_dimension_count(hp["head_dim"] or hp["hidden"] // hp["heads"])
-        rope = getattr(model.config, "rope_theta", None) or (getattr(model.config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        rope = getattr(model.config, "rope_theta", None) or (getattr(model.config, "rope_parameters", None) or {}).get(
+            "rope_theta", 10000.0
+        )
         w.add_rope_freq_base(float(rope))
     else:
         w.add_layer_norm_eps(float(hp["eps"]))
@@ -137,7 +154,9 @@ def convert(
     return Path(path)
 
 
-def random_blocks(qtype: int, rows: int, ne0: int, rng: np.random.Generator, *, scale: tuple[float, float] = (1e-3, 1e-2)) -> np.ndarray:
+def random_blocks(
+    qtype: int, rows: int, ne0: int, rng: np.random.Generator, *, scale: tuple[float, float] = (1e-3, 1e-2)
+) -> np.ndarray:
     """Random quant blocks of ``qtype`` with finite fp16 scales in ``scale`` (a random-weight tensor).
 
     Returns:
@@ -161,7 +180,7 @@ def random_blocks(qtype: int, rows: int, ne0: int, rng: np.random.Generator, *, 
         raw[:, :, 48:56] = sc.view(np.uint8).reshape(rows, nb, 8)
     elif qtype in gguf_blocks._fields():
         for off in gguf_blocks._fields()[qtype]:
-            raw[:, :, off:off + 2] = d.reshape(rows, nb, 1).view(np.uint8)
+            raw[:, :, off : off + 2] = d.reshape(rows, nb, 1).view(np.uint8)
     elif qtype == Q.MXFP4:
         raw[:, :, 0] = rng.integers(118, 124, size=(rows, nb))  # E8M0 exponents near 2^-6
     elif qtype == Q.NVFP4:
@@ -169,8 +188,15 @@ def random_blocks(qtype: int, rows: int, ne0: int, rng: np.random.Generator, *, 
     return raw.reshape(rows, nb * ts)
 
 
-def write_raw(path: Path, arch: str, tensors: dict[str, tuple[int, np.ndarray, tuple[int, ...]]], *,
-              heads: int = 4, kv: int = 2, blocks: int = 1) -> Path:
+def write_raw(
+    path: Path,
+    arch: str,
+    tensors: dict[str, tuple[int, np.ndarray, tuple[int, ...]]],
+    *,
+    heads: int = 4,
+    kv: int = 2,
+    blocks: int = 1,
+) -> Path:
     """A GGUF file of raw tensors: name -> (type, bytes, numpy shape of the float tensor)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(blocks)
@@ -199,7 +225,11 @@ def read(path: Path) -> dict[str, tuple[int, np.ndarray, tuple[int, ...]]]:
     for t in r.tensors:
         ne = tuple(int(x) for x in t.shape)
         rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
-        out[t.name] = (int(t.tensor_type), np.array(r.data[t.data_offset:t.data_offset + t.n_bytes]).reshape(rows, -1), ne)
+        out[t.name] = (
+            int(t.tensor_type),
+            np.array(r.data[t.data_offset : t.data_offset + t.n_bytes]).reshape(rows, -1),
+            ne,
+        )
     return out
 
 

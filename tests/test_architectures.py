@@ -166,10 +166,12 @@ def quantize_linears(model: nn.Module, feature: str) -> nn.Module:
             layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, has_fp16_weights=False, threshold=0.0)
             layer.load_state_dict(module.state_dict())
         else:
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, compute_dtype=torch.float32,
-                                      quant_type="nf4")
-            layer.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                             module=layer)
+            layer = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, compute_dtype=torch.float32, quant_type="nf4"
+            )
+            layer.weight = bnb.nn.Params4bit(
+                module.weight.data.clone(), requires_grad=False, quant_type="nf4", module=layer
+            )
             layer.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, layer.to("cpu"))
@@ -370,8 +372,12 @@ def test_targets(setups, model_type):
     ff = [t for t in s.targets if t in s.feedforward]
     # what each default target matches (PEFT's suffix rule: BERT's 'output.dense' also takes
     # attention.output.dense, the attention's output projection)
-    detail = (f"{len(layers)} {'/'.join(kinds)} modules; " + "; ".join(f"{t} -> {', '.join(h) or 'nothing'}" for t, h in matched.items())
-              + (f"; feed-forward: {', '.join(ff)}" if ff else "") + (f"; {s.note}" if s.note else ""))
+    detail = (
+        f"{len(layers)} {'/'.join(kinds)} modules; "
+        + "; ".join(f"{t} -> {', '.join(h) or 'nothing'}" for t, h in matched.items())
+        + (f"; feed-forward: {', '.join(ff)}" if ff else "")
+        + (f"; {s.note}" if s.note else "")
+    )
     if model_type not in ABSENT_TARGETS:
         assert absent == []
         record(model_type, "targets", "exact", detail)
@@ -394,16 +400,26 @@ def _assert_expert_adapter_refused(s: Setup) -> None:
         config={"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "w2"], "feedforward_modules": ["w2"]},
         name="experts",
     )
-    with pytest.raises(FoldError, match=re.escape(f"1 of the adapter's 2 modules does not fit the model (model type "
-                                                  f"'mixtral'): {expert!r} (absent)")):
+    with pytest.raises(
+        FoldError,
+        match=re.escape(
+            f"1 of the adapter's 2 modules does not fit the model (model type 'mixtral'): {expert!r} (absent)"
+        ),
+    ):
         ia3fuse.fold(s.fresh(), adapter)
-    with pytest.raises(FoldError, match=re.escape("1 of the adapter's 2 modules does not fit the model built from "
-                                                  "config.json (") + r"\w+" + re.escape(
-            f", model type 'mixtral'): {expert!r} (absent); the adapter was trained on another base model")):
+    with pytest.raises(
+        FoldError,
+        match=re.escape("1 of the adapter's 2 modules does not fit the model built from config.json (")
+        + r"\w+"
+        + re.escape(f", model type 'mixtral'): {expert!r} (absent); the adapter was trained on another base model"),
+    ):
         ia3fuse.fold_checkpoint(s.base_dir, adapter, s.root / "refused", progress=False)
     assert not (s.root / "refused").exists()
     # the model's class names its type here
-    with pytest.raises(IncompatibleAdaptersError, match=re.escape(f"(MixtralForCausalLM, model type 'mixtral'): it has no module {expert!r}")):
+    with pytest.raises(
+        IncompatibleAdaptersError,
+        match=re.escape(f"(MixtralForCausalLM, model type 'mixtral'): it has no module {expert!r}"),
+    ):
         Mixture(s.fresh(), [adapter])
 
 
@@ -431,7 +447,9 @@ def test_merge(setups, model_type):
     assert err < EXACT
     assert rel(ref, s.logits(s.model)) > 100 * EXACT  # the adapters really move the output
     n_ff = sum(is_ff(s.feedforward, p) for p in want)
-    record(model_type, "merge", "exact", f"{len(want)} modules ({n_ff} feed-forward); PEFT loads it (rel. err. {err:.0e})")
+    record(
+        model_type, "merge", "exact", f"{len(want)} modules ({n_ff} feed-forward); PEFT loads it (rel. err. {err:.0e})"
+    )
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -487,16 +505,24 @@ def test_fold_bnb(setups, model_type, feature):
     ref = s.logits(peft)
     want = _expected_paths(s, peft)
     layers = ia3_layers(peft)
-    lossy = {p: (bnb_weight(layers[p].get_base_layer()), layers[p].ia3_l["default"].detach().float().reshape(-1))
-             for p, path in want.items() if path == "requantize"}
+    lossy = {
+        p: (bnb_weight(layers[p].get_base_layer()), layers[p].ia3_l["default"].detach().float().reshape(-1))
+        for p, path in want.items()
+        if path == "requantize"
+    }
     folded = ia3fuse.fold(peft, exact="allow_requant")
     report = folded.ia3fuse_report
     assert {e.module: e.path for e in report.entries} == want
     err = rel(s.logits(folded), ref)
     if model_type in NOT_QUANTIZED:
         assert set(want.values()) == {"dense"} and report.exact and err < EXACT
-        record(model_type, feature, "unsupported", f"dense: {names(want)} (rel. err. {err:.0e})",
-               NOT_QUANTIZED[model_type].format(version=tf.__version__))
+        record(
+            model_type,
+            feature,
+            "unsupported",
+            f"dense: {names(want)} (rel. err. {err:.0e})",
+            NOT_QUANTIZED[model_type].format(version=tf.__version__),
+        )
         return
     assert "statistic" in want.values()  # some target really is quantized
     by_path: dict[str, list[str]] = {}
@@ -535,8 +561,12 @@ def requantized(layer: nn.Module, weight: Tensor) -> Tensor:
         cb, scb, _ = bnbF.int8_vectorwise_quant(weight.half())
         return bnbF.int8_vectorwise_dequant(cb, scb).float()
     qs = layer.weight.quant_state
-    data, state = bnbF.quantize_4bit(weight, blocksize=qs.blocksize, quant_type=qs.quant_type,
-                                     compress_statistics=bool(layer.weight.compress_statistics))
+    data, state = bnbF.quantize_4bit(
+        weight,
+        blocksize=qs.blocksize,
+        quant_type=qs.quant_type,
+        compress_statistics=bool(layer.weight.compress_statistics),
+    )
     return bnbF.dequantize_4bit(data, state).float()
 
 
@@ -550,9 +580,14 @@ def test_checkpoint(setups, model_type):
         with pytest.raises(FoldError, match="has no config.json"):
             ia3fuse.fold_checkpoint(s.base_dir, s.adapters["a"], out, progress=False)
         assert not out.exists()
-        record(model_type, "checkpoint", "unsupported", "FoldError: '... has no config.json'",
-               "the streaming fold builds the module skeleton from a transformers config.json, which a custom "
-               "torch model lacks; load the model and use ia3fuse.fold")
+        record(
+            model_type,
+            "checkpoint",
+            "unsupported",
+            "FoldError: '... has no config.json'",
+            "the streaming fold builds the module skeleton from a transformers config.json, which a custom "
+            "torch model lacks; load the model and use ia3fuse.fold",
+        )
         return
     report = ia3fuse.fold_checkpoint(s.base_dir, s.adapters["a"], out, progress=False)
     got, base = tensors_of(out), tensors_of(s.base_dir)
@@ -566,8 +601,12 @@ def test_checkpoint(setups, model_type):
     assert sorted(loaded) == sorted(in_memory)
     for name, tensor in in_memory.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
-    record(model_type, "checkpoint", "exact",
-           f"{len(changed)} of {len(got)} tensors changed; the loaded result equals the in-memory fold bit for bit")
+    record(
+        model_type,
+        "checkpoint",
+        "exact",
+        f"{len(changed)} of {len(got)} tensors changed; the loaded result equals the in-memory fold bit for bit",
+    )
 
 
 def assert_mixture_matches_peft(s: Setup, adapters: dict[str, Path]) -> float:
@@ -608,8 +647,9 @@ def test_fold_refuses_a_tied_weight(setups, feedforward):
     s = setups("gpt2")
     assert s.model.lm_head.weight is s.model.transformer.wte.weight
     ff = ["lm_head"] if feedforward else []
-    peft = get_peft_model(s.fresh(), IA3Config(target_modules=["c_attn", "lm_head"], feedforward_modules=ff,
-                                               init_ia3_weights=False))
+    peft = get_peft_model(
+        s.fresh(), IA3Config(target_modules=["c_attn", "lm_head"], feedforward_modules=ff, init_ia3_weights=False)
+    )
     before = {k: v.clone() for k, v in peft.state_dict().items()}
     tied = "'lm_head' (model type 'gpt2') has its weight tied to 'transformer.wte.weight'"
     with pytest.raises(FoldError, match=re.escape(tied)):
@@ -618,27 +658,44 @@ def test_fold_refuses_a_tied_weight(setups, feedforward):
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], v) for k, v in before.items())
     side = "feed-forward" if feedforward else "output-side"
     if not feedforward:  # one record for both sides
-        record(TIED, "fold", "unsupported", f"FoldError: {tied} (output-side and feed-forward alike); the model "
-               "is left unchanged", "folding into a weight tied to another module would change that module too "
-               "(here the token embeddings)")
+        record(
+            TIED,
+            "fold",
+            "unsupported",
+            f"FoldError: {tied} (output-side and feed-forward alike); the model is left unchanged",
+            "folding into a weight tied to another module would change that module too (here the token embeddings)",
+        )
 
-    adapter = random_ia3_adapter(s.model, s.root / f"tied-{side}", seed=21, spread=SPREAD,
-                                 target_modules=["c_attn", "lm_head"], feedforward_modules=ff)
+    adapter = random_ia3_adapter(
+        s.model,
+        s.root / f"tied-{side}",
+        seed=21,
+        spread=SPREAD,
+        target_modules=["c_attn", "lm_head"],
+        feedforward_modules=ff,
+    )
     with pytest.raises(FoldError, match=re.escape(tied)):  # a plain model and the adapter's directory
         ia3fuse.fold(s.fresh(), adapter)
     with pytest.raises(FoldError, match=re.escape("'lm_head' has its weight tied to")):
         ia3fuse.fold_checkpoint(s.base_dir, adapter, s.root / "tied-out", progress=False)
     assert not (s.root / "tied-out").exists()
     if not feedforward:
-        record(TIED, "checkpoint", "unsupported", "FoldError: 'lm_head' has its weight tied to 'transformer.wte.weight'",
-               "folding into a weight tied to another module would change that module too (here the token embeddings)")
+        record(
+            TIED,
+            "checkpoint",
+            "unsupported",
+            "FoldError: 'lm_head' has its weight tied to 'transformer.wte.weight'",
+            "folding into a weight tied to another module would change that module too (here the token embeddings)",
+        )
 
 
 def test_tied_weight_adapters_merge_and_mix_exactly(setups):
     """What cannot be folded still runs exactly unmerged: merge (PEFT loads it) and mixtures."""
     s = setups("gpt2")
     kw = dict(target_modules=["c_attn", "lm_head"], feedforward_modules=[], spread=SPREAD)
-    adapters = {n: random_ia3_adapter(s.model, s.root / f"tied-{n}", seed=seed, **kw) for n, seed in (("t", 31), ("u", 32))}
+    adapters = {
+        n: random_ia3_adapter(s.model, s.root / f"tied-{n}", seed=seed, **kw) for n, seed in (("t", 31), ("u", 32))
+    }
     fused = merge(dict(adapters), WEIGHTS, "task_arithmetic")
     peft = PeftModel.from_pretrained(s.fresh(), str(fused.save(s.root / "tied-merged"))).eval()
     with hooked(s.fresh(), {p: v for p, v in fused.vectors.items()}, []) as by_hand:
@@ -661,5 +718,7 @@ def test_every_peft_model_type_has_a_recipe():
 def test_unknown_model_type_names_the_choices():
     with pytest.raises(UnsupportedModelTypeError, match=r"no tiny recipe for model type 'mamba'; choose one of t5, "):
         tiny_arch_model("mamba")
-    with pytest.raises(UnsupportedModelTypeError, match=r"PEFT has no default IA3 target modules for model type 'mamba'"):
+    with pytest.raises(
+        UnsupportedModelTypeError, match=r"PEFT has no default IA3 target modules for model type 'mamba'"
+    ):
         peft_ia3_defaults("mamba")

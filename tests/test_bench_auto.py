@@ -21,8 +21,12 @@ def suite(causal_quick: tuple[CausalSuite, Path]) -> CausalSuite:
 
 
 def test_passes_to_reach_counts_forwards_of_the_first_point_at_or_below_the_target() -> None:
-    history = [{"forwards": 4, "objective": 2.0}, {"forwards": 8, "objective": 1.5}, {"forwards": 12, "objective": 1.7},
-               {"forwards": 16, "objective": 1.2}]
+    history = [
+        {"forwards": 4, "objective": 2.0},
+        {"forwards": 8, "objective": 1.5},
+        {"forwards": 12, "objective": 1.7},
+        {"forwards": 16, "objective": 1.2},
+    ]
     assert passes_to_reach(history, 1.5) == 8
     assert passes_to_reach(history, 1.3) == 16
     assert passes_to_reach(history, 1.0) is None
@@ -59,7 +63,8 @@ def test_every_search_run_spends_the_same_budget_and_is_scored(search_rows) -> N
     start = {summary["runs"][l]["initial_objective"] for l in labels if summary["runs"][l]["objective"] == "loss"}
     assert max(start) - min(start) < 1e-6
     assert summary["cma_best_final_loss"] == min(
-        summary["runs"][run_label("cma", g, "loss")]["final_objective"] for g in ("task", "layer"))
+        summary["runs"][run_label("cma", g, "loss")]["final_objective"] for g in ("task", "layer")
+    )
     assert summary["adam_layer_passes_to_cma_best"] == passes_to_reach(adam["history"], summary["cma_best_final_loss"])
 
 
@@ -88,15 +93,40 @@ def test_report_shows_the_search_section_and_plot(search_rows, suite: CausalSuit
     tasks = list(suite.tasks)
     acc = {t: 0.5 for t in tasks}
     table_rows = [
-        {"name": f"adapter: {t}", "group": "individual", "params": {}, "accuracy": {u: 1.0 for u in tasks},
-         "average": 1.0, "normalized": 1.0} for t in tasks
-    ] + [{"name": "PEFT add_weighted_adapter (uniform)", "group": "baseline", "params": {}, "accuracy": acc,
-          "average": 0.5, "normalized": 0.5}]
+        {
+            "name": f"adapter: {t}",
+            "group": "individual",
+            "params": {},
+            "accuracy": {u: 1.0 for u in tasks},
+            "average": 1.0,
+            "normalized": 1.0,
+        }
+        for t in tasks
+    ] + [
+        {
+            "name": "PEFT add_weighted_adapter (uniform)",
+            "group": "baseline",
+            "params": {},
+            "accuracy": acc,
+            "average": 0.5,
+            "normalized": 0.5,
+        }
+    ]
     table_rows += [{**r, "average": 0.5, "normalized": 0.5} for r in rows]
-    result = {"suite": "causal", "tasks": tasks, "quick": True, "seed": 0, "rows": table_rows,
-              "seconds": {"prepare": 1.0, "rows": 2.0}, "search": summary, "describe": {}}
+    result = {
+        "suite": "causal",
+        "tasks": tasks,
+        "quick": True,
+        "seed": 0,
+        "rows": table_rows,
+        "seconds": {"prepare": 1.0, "rows": 2.0},
+        "search": summary,
+        "describe": {},
+    }
     text = quality_markdown(result)
-    assert f"### Weight search (4 val examples per task, {summary['batches']} batches, budget {summary['budget']}" in text
+    assert (
+        f"### Weight search (4 val examples per task, {summary['batches']} batches, budget {summary['budget']}" in text
+    )
     for label in summary["runs"]:
         assert re.search(rf"\|\s*{re.escape(label)}\s*\|\s*{summary['runs'][label]['forwards']}\s*\|", text), label
     paths = write_quality(result, tmp_path)

@@ -81,7 +81,7 @@ def test_splits_are_deterministic_disjoint_and_sized() -> None:
         assert not prompts["val"] & prompts["test"]
         for p, answer in a[task.name]["test"]:
             assert p.startswith(task.tag) and p.endswith("=")
-            assert answer == task.rule(p[len(task.tag):-1])
+            assert answer == task.rule(p[len(task.tag) : -1])
 
 
 def test_pretraining_mixture_skips_held_out_prompts_and_mixes_rules() -> None:
@@ -154,13 +154,17 @@ def test_cache_layout_and_adapter_targets(prepared: tuple[CausalSuite, Path]) ->
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-def test_task_adapter_beats_base_model(prepared: tuple[CausalSuite, Path], base_scores: dict[str, float], task: str) -> None:
+def test_task_adapter_beats_base_model(
+    prepared: tuple[CausalSuite, Path], base_scores: dict[str, float], task: str
+) -> None:
     suite, _ = prepared
     own = suite.evaluate(_peft(suite, suite.adapter_dir(task)), task, "test")
     assert own >= base_scores[task] + 0.3, (task, base_scores[task], own)
 
 
-def test_multitask_adapter_beats_base_model_on_average(prepared: tuple[CausalSuite, Path], base_scores: dict[str, float]) -> None:
+def test_multitask_adapter_beats_base_model_on_average(
+    prepared: tuple[CausalSuite, Path], base_scores: dict[str, float]
+) -> None:
     suite, _ = prepared
     model = _peft(suite, suite.multitask_adapter_dir())
     multi = {t: suite.evaluate(model, t, "test") for t in TASK_NAMES}
@@ -260,11 +264,29 @@ def test_cli_quick_quality_run_schema_and_sanity(prepared, tmp_path):
 
     _, cache = prepared
     res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quality", "run", "--suite", "causal", "--quick", "--cache", str(cache),
-         "--out", str(tmp_path),
-         # the search and router rows (benchmarks.quality.auto) have their own tests; this one checks the table
-         "--methods", "linear", "ties", "--no-progress", "--no-search"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.quality",
+            "run",
+            "--suite",
+            "causal",
+            "--quick",
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path),
+            # the search and router rows (benchmarks.quality.auto) have their own tests; this one checks the table
+            "--methods",
+            "linear",
+            "ties",
+            "--no-progress",
+            "--no-search",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         cwd=Path(__file__).resolve().parents[1],
     )
     assert res.returncode == 0, res.stderr
@@ -273,8 +295,16 @@ def test_cli_quick_quality_run_schema_and_sanity(prepared, tmp_path):
     assert set(data) >= {"suite", "tasks", "quick", "seed", "describe", "rows", "seconds", "machine"}
     assert data["suite"] == "causal" and data["quick"] is True and data["tasks"] == list(TASK_NAMES)
     rows = {r["name"]: r for r in data["rows"]}
-    assert set(rows) == {"base model", *(f"adapter: {t}" for t in TASK_NAMES), "PEFT add_weighted_adapter (uniform)",
-                         "linear", "ties", "linear (tuned)", "ties (tuned)", "multi-task adapter (upper bound)"}
+    assert set(rows) == {
+        "base model",
+        *(f"adapter: {t}" for t in TASK_NAMES),
+        "PEFT add_weighted_adapter (uniform)",
+        "linear",
+        "ties",
+        "linear (tuned)",
+        "ties (tuned)",
+        "multi-task adapter (upper bound)",
+    }
     for r in data["rows"]:
         assert set(r) >= {"name", "group", "params", "accuracy", "average", "normalized"}
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
@@ -322,7 +352,9 @@ def test_search_problem_picks_per_task_examples_of_the_split(prepared: tuple[Cau
         assert (batch["labels"][rows, end + 1] == batch["input_ids"][rows, end + 1]).all()
 
 
-def test_search_problem_splits_many_examples_evenly_and_reads_the_asked_split(prepared: tuple[CausalSuite, Path]) -> None:
+def test_search_problem_splits_many_examples_evenly_and_reads_the_asked_split(
+    prepared: tuple[CausalSuite, Path],
+) -> None:
     suite, _ = prepared
     batches, _ = suite.search_problem("test", 40, seed=0)
     splits = make_splits(0, QUICK)
@@ -360,7 +392,9 @@ def test_search_loss_is_the_training_loss_and_lower_with_each_tasks_own_adapter(
             assert after < before, (task, float(before), float(after))
 
 
-def test_search_entropy_is_the_first_answer_tokens_and_label_free(prepared: tuple[CausalSuite, Path], search_val) -> None:
+def test_search_entropy_is_the_first_answer_tokens_and_label_free(
+    prepared: tuple[CausalSuite, Path], search_val
+) -> None:
     suite, _ = prepared
     batches, objectives = search_val
     model = suite.base_model()
@@ -392,8 +426,15 @@ def test_search_objectives_drive_search_weights(prepared: tuple[CausalSuite, Pat
     batches, objectives = search_val
     adapters = {t: suite.adapter_dir(t) for t in TASK_NAMES}
     for name, objective in objectives.items():
-        result = search_weights(suite.base_model(), adapters, batches, objective=objective, granularity="layer",
-                                budget=3 * len(batches), lr=0.1)
+        result = search_weights(
+            suite.base_model(),
+            adapters,
+            batches,
+            objective=objective,
+            granularity="layer",
+            budget=3 * len(batches),
+            lr=0.1,
+        )
         assert result.objective == name
         assert min(h["objective"] for h in result.history) < result.initial_objective, (name, result.history)
 
@@ -405,7 +446,9 @@ def test_search_problem_refuses_bad_split_and_counts(prepared: tuple[CausalSuite
     with pytest.raises(DataError, match=r"per_task=True; pass the number of examples per task, an integer >= 1"):
         suite.search_problem("val", True, seed=0)
     n = QUICK.n_val
-    with pytest.raises(DataError, match=rf"per_task={n + 1} but task 'rev' has only {n} 'val' examples; pass per_task <= {n}"):
+    with pytest.raises(
+        DataError, match=rf"per_task={n + 1} but task 'rev' has only {n} 'val' examples; pass per_task <= {n}"
+    ):
         suite.search_problem("val", n + 1, seed=0)
     with pytest.raises(IA3FuseError, match="not prepared; call prepare"):
         CausalSuite().search_problem("val", 4, seed=0)

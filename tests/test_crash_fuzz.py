@@ -79,13 +79,23 @@ def _big_adapter(path: Path, seed: int, modules: int = 16, width: int = 1_000_00
     gen = torch.Generator().manual_seed(seed)
     path.mkdir()
     save_file(
-        {f"base_model.model.model.layers.{i}.self_attn.k_proj.ia3_l": 1 + 0.1 * torch.randn(width, 1, generator=gen)
-         for i in range(modules)},
-        str(path / "adapter_model.safetensors"), metadata={"format": "pt"},
+        {
+            f"base_model.model.model.layers.{i}.self_attn.k_proj.ia3_l": 1 + 0.1 * torch.randn(width, 1, generator=gen)
+            for i in range(modules)
+        },
+        str(path / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
     )
-    (path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": [], "base_model_name_or_path": "big"}
-    ))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "IA3",
+                "target_modules": ["k_proj"],
+                "feedforward_modules": [],
+                "base_model_name_or_path": "big",
+            }
+        )
+    )
     return path
 
 
@@ -114,14 +124,30 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
     root = tmp_path_factory.mktemp("crash-inputs")
     a, b = _big_adapter(root / "A", 1), _big_adapter(root / "B", 2)
     # A llama of 6M parameters saved in 14 shards; the fold writes ~100 shards of 256 KB each.
-    model = tiny_model("llama", seed=0, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                       vocab_size=4096, head_dim=64)
+    model = tiny_model(
+        "llama", seed=0, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=4096, head_dim=64
+    )
     model.save_pretrained(str(root / "base"), max_shard_size="2MB")
     adapter = random_ia3_adapter(model, root / "adapter", seed=1)
     return {
         "merge": Job("merge", root, lambda out: ["merge", a, b, "--weights", "0.7", "0.4", "-o", out], _check_merge),
-        "fold": Job("fold", root, lambda out: ["fold", "--base", root / "base", "--adapter", adapter, "-o", out,
-                                               "--max-shard-size", "256KB", "--no-progress"], _check_fold),
+        "fold": Job(
+            "fold",
+            root,
+            lambda out: [
+                "fold",
+                "--base",
+                root / "base",
+                "--adapter",
+                adapter,
+                "-o",
+                out,
+                "--max-shard-size",
+                "256KB",
+                "--no-progress",
+            ],
+            _check_fold,
+        ),
     }
 
 
@@ -147,8 +173,9 @@ def _run(argv: list[object], out: Path, *, kill: Optional[tuple[str, float]] = N
     ino = out.stat().st_ino if out.exists() else None
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([*CLI, *map(str, argv)], stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(
+            [*CLI, *map(str, argv)], stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
         t_tmp = t_out = killed_at = None
         while proc.poll() is None:
             now = time.perf_counter() - t0
@@ -159,8 +186,11 @@ def _run(argv: list[object], out: Path, *, kill: Optional[tuple[str, float]] = N
             due = None
             if kill is not None:
                 phase, delay = kill
-                due = {"start": delay, "write": None if t_tmp is None else t_tmp + delay,
-                       "out": None if t_out is None else t_out}[phase]
+                due = {
+                    "start": delay,
+                    "write": None if t_tmp is None else t_tmp + delay,
+                    "out": None if t_out is None else t_out,
+                }[phase]
             if due is not None and now >= due:
                 proc.kill()
                 killed_at = now
@@ -232,12 +262,22 @@ def test_sigkill_leaves_no_output_or_a_complete_one(name: str, jobs: dict[str, J
                     outcome = "absent (previous in .old-)"
         outcomes[outcome] += 1
         assert snapshot(job.inputs) == inputs_before
-        trials.append({
-            "phase": phase, "at_s": None if run.killed_at is None else round(run.killed_at, 3),
-            "after_tmp_ms": None if run.killed_at is None or run.t_tmp is None else round(1000 * (run.killed_at - run.t_tmp), 1),
-            "force": existed, "outcome": outcome, "tmp_left": len(tmp_left), "old_left": len(old_left),
-            "partial_files": len(partial), "partial_bytes": sum(p.stat().st_size for p in partial), "exit": run.returncode,
-        })
+        trials.append(
+            {
+                "phase": phase,
+                "at_s": None if run.killed_at is None else round(run.killed_at, 3),
+                "after_tmp_ms": None
+                if run.killed_at is None or run.t_tmp is None
+                else round(1000 * (run.killed_at - run.t_tmp), 1),
+                "force": existed,
+                "outcome": outcome,
+                "tmp_left": len(tmp_left),
+                "old_left": len(old_left),
+                "partial_files": len(partial),
+                "partial_bytes": sum(p.stat().st_size for p in partial),
+                "exit": run.returncode,
+            }
+        )
 
     final = _run(job.argv(out) + (["--force"] if out.exists() else []), out)
     assert final.returncode == 0, final.stderr
@@ -253,11 +293,15 @@ def test_sigkill_leaves_no_output_or_a_complete_one(name: str, jobs: dict[str, J
 
     assert outcomes["absent"] >= 1 and outcomes["complete"] >= 1, outcomes  # guaranteed by the plan
     SUMMARY[f"crash {name}"] = {
-        "uninterrupted_s": round(first.t_end, 2), "temp_sibling_at_s": round(first.t_tmp, 2),
-        "write_s": round(write, 3), "crash_points": len(trials), "outcomes": dict(outcomes),
+        "uninterrupted_s": round(first.t_end, 2),
+        "temp_sibling_at_s": round(first.t_tmp, 2),
+        "write_s": round(write, 3),
+        "crash_points": len(trials),
+        "outcomes": dict(outcomes),
         "tmp_left_after_kills": sum(t["tmp_left"] for t in trials),
         "old_left_at_end": len([n for n in leftovers(work, "OUT") if ".old-" in n]),
-        "trials": trials, "test_s": round(time.perf_counter() - start, 1),
+        "trials": trials,
+        "test_s": round(time.perf_counter() - start, 1),
     }
 
 
@@ -269,7 +313,9 @@ def test_next_write_removes_only_dead_writers_temporary_siblings(tmp_path: Path)
     me = f"-{os.getpid()}-"
     assert name.startswith(".OUT.tmp-") and me in name
     writer = name[: name.index(me)]  # ".OUT.tmp-<host and pid namespace>"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)  # exited and reaped
     stale = tmp_path / f"{writer}-{dead_pid}-abc123_z"
     keep = [
@@ -277,7 +323,7 @@ def test_next_write_removes_only_dead_writers_temporary_siblings(tmp_path: Path)
         tmp_path / f".OUT.tmp-00000000-{dead_pid}-otherhst",  # another host or pid namespace
         tmp_path / ".OUT.tmp-abc123_z",  # named as before pids were recorded: owner unknown
         tmp_path / ".OUT.old-abc123_z",  # may hold the only complete copy
-        tmp_path / f".OUT2{writer[len('.OUT'):]}-{dead_pid}-abc123_z",  # another output's
+        tmp_path / f".OUT2{writer[len('.OUT') :]}-{dead_pid}-abc123_z",  # another output's
     ]
     for d in [stale, *keep]:
         (d / "sub").mkdir(parents=True)
@@ -298,7 +344,11 @@ def test_next_write_removes_only_dead_writers_temporary_siblings(tmp_path: Path)
 
 FUZZ_EXAMPLES = 150
 FUZZ_SETTINGS = settings(
-    max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 
@@ -318,8 +368,11 @@ def test_fuzz_adapter_loader_raises_only_ia3fuse_errors(seed_files: Any, tmp_pat
 
     start = time.perf_counter()
     one()
-    SUMMARY["fuzz adapter loader"] = {"inputs": sum(outcomes.values()), "outcomes": dict(outcomes),
-                                      "seconds": round(time.perf_counter() - start, 1)}
+    SUMMARY["fuzz adapter loader"] = {
+        "inputs": sum(outcomes.values()),
+        "outcomes": dict(outcomes),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     assert sum(outcomes.values()) >= FUZZ_EXAMPLES
     assert outcomes["ok"] and outcomes["AdapterFormatError"], outcomes  # both paths ran
 
@@ -334,8 +387,11 @@ def test_fuzz_recipe_parser_raises_only_recipe_errors(tmp_path: Path) -> None:
 
     start = time.perf_counter()
     one()
-    SUMMARY["fuzz recipe parser"] = {"inputs": sum(outcomes.values()), "outcomes": dict(outcomes),
-                                     "seconds": round(time.perf_counter() - start, 1)}
+    SUMMARY["fuzz recipe parser"] = {
+        "inputs": sum(outcomes.values()),
+        "outcomes": dict(outcomes),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     assert sum(outcomes.values()) >= FUZZ_EXAMPLES
     assert set(outcomes) == {"ok", "RecipeError"}, outcomes  # the parser raises RecipeError alone
 
@@ -354,10 +410,22 @@ def _config_with(**changes: Any) -> Callable[[dict], str]:
 
 ADAPTER_FINDINGS = {
     "deep_json": (lambda c: "[" * 100_000 + "]" * 100_000, "is not valid JSON (maximum recursion depth exceeded"),
-    "huge_int": (lambda c: json.dumps({**c, "r": 0}).replace('"r": 0', '"r": ' + "9" * 5000), "is not valid JSON (Exceeds the limit"),
-    "bad_regex": (_config_with(feedforward_modules="(down_proj"), "feedforward_modules '(down_proj' is not a valid regular expression"),
-    "bad_target_regex": (_config_with(target_modules="[z-a]"), "target_modules '[z-a]' is not a valid regular expression"),
-    "none_in_list": (_config_with(feedforward_modules=["down_proj", None]), "feedforward_modules holds None (a NoneType)"),
+    "huge_int": (
+        lambda c: json.dumps({**c, "r": 0}).replace('"r": 0', '"r": ' + "9" * 5000),
+        "is not valid JSON (Exceeds the limit",
+    ),
+    "bad_regex": (
+        _config_with(feedforward_modules="(down_proj"),
+        "feedforward_modules '(down_proj' is not a valid regular expression",
+    ),
+    "bad_target_regex": (
+        _config_with(target_modules="[z-a]"),
+        "target_modules '[z-a]' is not a valid regular expression",
+    ),
+    "none_in_list": (
+        _config_with(feedforward_modules=["down_proj", None]),
+        "feedforward_modules holds None (a NoneType)",
+    ),
     "int_in_list": (_config_with(target_modules=[3]), "target_modules holds 3 (a int)"),
 }
 
@@ -373,22 +441,31 @@ def test_fuzz_findings_in_adapter_config(finding: str, seed_files: Any, tmp_path
 
 
 def test_fuzz_finding_fp8_vector_is_refused(seed_files: Any, tmp_path: Path) -> None:
-    tensors = load_file(str(_edit_config(seed_files, tmp_path / "a", dict(seed_files)["adapter_config.json"].decode())
-                            / "adapter_model.safetensors"))
+    tensors = load_file(
+        str(
+            _edit_config(seed_files, tmp_path / "a", dict(seed_files)["adapter_config.json"].decode())
+            / "adapter_model.safetensors"
+        )
+    )
     key = min(tensors)
     tensors[key] = tensors[key].to(torch.float8_e4m3fn)  # torch.isfinite is not implemented for it
     save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
-    with pytest.raises(AdapterFormatError, match=r"has dtype torch.float8_e4m3fn; IA3 vectors are floating point \(float32"):
+    with pytest.raises(
+        AdapterFormatError, match=r"has dtype torch.float8_e4m3fn; IA3 vectors are floating point \(float32"
+    ):
         ia3fuse.load_adapter(tmp_path / "a")
 
 
-@pytest.mark.parametrize("text, phrase", [
-    ("!!float adapters: [a]\n", "could not convert string to float: 'adapters'"),
-    ("adapters: [a]\nname: !!bool x\n", "is not valid YAML ('x')"),
-    ("adapters: [a]\nname: !!timestamp x\n", "is not valid YAML ("),
-    ("adapters: [a]\nweights: !!int 0x\n", "invalid literal for int()"),
-    ("[" * 5000 + "]" * 5000, "is not valid YAML (maximum recursion depth exceeded"),
-])
+@pytest.mark.parametrize(
+    "text, phrase",
+    [
+        ("!!float adapters: [a]\n", "could not convert string to float: 'adapters'"),
+        ("adapters: [a]\nname: !!bool x\n", "is not valid YAML ('x')"),
+        ("adapters: [a]\nname: !!timestamp x\n", "is not valid YAML ("),
+        ("adapters: [a]\nweights: !!int 0x\n", "invalid literal for int()"),
+        ("[" * 5000 + "]" * 5000, "is not valid YAML (maximum recursion depth exceeded"),
+    ],
+)
 def test_fuzz_findings_in_recipe_yaml(text: str, phrase: str, tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(RecipeError) as info:

@@ -177,10 +177,21 @@ def test_overwrite_keeps_the_old_output_whole(good: Inputs, tmp_path: Path, monk
 def _search_result(good: Inputs) -> SearchResult:
     fused = _fused(good)
     return SearchResult(
-        weights=torch.tensor([[0.3], [0.7]]), names=["a", "b"], groups=["all"], granularity="task",
-        method="task_arithmetic", params={"lam": 1.0}, objective="loss", optimizer="adam", schedule=[0.3, 0.7],
-        adapter=fused, history=[{"forwards": 0.0, "objective": 1.0}], forwards=0, initial_objective=1.0,
-        final_objective=1.0, sources=[str(good.a), str(good.b)],
+        weights=torch.tensor([[0.3], [0.7]]),
+        names=["a", "b"],
+        groups=["all"],
+        granularity="task",
+        method="task_arithmetic",
+        params={"lam": 1.0},
+        objective="loss",
+        optimizer="adam",
+        schedule=[0.3, 0.7],
+        adapter=fused,
+        history=[{"forwards": 0.0, "objective": 1.0}],
+        forwards=0,
+        initial_objective=1.0,
+        final_objective=1.0,
+        sources=[str(good.a), str(good.b)],
     )
 
 
@@ -270,8 +281,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "small"
     mnt.mkdir()
     try:
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                             capture_output=True, text=True, check=False, timeout=30)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
     if res.returncode != 0:

@@ -137,7 +137,9 @@ def test_relu_rewrite_refused_for_nonpositive_l_and_falls_back(models, monkeypat
     _pretend_quantized(monkeypatch, ("fc2",))
     model = copy.deepcopy(base)
     _tag(model)
-    with pytest.raises(FoldError, match=r"can only be folded by dequantize-scale-requantize .*the ReLU rewrite needs every l > 0"):
+    with pytest.raises(
+        FoldError, match=r"can only be folded by dequantize-scale-requantize .*the ReLU rewrite needs every l > 0"
+    ):
         ia3fuse.fold(model, adapter, exact="require")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.state_dict().items()), "model changed"
     with pytest.warns(UserWarning, match="folded by dequantize-scale-requantize"):
@@ -183,8 +185,11 @@ def test_adapter_from_another_base_is_refused_and_model_untouched(models, tmp_pa
     )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.state_dict().items())
     gpt2_adapter = models["gpt2"][1]
-    with pytest.raises(FoldError, match=r"modules do not fit the model \(model type 'llama'\): e\.g\. "
-                                        r"'transformer\.h\.0\.attn\.c_attn' \(absent\)"):
+    with pytest.raises(
+        FoldError,
+        match=r"modules do not fit the model \(model type 'llama'\): e\.g\. "
+        r"'transformer\.h\.0\.attn\.c_attn' \(absent\)",
+    ):
         ia3fuse.fold(copy.deepcopy(base), gpt2_adapter)
 
 
@@ -222,8 +227,11 @@ class ConvNet(nn.Module):
 def test_conv2d_custom_model_rows_and_grouped_cols():
     torch.manual_seed(0)
     base = ConvNet().eval()
-    cfg = IA3Config(target_modules=["conv1", "conv2", "conv3", "head"], feedforward_modules=["conv2", "head"],
-                    init_ia3_weights=False)
+    cfg = IA3Config(
+        target_modules=["conv1", "conv2", "conv3", "head"],
+        feedforward_modules=["conv2", "head"],
+        init_ia3_weights=False,
+    )
     peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
@@ -239,8 +247,15 @@ def test_modules_to_save_are_kept_from_a_peft_model_and_from_files(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                        max_position_embeddings=64, vocab_size=128, num_labels=3)
+    cfg = tf.BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        vocab_size=128,
+        num_labels=3,
+    )
     base = tf.BertForSequenceClassification(cfg).eval()
     peft_model = get_peft_model(copy.deepcopy(base), IA3Config(task_type="SEQ_CLS", init_ia3_weights=False))
     with torch.no_grad():
@@ -293,8 +308,9 @@ def test_error_is_measured_for_lossy_layers_by_default(models, monkeypatch):
         ia3fuse.fold(copy.deepcopy(base), adapter, measure_error="some")
 
 
-@pytest.mark.parametrize("bad", [{"measure_error": "bogus"}, {"exact": "never"}, {"double_quant": "zip"},
-                                 {"extras": "keep-some"}])
+@pytest.mark.parametrize(
+    "bad", [{"measure_error": "bogus"}, {"exact": "never"}, {"double_quant": "zip"}, {"extras": "keep-some"}]
+)
 def test_a_bad_option_leaves_the_peft_model_as_it_was(models, bad):
     """Options are checked before the IA3 layers are stripped (measure_error was checked after)."""
     base, adapter = models["llama"]

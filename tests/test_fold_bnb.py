@@ -59,11 +59,19 @@ def four_bit_layer(
     src: nn.Linear, quant_type: str, double: bool, blocksize: int = 64, compute_dtype: torch.dtype = torch.float32
 ) -> Any:
     layer = bnb.nn.Linear4bit(
-        src.in_features, src.out_features, compute_dtype=compute_dtype, compress_statistics=double, quant_type=quant_type
+        src.in_features,
+        src.out_features,
+        compute_dtype=compute_dtype,
+        compress_statistics=double,
+        quant_type=quant_type,
     )
     layer.weight = bnb.nn.Params4bit(
-        src.weight.data.clone(), requires_grad=False, compress_statistics=double, quant_type=quant_type,
-        blocksize=blocksize, module=layer,
+        src.weight.data.clone(),
+        requires_grad=False,
+        compress_statistics=double,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        module=layer,
     )
     layer.bias = nn.Parameter(src.bias.data.clone(), requires_grad=False)
     return layer.to("cpu")
@@ -322,7 +330,9 @@ def test_four_bit_rows_fold_exactly(quant_type: str, double: bool, mode: str) ->
     assert not is_repacked(layer)
     err_exact = rel(y1, linear_ref(w0, src.bias.data, x, rows))
     err_before = rel(y1, rows * y0)
-    print(f"{quant_type} double={double} {mode} unnest: vs exact {err_exact:.2e}, vs rows*forward_before {err_before:.2e}")
+    print(
+        f"{quant_type} double={double} {mode} unnest: vs exact {err_exact:.2e}, vs rows*forward_before {err_before:.2e}"
+    )
     assert err_exact < EXACT
     # After the repack, forward_before came from bnb's bf16 kernel: only its rounding remains.
     assert err_before < (BF16 if mode == "repacked" else EXACT)
@@ -342,7 +352,7 @@ def test_four_bit_renest_keeps_the_layout(quant_type: str, double: bool, mode: s
     assert qs.absmax.dtype == absmax_dtype and qs.nested == (double and mode != "repacked")
     err_w = rel(FOUR_BIT.dequantize(layer), rows[:, None] * w0)
     if mode == "repacked":  # bf16(absmax * l): one bf16 rounding per block
-        assert 1e-4 < err_w < 2 ** -8
+        assert 1e-4 < err_w < 2**-8
         if not CPU_REPACKS:
             pytest.skip(f"weights checked; the forward needs bnb's fused kernel: {NO_KERNEL}")
     y1 = run(layer, x, repack=mode == "repacked")
@@ -447,20 +457,22 @@ def test_four_bit_dequantize_matches_bitsandbytes(quant_type: str, double: bool)
     assert rel(w, src.weight.data) < 0.2
 
     data0 = layer.weight.data.clone()
-    absmax0 = (
-        bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if double else qs.absmax.clone()
-    ).float()
+    absmax0 = (bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if double else qs.absmax.clone()).float()
     repack(layer, x)
     w_packed = FOUR_BIT.dequantize(layer)
     # By bnb's definition the repack permutes the codes and rounds absmax to bf16; dequantize
     # that with bnb's own kernel. (bnb's _convert_weight_packed_for_cpu_inverse is no reference:
     # it leaves a plain absmax in the transposed (in/bs, out) layout.)
     rounded = bnbF.QuantState(
-        absmax=absmax0.to(torch.bfloat16).float(), shape=qs.shape, code=qs.code, blocksize=qs.blocksize,
-        quant_type=quant_type, dtype=torch.float32,
+        absmax=absmax0.to(torch.bfloat16).float(),
+        shape=qs.shape,
+        code=qs.code,
+        blocksize=qs.blocksize,
+        quant_type=quant_type,
+        dtype=torch.float32,
     )
     assert torch.equal(w_packed, bnbF.dequantize_4bit(data0, rounded))
-    assert 0 < rel(w_packed, w) < 2 ** -8
+    assert 0 < rel(w_packed, w) < 2**-8
     if not CPU_REPACKS:
         pytest.skip(f"layout checked; the identity forward needs bnb's fused kernel: {NO_KERNEL}")
     # The layer's own fused bf16 kernel on the identity gives the same weight, to bf16 precision.
@@ -488,7 +500,9 @@ def load_quantized(path: Any, bits: int) -> Any:
 
     if bits == 4:
         cfg = tf.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
     else:

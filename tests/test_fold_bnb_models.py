@@ -26,8 +26,12 @@ SIZES = {
 QUANT = {
     "int8": dict(load_in_8bit=True),
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "fp4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
-                   bnb_4bit_compute_dtype=torch.float32),
+    "fp4-dq": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="fp4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),
 }
 # the feed-forward module of each, and where its scale goes on a quantized model
 FEEDFORWARD = {"llama": ("down_proj", "up_proj"), "opt": ("fc2", "fc1"), "gpt2": ("c_proj", None)}
@@ -55,8 +59,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fold_matches_peft_and_unfolds(files, arch, quant, mode):
     base_dir, adapter = files[arch]
     ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(1))
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]), dtype=torch.float32
+    )
     peft_model = PeftModel.from_pretrained(model, str(adapter))
     getattr(peft_model, mode)()
     with torch.no_grad():
@@ -82,8 +87,9 @@ def test_fold_matches_peft_and_unfolds(files, arch, quant, mode):
     ia3fuse.unfold(folded)
     with torch.no_grad():
         restored = folded(input_ids=ids).logits
-    base_model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
-                                                      dtype=torch.float32)
+    base_model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]), dtype=torch.float32
+    )
     getattr(base_model, mode)()
     with torch.no_grad():
         if mode == "eval":
@@ -108,8 +114,9 @@ def test_report_table_fits_100_columns_and_keeps_every_cell(files, arch):
     """Neighbour rows (llama) and requantized rows with their reasons (gpt2) are wider than 100
     columns on one line; the table wraps them, and nothing is cut."""
     base_dir, adapter = files[arch]
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**QUANT["nf4"]),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=BitsAndBytesConfig(**QUANT["nf4"]), dtype=torch.float32
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = ia3fuse.fold(PeftModel.from_pretrained(model, str(adapter)), measure_error=True).ia3fuse_report
@@ -123,7 +130,8 @@ def test_report_table_fits_100_columns_and_keeps_every_cell(files, arch):
 
     rows = _wrapped_rows(table)
     assert [squeeze(c) for r in rows for c in r] == [
-        squeeze(c) for e in report.entries
+        squeeze(c)
+        for e in report.entries
         for c in (e.module, e.layer, e.path, e.carries, "-" if e.rel_error is None else f"{e.rel_error:.2e}")
     ]
     reasons = {e.reason for e in report.entries if e.reason}

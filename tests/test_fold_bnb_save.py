@@ -18,8 +18,12 @@ from factories import random_ia3_adapter, tiny_model  # noqa: E402
 QUANT = {
     "int8": dict(load_in_8bit=True),
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "fp4-double-quant": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32),
+    "fp4-double-quant": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="fp4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),
 }
 
 
@@ -40,8 +44,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_folded_quantized_model_saves_and_reloads(files, tmp_path, quant):
     base_dir, adapter = files
     ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]), dtype=torch.float32
+    )
     peft_model = PeftModel.from_pretrained(model, str(adapter)).train()  # train mode: no CPU repacking
     with torch.no_grad():
         ref = peft_model(input_ids=ids).logits

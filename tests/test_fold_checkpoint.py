@@ -129,8 +129,22 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     t5.save_pretrained(str(root / "t5"))
     t5_adapter = random_ia3_adapter(t5, root / "t5_adapter", seed=4, spread=0.2)
     return Inputs(
-        root, llama, root / "llama", adapter, wide, root / "llama_sharded", root / "headless", bert, root / "bert",
-        bert_adapter, root / "bert_head", gpt2, root / "gpt2", gpt2_adapter, root / "t5", t5_adapter,
+        root,
+        llama,
+        root / "llama",
+        adapter,
+        wide,
+        root / "llama_sharded",
+        root / "headless",
+        bert,
+        root / "bert",
+        bert_adapter,
+        root / "bert_head",
+        gpt2,
+        root / "gpt2",
+        gpt2_adapter,
+        root / "t5",
+        t5_adapter,
     )
 
 
@@ -217,7 +231,8 @@ def test_scale_weight_equals_the_in_memory_dense_fold(kind: str) -> None:
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_biases_scale_with_the_rows(inputs: Inputs, arch: str, tmp_path: Path) -> None:
     model, base, adapter = (
-        (inputs.gpt2, inputs.gpt2_dir, inputs.gpt2_adapter) if arch == "gpt2"
+        (inputs.gpt2, inputs.gpt2_dir, inputs.gpt2_adapter)
+        if arch == "gpt2"
         else (inputs.bert, inputs.bert_dir, inputs.bert_adapter)
     )
     report = fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
@@ -273,7 +288,9 @@ def test_small_shards_and_a_sharded_input_give_the_same_model(
     assert f"{len(reference)}/{len(reference)}" in capsys.readouterr().err  # the progress bar ran to the end
     shards = sorted(sharded.glob("model-*.safetensors"))
     assert len(shards) == report.shards > 2 and not (sharded / "model.safetensors").exists()
-    assert [s.name for s in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert [s.name for s in shards] == [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     owner = {k: s.name for s in shards for k in load_file(str(s))}
     assert index["weight_map"] == owner
@@ -310,7 +327,9 @@ def test_float16_keeps_the_modules_transformers_keeps_in_float32(inputs: Inputs,
     kept = {k for k, d in dtypes.items() if d == "F32"}
     assert kept and all(".wo." in k for k in kept)  # T5's _keep_in_fp32_modules = ["wo"]
     assert {d for k, d in dtypes.items() if k not in kept} == {"F16"}
-    want = ia3fuse.fold(tf.T5ForConditionalGeneration.from_pretrained(str(inputs.t5_dir)), inputs.t5_adapter).state_dict()
+    want = ia3fuse.fold(
+        tf.T5ForConditionalGeneration.from_pretrained(str(inputs.t5_dir)), inputs.t5_adapter
+    ).state_dict()
     got = tensors_of(out)
     for k in got:
         assert torch.equal(got[k], want[k] if k in kept else want[k].half()), k
@@ -320,7 +339,9 @@ def test_float16_keeps_the_modules_transformers_keeps_in_float32(inputs: Inputs,
 
 
 @pytest.mark.parametrize("dtype", [None, "float16"])
-def test_holds_one_tensor_at_a_time(inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: Any) -> None:
+def test_holds_one_tensor_at_a_time(
+    inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: Any
+) -> None:
     # Every tensor decoded from the input or encoded to the output is tracked until freed; when
     # the next input tensor is read, none of them may still be alive.
     alive: set[int] = set()
@@ -381,16 +402,26 @@ def _adapter(vectors: dict[str, torch.Tensor], **kw: Any) -> IA3Adapter:
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("absent", (r"^cannot fold the adapter into this checkpoint: the adapter's module does not fit the model "
-                    r"built from config\.json \(LlamaForCausalLM, model type 'llama'\): "
-                    r"'model\.layers\.7\.self_attn\.k_proj' \(absent\); the adapter was trained on another base "
-                    r"model: fold it into that base, or use an adapter trained on this one$")),
+        (
+            "absent",
+            (
+                r"^cannot fold the adapter into this checkpoint: the adapter's module does not fit the model "
+                r"built from config\.json \(LlamaForCausalLM, model type 'llama'\): "
+                r"'model\.layers\.7\.self_attn\.k_proj' \(absent\); the adapter was trained on another base "
+                r"model: fold it into that base, or use an adapter trained on this one$"
+            ),
+        ),
         ("ambiguous", r"'self_attn\.k_proj' matches 2 modules .*'model\.layers\.0\.self_attn\.k_proj'.*ambiguous"),
         ("tied", r"'lm_head' has its weight tied to 'transformer\.wte\.weight'"),
-        ("extras", (r"^the adapter's trained modules \(modules_to_save, e\.g\. a classifier head\) do not fit this "
-                    r"checkpoint \(the checkpoint has no module 'score'\); fold into the checkpoint the adapter was "
-                    r"trained on, or pass extras='drop' \(--extras drop on the command line\) to fold the IA3 "
-                    r"vectors only$")),
+        (
+            "extras",
+            (
+                r"^the adapter's trained modules \(modules_to_save, e\.g\. a classifier head\) do not fit this "
+                r"checkpoint \(the checkpoint has no module 'score'\); fold into the checkpoint the adapter was "
+                r"trained on, or pass extras='drop' \(--extras drop on the command line\) to fold the IA3 "
+                r"vectors only$"
+            ),
+        ),
         ("not a linear", r"'model\.norm' is a LlamaRMSNorm .* nn\.Linear, Conv1D and Conv2d/Conv3d"),
     ],
 )
@@ -481,7 +512,9 @@ def test_cli_fold_writes_the_api_result(inputs: Inputs, tmp_path: Path) -> None:
     api = tmp_path / "api"
     report = fold_checkpoint(inputs.llama_dir, inputs.adapter, api, progress=False)
     out = tmp_path / "cli"
-    res = run_cli("fold", "--base", inputs.llama_dir, "--adapter", inputs.adapter, "-o", out, "--no-progress", real=True)
+    res = run_cli(
+        "fold", "--base", inputs.llama_dir, "--adapter", inputs.adapter, "-o", out, "--no-progress", real=True
+    )
     assert res.returncode == 0, res.stderr
     # a summary by default, not a row per tensor (a 7B model changes ~200)
     assert res.stdout.splitlines() == [
@@ -493,12 +526,27 @@ def test_cli_fold_writes_the_api_result(inputs: Inputs, tmp_path: Path) -> None:
 
     # --verbose prints the table too; --report writes it, unwrapped, to a markdown file
     md = tmp_path / "fold.md"
-    res = run_cli("fold", "--base", inputs.llama_dir, "--adapter", inputs.adapter, "-o", tmp_path / "v", "--no-progress",
-                  "--verbose", "--report", md)
+    res = run_cli(
+        "fold",
+        "--base",
+        inputs.llama_dir,
+        "--adapter",
+        inputs.adapter,
+        "-o",
+        tmp_path / "v",
+        "--no-progress",
+        "--verbose",
+        "--report",
+        md,
+    )
     assert res.returncode == 0, res.stderr
     summary = report.summary().replace(str(api), str(tmp_path / "v"))
-    assert res.stdout.splitlines() == [summary, report.breakdown(), f"wrote the per-tensor table to {md}",
-                                       *report.table().splitlines()]
+    assert res.stdout.splitlines() == [
+        summary,
+        report.breakdown(),
+        f"wrote the per-tensor table to {md}",
+        *report.table().splitlines(),
+    ]
     assert f"| {K_PROJ0}.weight | rows   | 16x32 | float32 |" in report.table().splitlines()
     assert md.read_text() == f"# ia3fuse fold\n\n{summary}\n\n{report.breakdown()}\n\n{report.table(max_width=None)}\n"
     assert len(report.table(max_width=None).splitlines()) == 2 + report.changed

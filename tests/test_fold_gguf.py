@@ -46,8 +46,9 @@ def zoo(tmp_path_factory):
         warnings.simplefilter("ignore")
         for mt, (targets, ff) in TARGETS.items():
             model = tiny_arch_model(mt)
-            adapter = random_ia3_adapter(model, root / f"ad_{mt}", seed=3, target_modules=targets,
-                                         feedforward_modules=ff, spread=0.2)
+            adapter = random_ia3_adapter(
+                model, root / f"ad_{mt}", seed=3, target_modules=targets, feedforward_modules=ff, spread=0.2
+            )
             out[mt] = (model, adapter, gf.convert(model, root / f"{mt}.gguf", model_type=mt))
     return out
 
@@ -79,10 +80,10 @@ def header(path: Path) -> tuple[dict[str, bytes], bytes, bytes]:
     data = bytes(reader.data)
 
     def raw(field) -> bytes:
-        return data[field.offset:field.offset + sum(int(p.nbytes) for p in field.parts)]
+        return data[field.offset : field.offset + sum(int(p.nbytes) for p in field.parts)]
 
     kvs = {k: raw(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    return kvs, b"".join(raw(t.field) for t in reader.tensors), data[reader.data_offset:]
+    return kvs, b"".join(raw(t.field) for t in reader.tensors), data[reader.data_offset :]
 
 
 # --- end to end against "fold the HF model, then convert" ----------------------------------------
@@ -185,14 +186,20 @@ def test_every_type_scales_rows_exactly_and_only_scale_bytes_change(tmp_path, qt
     ne0 = 512
     k = gf.random_blocks(qtype, 32, ne0, rng)
     v = gf.random_blocks(qtype, 32, ne0, rng)
-    src = gf.write_raw(tmp_path / "in.gguf", "qwen2", {
-        "token_embd.weight": (Q.F32, gf.random_blocks(Q.F32, 8, ne0, rng), (8, ne0)),
-        "blk.0.attn_k.weight": (qtype, k, (32, ne0)),
-        "blk.0.attn_v.weight": (qtype, v, (32, ne0)),
-    })
+    src = gf.write_raw(
+        tmp_path / "in.gguf",
+        "qwen2",
+        {
+            "token_embd.weight": (Q.F32, gf.random_blocks(Q.F32, 8, ne0, rng), (8, ne0)),
+            "blk.0.attn_k.weight": (qtype, k, (32, ne0)),
+            "blk.0.attn_v.weight": (qtype, v, (32, ne0)),
+        },
+    )
     lk = rng.uniform(-2, 2, 32).astype(np.float32)  # negative l included
     lv = rng.uniform(0.5, 1.5, 32).astype(np.float32)
-    adapter = make_adapter(tmp_path / "ad", {"model.layers.0.self_attn.k_proj": lk, "model.layers.0.self_attn.v_proj": lv})
+    adapter = make_adapter(
+        tmp_path / "ad", {"model.layers.0.self_attn.k_proj": lk, "model.layers.0.self_attn.v_proj": lv}
+    )
     report = fold(src, adapter, tmp_path / "out.gguf", measure_error=True)
     assert report.exact
     before, after = gf.read(src), gf.read(tmp_path / "out.gguf")
@@ -209,11 +216,11 @@ def test_every_type_scales_rows_exactly_and_only_scale_bytes_change(tmp_path, qt
             new_b = after[name][1].reshape(32, -1, ts)
             mask = np.ones(ts, bool)
             for off in gguf_blocks._fields()[qtype]:
-                mask[off:off + 2] = False
+                mask[off : off + 2] = False
             assert np.array_equal(old_b[:, :, mask], new_b[:, :, mask])  # only scale bytes changed
             for off in gguf_blocks._fields()[qtype]:
-                d_old = old_b[:, :, off:off + 2].copy().view(np.float16)[..., 0].astype(np.float32)
-                d_new = new_b[:, :, off:off + 2].copy().view(np.float16)[..., 0]
+                d_old = old_b[:, :, off : off + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+                d_new = new_b[:, :, off : off + 2].copy().view(np.float16)[..., 0]
                 assert np.array_equal(d_new, (d_old * l.reshape(-1, 1)).astype(np.float16))
     assert gf.read(tmp_path / "out.gguf")["token_embd.weight"][1].tobytes() == before["token_embd.weight"][1].tobytes()
 
@@ -224,7 +231,9 @@ def test_iq1_m_scale_is_repacked_across_the_four_scale_words(tmp_path):
     l = np.array([2.0, -0.5, 1.0, 0.25], dtype=np.float32)
     new, stats = gguf_blocks.scale_rows(raw, Q.IQ1_M, l)
     assert stats.overflow == 0
-    np.testing.assert_allclose(gguf_blocks.dequantize(new, Q.IQ1_M), gguf_blocks.dequantize(raw, Q.IQ1_M) * l[:, None], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        gguf_blocks.dequantize(new, Q.IQ1_M), gguf_blocks.dequantize(raw, Q.IQ1_M) * l[:, None], rtol=0, atol=1e-9
+    )
     # the low 12 bits of each scale word (the 3-bit sub-scales) are untouched
     old_w = raw.reshape(4, -1, 56)[:, :, 48:56].copy().view(np.uint16)
     new_w = new.reshape(4, -1, 56)[:, :, 48:56].copy().view(np.uint16)
@@ -237,11 +246,19 @@ def make_adapter(path: Path, vectors: dict, feedforward: tuple = (), base: str =
 
     path.mkdir(parents=True)
     targets = sorted({p.rsplit(".", 1)[-1] for p in vectors})
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "IA3", "target_modules": targets,
-        "feedforward_modules": sorted({p.rsplit(".", 1)[-1] for p in feedforward}),
-        "base_model_name_or_path": base, "fan_in_fan_out": False, "init_ia3_weights": True, "task_type": "CAUSAL_LM",
-    }))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "IA3",
+                "target_modules": targets,
+                "feedforward_modules": sorted({p.rsplit(".", 1)[-1] for p in feedforward}),
+                "base_model_name_or_path": base,
+                "fan_in_fan_out": False,
+                "init_ia3_weights": True,
+                "task_type": "CAUSAL_LM",
+            }
+        )
+    )
     tensors = {}
     for p, l in vectors.items():
         t = torch.tensor(np.asarray(l), dtype=torch.float32)
@@ -295,7 +312,11 @@ def test_provenance_keys_name_the_adapter_and_its_recipe(zoo, tmp_path):
     fused.save(tmp_path / "fused")
     fold(src, tmp_path / "fused", tmp_path / "once.gguf")
     fold(tmp_path / "once.gguf", adapter, tmp_path / "twice.gguf")
-    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "once.gguf")).fields.items() if k.startswith("ia3fuse.")}
+    fields = {
+        k: f.contents()
+        for k, f in gguf.GGUFReader(str(tmp_path / "once.gguf")).fields.items()
+        if k.startswith("ia3fuse.")
+    }
     assert fields == {
         "ia3fuse.test.note": "metadata that must survive a fold",
         "ia3fuse.version": ia3fuse.__version__,
@@ -305,7 +326,11 @@ def test_provenance_keys_name_the_adapter_and_its_recipe(zoo, tmp_path):
         "ia3fuse.recipe": json.dumps(fused.recipe.plain(), sort_keys=True, separators=(",", ":")),
     }
     assert json.loads(fields["ia3fuse.recipe"])["weights"] == [0.3, 0.7]
-    again = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "twice.gguf")).fields.items() if k.startswith("ia3fuse.")}
+    again = {
+        k: f.contents()
+        for k, f in gguf.GGUFReader(str(tmp_path / "twice.gguf")).fields.items()
+        if k.startswith("ia3fuse.")
+    }
     assert again == {
         "ia3fuse.test.note": "metadata that must survive a fold",
         "ia3fuse.version": ia3fuse.__version__,
@@ -370,7 +395,9 @@ def test_gelu_mlp_requantizes_under_auto_and_is_refused_under_require(zoo, tmp_p
         "2 tensor(s) can only be folded by dequantize-scale-requantize ('blk.0.ffn_down.weight': Q8_0 blocks span "
         "input columns; no exact rewrite for this input (the MLP has no gate and is not ReLU)"
     )
-    assert str(exc.value).endswith("pass exact='allow_requant' (--exact allow_requant) to accept that error, or keep the adapter unmerged")
+    assert str(exc.value).endswith(
+        "pass exact='allow_requant' (--exact allow_requant) to accept that error, or keep the adapter unmerged"
+    )
     assert not (tmp_path / "req.gguf").exists()
     with pytest.warns(UserWarning, match=r"2 tensor\(s\) were folded by dequantize-scale-requantize"):
         report = ia3fuse.fold_gguf(src, adapter, tmp_path / "auto.gguf", progress=False)
@@ -399,7 +426,9 @@ def test_mxfp4_requantizes_and_nvfp4_is_refused(tmp_path):
     for qtype, ok in ((Q.MXFP4, True), (Q.NVFP4, False)):
         d = tmp_path / Q(qtype).name
         d.mkdir()
-        src = gf.write_raw(d / "in.gguf", "qwen2", {"blk.0.attn_v.weight": (qtype, gf.random_blocks(qtype, 16, 128, rng), (16, 128))})
+        src = gf.write_raw(
+            d / "in.gguf", "qwen2", {"blk.0.attn_v.weight": (qtype, gf.random_blocks(qtype, 16, 128, rng), (16, 128))}
+        )
         adapter = make_adapter(d / "ad", {"model.layers.0.self_attn.v_proj": rng.uniform(0.5, 1.5, 16)})
         if ok:
             with pytest.raises(FoldError, match=r"^1 tensor\(s\) can only be folded by dequantize-scale-requantize"):
@@ -425,8 +454,11 @@ def test_subnormal_scales_warn(tmp_path):
     raw = gf.random_blocks(Q.Q6_K, 8, 256, rng, scale=(2e-5, 5e-5))  # already subnormal super-scales
     src = gf.write_raw(tmp_path / "in.gguf", "qwen2", {"blk.0.attn_v.weight": (Q.Q6_K, raw, (8, 256))})
     adapter = make_adapter(tmp_path / "ad", {"model.layers.0.self_attn.v_proj": np.full(8, 0.02)})
-    with pytest.warns(UserWarning, match=r"[1-8] new block scale\(s\) in 1 tensor\(s\) of type Q6_K .* below fp16's normal "
-                      r"range, where rounding is absolute, not relative: those blocks are off by more than 1% \(Q6_K store"):
+    with pytest.warns(
+        UserWarning,
+        match=r"[1-8] new block scale\(s\) in 1 tensor\(s\) of type Q6_K .* below fp16's normal "
+        r"range, where rounding is absolute, not relative: those blocks are off by more than 1% \(Q6_K store",
+    ):
         report = ia3fuse.fold_gguf(src, adapter, tmp_path / "out.gguf", progress=False, measure_error=True)
     assert report.entries[0].rel_error > 1e-3  # the absolute rounding shows
     assert report.notes and "Q6_K" in report.notes[0]
@@ -434,8 +466,11 @@ def test_subnormal_scales_warn(tmp_path):
 
 def test_scale_overflow_is_refused(tmp_path):
     rng = np.random.default_rng(4)
-    src = gf.write_raw(tmp_path / "in.gguf", "qwen2",
-                       {"blk.0.attn_v.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 4, 64, rng, scale=(6e4, 6.5e4)), (4, 64))})
+    src = gf.write_raw(
+        tmp_path / "in.gguf",
+        "qwen2",
+        {"blk.0.attn_v.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 4, 64, rng, scale=(6e4, 6.5e4)), (4, 64))},
+    )
     adapter = make_adapter(tmp_path / "ad", {"model.layers.0.self_attn.v_proj": np.full(4, 3.0)})
     with pytest.raises(FoldError) as exc:
         fold(src, adapter, tmp_path / "out.gguf")
@@ -449,17 +484,33 @@ def test_scale_overflow_is_refused(tmp_path):
 BAD = [
     ("not gguf", "notgguf", "is not a readable GGUF file (GGUF magic invalid); re-download or re-convert it"),
     ("missing", "missing", "does not exist; pass a .gguf model file"),
-    ("other model", "other", ("cannot fold the adapter into this GGUF file: 1 of the adapter's 2 modules does not fit "
-     "the file (GGUF architecture 'qwen2'): 'model.layers.0.self_attn.k_proj' (maps to 'blk.0.attn_k.weight', which "
-     "the file lacks); the adapter was trained on another base model ('tiny', as its adapter_config.json records): "
-     "fold it into that base, or use an adapter trained on this one")),
-    ("length", "length", ("cannot fold the adapter into this GGUF file: the adapter's module does not fit the file "
-     "(GGUF architecture 'qwen2'): 'model.layers.0.self_attn.v_proj' ('blk.0.attn_v.weight' has 16 output rows, the "
-     "adapter's vector 8); the adapter was trained on another base model ('tiny', as its adapter_config.json "
-     "records): fold it into that base, or use an adapter trained on this one")),
-    ("unknown permute", "perm", "cannot fold the adapter into this GGUF file: llama.cpp's converter may or may not permute "
-     "q/k rows for architecture 'mistral3' ('model.layers.0.self_attn.k_proj' -> 'blk.0.attn_k.weight'); pass "
-     "permute_qk=True or False (--permute-qk yes/no)"),
+    (
+        "other model",
+        "other",
+        (
+            "cannot fold the adapter into this GGUF file: 1 of the adapter's 2 modules does not fit "
+            "the file (GGUF architecture 'qwen2'): 'model.layers.0.self_attn.k_proj' (maps to 'blk.0.attn_k.weight', which "
+            "the file lacks); the adapter was trained on another base model ('tiny', as its adapter_config.json records): "
+            "fold it into that base, or use an adapter trained on this one"
+        ),
+    ),
+    (
+        "length",
+        "length",
+        (
+            "cannot fold the adapter into this GGUF file: the adapter's module does not fit the file "
+            "(GGUF architecture 'qwen2'): 'model.layers.0.self_attn.v_proj' ('blk.0.attn_v.weight' has 16 output rows, the "
+            "adapter's vector 8); the adapter was trained on another base model ('tiny', as its adapter_config.json "
+            "records): fold it into that base, or use an adapter trained on this one"
+        ),
+    ),
+    (
+        "unknown permute",
+        "perm",
+        "cannot fold the adapter into this GGUF file: llama.cpp's converter may or may not permute "
+        "q/k rows for architecture 'mistral3' ('model.layers.0.self_attn.k_proj' -> 'blk.0.attn_k.weight'); pass "
+        "permute_qk=True or False (--permute-qk yes/no)",
+    ),
 ]
 
 
@@ -500,8 +551,14 @@ def test_adapter_of_another_base_is_refused_once_with_a_count_and_two_examples(z
     wide = tiny_arch_model("llama", hidden_size=48, head_dim=12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adapter = random_ia3_adapter(wide, tmp_path / "wide", seed=1, target_modules=TARGETS["llama"][0],
-                                     feedforward_modules=TARGETS["llama"][1], base_name="org/wide-llama")
+        adapter = random_ia3_adapter(
+            wide,
+            tmp_path / "wide",
+            seed=1,
+            target_modules=TARGETS["llama"][0],
+            feedforward_modules=TARGETS["llama"][1],
+            base_name="org/wide-llama",
+        )
     with pytest.raises(FoldError) as exc:
         fold(src, adapter, tmp_path / "out.gguf")
     assert str(exc.value) == (
@@ -518,7 +575,9 @@ def test_bad_arguments(zoo, tmp_path):
     _, adapter, src = zoo["qwen2"]
     with pytest.raises(FoldError, match=r"^exact='yes' is not a policy; pass 'auto', 'require' or 'allow_requant'$"):
         ia3fuse.fold_gguf(src, adapter, tmp_path / "o.gguf", exact="yes")
-    with pytest.raises(FoldError, match=r"^permute_qk='auto' is not a choice; pass None \(by architecture\), True or False$"):
+    with pytest.raises(
+        FoldError, match=r"^permute_qk='auto' is not a choice; pass None \(by architecture\), True or False$"
+    ):
         ia3fuse.fold_gguf(src, adapter, tmp_path / "o.gguf", permute_qk="auto")
     with pytest.raises(OutputPathError, match="is also an input"):
         ia3fuse.fold_gguf(src, adapter, src)
@@ -531,7 +590,9 @@ def test_truncated_file_is_refused(zoo, tmp_path):
     _, adapter, src = zoo["qwen2"]
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(src.read_bytes()[:-100])
-    with pytest.raises(FoldError, match=r"is truncated: tensor '.*' ends past the end of the file|is not a readable GGUF file"):
+    with pytest.raises(
+        FoldError, match=r"is truncated: tensor '.*' ends past the end of the file|is not a readable GGUF file"
+    ):
         ia3fuse.fold_gguf(cut, adapter, tmp_path / "out.gguf", progress=False)
     assert not (tmp_path / "out.gguf").exists()
 
@@ -562,20 +623,45 @@ def test_cli_folds_a_gguf_file(zoo, tmp_path, capsys):
     _, adapter, _ = zoo["llama"]
     model = zoo["llama"][0]
     src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=Q.Q8_0)
-    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "out.gguf", "--no-progress",
-                         "--exact", "require", "--measure-error", capsys=capsys)
+    code, out, err = cli(
+        "fold",
+        "--gguf",
+        src,
+        "--adapter",
+        adapter,
+        "-o",
+        tmp_path / "out.gguf",
+        "--no-progress",
+        "--exact",
+        "require",
+        "--measure-error",
+        capsys=capsys,
+    )
     assert code == 0, err
     assert out.splitlines() == [  # a summary, not a row per tensor
-        (f"wrote {tmp_path / 'out.gguf'}: folded 8 IA3 modules into 8 of 21 tensors (llama), 8 exact, 0 requantized; "
-         "q/k rows permuted as llama.cpp's converter does"),
+        (
+            f"wrote {tmp_path / 'out.gguf'}: folded 8 IA3 modules into 8 of 21 tensors (llama), 8 exact, 0 requantized; "
+            "q/k rows permuted as llama.cpp's converter does"
+        ),
         "exact: 6 block scales, 2 block scales + neighbour; max rel. error 2.26e-04 (8 measured)",
         "(per-tensor table: --verbose, or --report FILE for a markdown file)",
     ]
     api = fold(src, adapter, tmp_path / "api.gguf")
     assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "api.gguf").read_bytes()
     assert api.exact
-    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "no.gguf", "--no-progress",
-                         "--permute-qk", "no", capsys=capsys)
+    code, out, err = cli(
+        "fold",
+        "--gguf",
+        src,
+        "--adapter",
+        adapter,
+        "-o",
+        tmp_path / "no.gguf",
+        "--no-progress",
+        "--permute-qk",
+        "no",
+        capsys=capsys,
+    )
     assert code == 0 and "q/k rows permuted" not in out
     assert (tmp_path / "no.gguf").read_bytes() != (tmp_path / "out.gguf").read_bytes()
 
@@ -584,38 +670,85 @@ def test_cli_verbose_prints_the_table_in_100_columns_and_report_writes_it(zoo, t
     model, adapter, _ = zoo["llama"]
     src = gf.convert(model, tmp_path / "in.gguf", model_type="llama", qtype=Q.Q8_0)
     md = tmp_path / "fold.md"
-    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "out.gguf", "--no-progress",
-                         "--verbose", "--report", md, capsys=capsys)
+    code, out, err = cli(
+        "fold",
+        "--gguf",
+        src,
+        "--adapter",
+        adapter,
+        "-o",
+        tmp_path / "out.gguf",
+        "--no-progress",
+        "--verbose",
+        "--report",
+        md,
+        capsys=capsys,
+    )
     assert code == 0, err
     report = fold(src, adapter, tmp_path / "api.gguf")
     summary = report.summary().replace(str(tmp_path / "api.gguf"), str(tmp_path / "out.gguf"))
-    assert out.splitlines() == [summary, report.breakdown(), f"wrote the per-tensor table to {md}",
-                                *report.table().splitlines()]
+    assert out.splitlines() == [
+        summary,
+        report.breakdown(),
+        f"wrote the per-tensor table to {md}",
+        *report.table().splitlines(),
+    ]
     assert max(len(line) for line in report.table().splitlines()) <= 100
     wide = report.table(max_width=None)
     assert max(len(line) for line in wide.splitlines()) > 100  # the one-line-per-tensor table would not fit
     assert "| blk.0.ffn_up.weight | Q8_0 64x128 | block scales + neighbour |" in wide
     assert md.read_text() == f"# ia3fuse fold\n\n{summary}\n\n{report.breakdown()}\n\n{wide}\n"
-    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "x.gguf", "--report",
-                         tmp_path / "x.gguf", capsys=capsys)
+    code, out, err = cli(
+        "fold",
+        "--gguf",
+        src,
+        "--adapter",
+        adapter,
+        "-o",
+        tmp_path / "x.gguf",
+        "--report",
+        tmp_path / "x.gguf",
+        capsys=capsys,
+    )
     assert (code, err.strip()) == (
-        2, f"ia3fuse: error: --report {str(tmp_path / 'x.gguf')!r} is the fold's output; pass another file for the report"
+        2,
+        f"ia3fuse: error: --report {str(tmp_path / 'x.gguf')!r} is the fold's output; pass another file for the report",
     )
 
 
 def test_cli_refusals_are_one_line(zoo, tmp_path, capsys):
     model, adapter, src = zoo["gpt2"]
     q8 = gf.convert(model, tmp_path / "q8.gguf", model_type="gpt2", qtype=Q.Q8_0)
-    code, out, err = cli("fold", "--gguf", q8, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--exact", "require",
-                         capsys=capsys)
+    code, out, err = cli(
+        "fold", "--gguf", q8, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--exact", "require", capsys=capsys
+    )
     assert code == 2 and err.startswith("ia3fuse: error: 2 tensor(s) can only be folded by dequantize-scale-requantize")
     assert len(err.strip().splitlines()) == 1
-    code, out, err = cli("fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--dtype", "float16",
-                         capsys=capsys)
-    assert (code, err.strip()) == (2, "ia3fuse: error: --dtype applies to --base only; a GGUF fold keeps every tensor's type")
-    code, out, err = cli("fold", "--base", tmp_path, "--adapter", adapter, "-o", tmp_path / "o", "--exact", "require",
-                         "--permute-qk", "yes", capsys=capsys)
-    assert (code, err.strip()) == (2, "ia3fuse: error: --exact, --permute-qk apply to --gguf only; a --base fold is always exact")
+    code, out, err = cli(
+        "fold", "--gguf", src, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--dtype", "float16", capsys=capsys
+    )
+    assert (code, err.strip()) == (
+        2,
+        "ia3fuse: error: --dtype applies to --base only; a GGUF fold keeps every tensor's type",
+    )
+    code, out, err = cli(
+        "fold",
+        "--base",
+        tmp_path,
+        "--adapter",
+        adapter,
+        "-o",
+        tmp_path / "o",
+        "--exact",
+        "require",
+        "--permute-qk",
+        "yes",
+        capsys=capsys,
+    )
+    assert (code, err.strip()) == (
+        2,
+        "ia3fuse: error: --exact, --permute-qk apply to --gguf only; a --base fold is always exact",
+    )
     with pytest.raises(SystemExit) as exc:
         cli("fold", "--base", tmp_path, "--gguf", src, "--adapter", adapter, "-o", tmp_path / "o", capsys=capsys)
     assert exc.value.code == 2
@@ -647,12 +780,27 @@ def test_phi3_fused_gate_up_takes_the_scale_on_its_up_half(tmp_path):
 def test_cli_prints_lossy_warning_as_one_line(zoo, tmp_path, capsys):
     model, adapter, _ = zoo["gpt2"]
     q8 = gf.convert(model, tmp_path / "q8.gguf", model_type="gpt2", qtype=Q.Q8_0)
-    code, out, err = cli("fold", "--gguf", q8, "--adapter", adapter, "-o", tmp_path / "o.gguf", "--no-progress",
-                         "--verbose", capsys=capsys)
+    code, out, err = cli(
+        "fold",
+        "--gguf",
+        q8,
+        "--adapter",
+        adapter,
+        "-o",
+        tmp_path / "o.gguf",
+        "--no-progress",
+        "--verbose",
+        capsys=capsys,
+    )
     assert code == 0
-    assert ("ia3fuse: warning: 2 tensor(s) were folded by dequantize-scale-requantize (lossy); see the fold report"
-            in err.splitlines())
-    assert out.splitlines()[1] == "exact: 2 block scales, 2 elementwise; lossy: 2 requantize; max rel. error 5.75e-03 (2 measured)"
+    assert (
+        "ia3fuse: warning: 2 tensor(s) were folded by dequantize-scale-requantize (lossy); see the fold report"
+        in err.splitlines()
+    )
+    assert (
+        out.splitlines()[1]
+        == "exact: 2 block scales, 2 elementwise; lossy: 2 requantize; max rel. error 5.75e-03 (2 measured)"
+    )
     row = next(line for line in out.splitlines() if line.startswith("| blk.0.ffn_down.weight "))
     assert [c.strip() for c in row.split("|")[2:4]] == ["Q8_0 256x64", "requantize"]  # ggml order: ne0 (inputs) first
     assert "lossy because:" in out.splitlines() and max(len(line) for line in out.splitlines()[2:]) <= 100
@@ -668,17 +816,35 @@ def test_sigkill_during_a_gguf_fold_leaves_no_output_or_a_complete_one(tmp_path)
     import time
 
     rng = np.random.default_rng(8)
-    src = gf.write_raw(tmp_path / "in.gguf", "qwen2", {
-        "token_embd.weight": (Q.F32, gf.random_blocks(Q.F32, 6144, 2048, rng), (6144, 2048)),  # 48 MiB to copy
-        "blk.0.attn_k.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 2048, 2048, rng), (2048, 2048)),
-        "blk.0.attn_v.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 2048, 2048, rng), (2048, 2048)),
-    })
-    adapter = make_adapter(tmp_path / "ad", {f"model.layers.0.self_attn.{m}_proj": rng.uniform(0.5, 1.5, 2048) for m in "kv"})
+    src = gf.write_raw(
+        tmp_path / "in.gguf",
+        "qwen2",
+        {
+            "token_embd.weight": (Q.F32, gf.random_blocks(Q.F32, 6144, 2048, rng), (6144, 2048)),  # 48 MiB to copy
+            "blk.0.attn_k.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 2048, 2048, rng), (2048, 2048)),
+            "blk.0.attn_v.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 2048, 2048, rng), (2048, 2048)),
+        },
+    )
+    adapter = make_adapter(
+        tmp_path / "ad", {f"model.layers.0.self_attn.{m}_proj": rng.uniform(0.5, 1.5, 2048) for m in "kv"}
+    )
     fold(src, adapter, tmp_path / "ref.gguf")
     ref = (tmp_path / "ref.gguf").read_bytes()
     out = tmp_path / "out.gguf"
-    argv = [sys.executable, "-m", "ia3fuse.cli", "fold", "--gguf", str(src), "--adapter", str(adapter), "-o", str(out),
-            "--no-progress", "--force"]
+    argv = [
+        sys.executable,
+        "-m",
+        "ia3fuse.cli",
+        "fold",
+        "--gguf",
+        str(src),
+        "--adapter",
+        str(adapter),
+        "-o",
+        str(out),
+        "--no-progress",
+        "--force",
+    ]
     outcomes = []
     for delay in (0.0, 0.02, 0.1, 0.3, 2.0):
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -701,8 +867,11 @@ def test_sigkill_during_a_gguf_fold_leaves_no_output_or_a_complete_one(tmp_path)
 
 def test_unknown_fused_qkv_order_and_bad_head_counts_are_refused(tmp_path):
     rng = np.random.default_rng(3)
-    src = gf.write_raw(tmp_path / "glm.gguf", "chatglm",
-                       {"blk.0.attn_qkv.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 48, 64, rng), (48, 64))})
+    src = gf.write_raw(
+        tmp_path / "glm.gguf",
+        "chatglm",
+        {"blk.0.attn_qkv.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 48, 64, rng), (48, 64))},
+    )
     p = "transformer.encoder.layers.0.self_attention.query_key_value"
     with pytest.raises(FoldError) as exc:
         fold(src, make_adapter(tmp_path / "ad", {p: np.ones(48)}), tmp_path / "out.gguf")
@@ -711,10 +880,16 @@ def test_unknown_fused_qkv_order_and_bad_head_counts_are_refused(tmp_path):
         f"architecture 'chatglm' is unknown to ia3fuse ({p!r}); fold the Hugging Face checkpoint instead "
         "(ia3fuse fold --base) and convert it"
     )
-    src = gf.write_raw(tmp_path / "llama.gguf", "llama",
-                       {"blk.0.attn_q.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 16, 64, rng), (16, 64))}, heads=3)
+    src = gf.write_raw(
+        tmp_path / "llama.gguf",
+        "llama",
+        {"blk.0.attn_q.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, 16, 64, rng), (16, 64))},
+        heads=3,
+    )
     with pytest.raises(FoldError) as exc:
-        fold(src, make_adapter(tmp_path / "ad2", {"model.layers.0.self_attn.q_proj": np.ones(16)}), tmp_path / "out.gguf")
+        fold(
+            src, make_adapter(tmp_path / "ad2", {"model.layers.0.self_attn.q_proj": np.ones(16)}), tmp_path / "out.gguf"
+        )
     assert str(exc.value) == (
         "cannot fold the adapter into this GGUF file: cannot permute 'blk.0.attn_q.weight' like llama.cpp's converter: "
         "head count 3 does not divide its 16 rows in pairs; the file's metadata does not match the tensor"
@@ -727,19 +902,33 @@ def test_t5_relu_mlp_takes_positive_scales_on_ffn_up_rows(tmp_path):
     input scale folds into wi's rows (ffn_up); a negative l has no exact path."""
     rng = np.random.default_rng(11)
     d, ff = 64, 128
-    src = gf.write_raw(tmp_path / "t5.gguf", "t5", {
-        "enc.blk.0.ffn_up.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, ff, d, rng), (ff, d)),
-        "enc.blk.0.ffn_down.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, d, ff, rng), (d, ff)),
-    })
+    src = gf.write_raw(
+        tmp_path / "t5.gguf",
+        "t5",
+        {
+            "enc.blk.0.ffn_up.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, ff, d, rng), (ff, d)),
+            "enc.blk.0.ffn_down.weight": (Q.Q8_0, gf.random_blocks(Q.Q8_0, d, ff, rng), (d, ff)),
+        },
+    )
     p = "encoder.block.0.layer.1.DenseReluDense.wo"
     l = rng.uniform(0.5, 1.5, ff).astype(np.float32)
     report = fold(src, make_adapter(tmp_path / "ad", {p: l}, feedforward=(p,)), tmp_path / "out.gguf", exact="require")
     assert [(e.module, e.carries) for e in report.entries] == [
-        ("enc.blk.0.ffn_up.weight", f"neighbour (ReLU MLP: ffn_up rows) for {p}")]
+        ("enc.blk.0.ffn_up.weight", f"neighbour (ReLU MLP: ffn_up rows) for {p}")
+    ]
     before, after = gf.read(src), gf.read(tmp_path / "out.gguf")
-    np.testing.assert_allclose(gf.dequant(after["enc.blk.0.ffn_up.weight"]),
-                               gf.dequant(before["enc.blk.0.ffn_up.weight"]) * l[:, None], rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(
+        gf.dequant(after["enc.blk.0.ffn_up.weight"]),
+        gf.dequant(before["enc.blk.0.ffn_up.weight"]) * l[:, None],
+        rtol=1e-3,
+        atol=1e-7,
+    )
     l[3] = -0.5
     with pytest.raises(FoldError, match=r"the ReLU rewrite \(relu\(z\) \* l = relu\(z \* l\)\) needs every l > 0"):
-        ia3fuse.fold_gguf(src, make_adapter(tmp_path / "neg", {p: l}, feedforward=(p,)), tmp_path / "neg.gguf",
-                          exact="require", progress=False)
+        ia3fuse.fold_gguf(
+            src,
+            make_adapter(tmp_path / "neg", {p: l}, feedforward=(p,)),
+            tmp_path / "neg.gguf",
+            exact="require",
+            progress=False,
+        )

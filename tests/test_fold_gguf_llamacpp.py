@@ -35,8 +35,11 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("model_type,qtype", [("llama", Q.F32), ("llama", Q.Q8_0), ("qwen2", Q.F32), ("qwen2", Q.Q8_0)],
-                         ids=lambda v: Q(v).name if isinstance(v, int) else v)
+@pytest.mark.parametrize(
+    "model_type,qtype",
+    [("llama", Q.F32), ("llama", Q.Q8_0), ("qwen2", Q.F32), ("qwen2", Q.Q8_0)],
+    ids=lambda v: Q(v).name if isinstance(v, int) else v,
+)
 def test_llama_cpp_logits_of_folded_file_match_peft(tmp_path, model_type, qtype):
     """Llama files have permuted q/k rows, Qwen2 files do not: the opposite choice must fail."""
     from peft import PeftModel
@@ -44,11 +47,19 @@ def test_llama_cpp_logits_of_folded_file_match_peft(tmp_path, model_type, qtype)
     model = tiny_arch_model(model_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adapter = random_ia3_adapter(model, tmp_path / "ad", seed=3, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
-                                     feedforward_modules=["down_proj"], spread=0.3)
+        adapter = random_ia3_adapter(
+            model,
+            tmp_path / "ad",
+            seed=3,
+            target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            spread=0.3,
+        )
         with torch.no_grad():
             base = model(torch.tensor([TOKENS])).logits[0].numpy()
-            peft = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter))(torch.tensor([TOKENS])).logits[0].numpy()
+            peft = (
+                PeftModel.from_pretrained(copy.deepcopy(model), str(adapter))(torch.tensor([TOKENS])).logits[0].numpy()
+            )
         src = gf.convert(model, tmp_path / "in.gguf", model_type=model_type, qtype=qtype, vocab=True)
         report = ia3fuse.fold_gguf(src, adapter, tmp_path / "out.gguf", progress=False)
         assert report.permuted_qk == (model_type == "llama")

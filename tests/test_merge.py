@@ -33,8 +33,14 @@ K1 = "model.layers.1.self_attn.k_proj"
 def _adapter(name: str, vectors: dict[str, torch.Tensor], ff: tuple[str, ...] = (), base: str = "base") -> IA3Adapter:
     targets = sorted({p.rsplit(".", 1)[1] for p in vectors})
     ff_names = sorted({p.rsplit(".", 1)[1] for p in ff})
-    config = {"peft_type": "IA3", "target_modules": targets, "feedforward_modules": ff_names,
-              "base_model_name_or_path": base, "task_type": "CAUSAL_LM", "init_ia3_weights": True}
+    config = {
+        "peft_type": "IA3",
+        "target_modules": targets,
+        "feedforward_modules": ff_names,
+        "base_model_name_or_path": base,
+        "task_type": "CAUSAL_LM",
+        "init_ia3_weights": True,
+    }
     return IA3Adapter(dict(vectors), {p: p in ff for p in vectors}, config, name)
 
 
@@ -77,7 +83,10 @@ def test_inputs_are_not_modified(two):
 def test_shape_conflict_is_reported():
     a = _adapter("a", {K: torch.ones(2, 1)})
     b = _adapter("b", {K: torch.ones(3, 1)})
-    with pytest.raises(IncompatibleAdaptersError, match=r"'model.layers.0.self_attn.k_proj' has different shapes \('a': \(2, 1\), 'b': \(3, 1\)\)"):
+    with pytest.raises(
+        IncompatibleAdaptersError,
+        match=r"'model.layers.0.self_attn.k_proj' has different shapes \('a': \(2, 1\), 'b': \(3, 1\)\)",
+    ):
         ia3fuse.merge([a, b])
 
 
@@ -93,7 +102,9 @@ def test_different_bases_warn_or_fail_when_strict():
     b = _adapter("b", {K: torch.ones(2, 1)}, base="mistral-7b")
     with pytest.warns(ia3fuse.IA3FuseWarning, match="different base models"):
         ia3fuse.merge([a, b])
-    with pytest.raises(IncompatibleAdaptersError, match=r"pass strict=False \(no --strict on the command line\) to fuse anyway"):
+    with pytest.raises(
+        IncompatibleAdaptersError, match=r"pass strict=False \(no --strict on the command line\) to fuse anyway"
+    ):
         ia3fuse.merge([a, b], strict=True)
 
 
@@ -107,7 +118,9 @@ def test_same_base_does_not_warn(two):
 def test_geometric_error_names_module_and_adapter():
     a = _adapter("a", {K: torch.tensor([[1.0], [-0.2]])})
     b = _adapter("b", {K: torch.ones(2, 1)})
-    with pytest.raises(MethodInputError, match=r"geometric: module 'model.layers.0.self_attn.k_proj', adapter 'a': .* must be > 0"):
+    with pytest.raises(
+        MethodInputError, match=r"geometric: module 'model.layers.0.self_attn.k_proj', adapter 'a': .* must be > 0"
+    ):
         ia3fuse.merge([a, b], method="geometric")
 
 
@@ -119,7 +132,9 @@ def test_geometric_with_missing_zero_is_refused():
 
 
 def test_parameters_checked_before_anything_is_read(tmp_path):
-    with pytest.raises(InvalidParameterError, match="method 'linear' has no parameter 'density'; its parameters are: none"):
+    with pytest.raises(
+        InvalidParameterError, match="method 'linear' has no parameter 'density'; its parameters are: none"
+    ):
         ia3fuse.merge([tmp_path / "does-not-exist"], method="linear", density=0.5)
     with pytest.raises(InvalidParameterError, match="missing='one' is not a fill rule"):
         ia3fuse.merge([_adapter("a", {K: torch.ones(2, 1)})], missing="one")
@@ -158,7 +173,11 @@ def test_weight_schedule_applies_per_module(two):
     a, b = two
     fused = ia3fuse.merge(
         [a, b],
-        {"default": [0.5, 0.5], "kinds": {"feedforward": [1.0, 0.0]}, "overrides": [{"filter": r"v_proj$", "weights": [0.0, 2.0]}]},
+        {
+            "default": [0.5, 0.5],
+            "kinds": {"feedforward": [1.0, 0.0]},
+            "overrides": [{"filter": r"v_proj$", "weights": [0.0, 2.0]}],
+        },
     )
     torch.testing.assert_close(fused.vectors[D], a.vectors[D])  # kind feedforward: a alone
     torch.testing.assert_close(fused.vectors[V], torch.tensor([[0.8], [1.4]]))  # 1 + 2 * (-0.1, 0.2)
@@ -262,7 +281,11 @@ def test_config_targets_exactly_the_fused_modules(two):
 
 
 def _hash_tree(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_save_load_round_trip_and_model_card(tmp_path, two):
@@ -276,11 +299,18 @@ def test_save_load_round_trip_and_model_card(tmp_path, two):
     assert json.loads((out / "adapter_config.json").read_text()) == fused.config
     card = (out / "README.md").read_text()
     recipe = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
-    assert recipe == fused.recipe.plain() == {
-        "adapters": [{"name": "a"}, {"name": "b"}], "method": "ties", "weights": [0.25, 0.75],
-        "parameters": {"density": 0.5, "majority_sign_method": "total", "lam": 1.0}, "missing": "identity",
-        "name": "fused",
-    }
+    assert (
+        recipe
+        == fused.recipe.plain()
+        == {
+            "adapters": [{"name": "a"}, {"name": "b"}],
+            "method": "ties",
+            "weights": [0.25, 0.75],
+            "parameters": {"density": 0.5, "majority_sign_method": "total", "lam": 1.0},
+            "missing": "identity",
+            "name": "fused",
+        }
+    )
 
 
 def test_save_refuses_existing_output_and_replaces_with_overwrite(tmp_path, two):
@@ -303,7 +333,9 @@ def test_failed_save_leaves_nothing(tmp_path, two, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("ia3fuse.adapter.save_file", boom)
-    with pytest.raises(OutputPathError, match=r"writing output '.*out' failed \(No space left on device\); nothing was written"):
+    with pytest.raises(
+        OutputPathError, match=r"writing output '.*out' failed \(No space left on device\); nothing was written"
+    ):
         fused.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
@@ -312,8 +344,12 @@ def test_recipe_from_model_card_reproduces_the_merge(tmp_path, two):
     a, b = two
     a.save(tmp_path / "a")
     b.save(tmp_path / "b")
-    data = {"adapters": [str(tmp_path / "a"), str(tmp_path / "b")], "method": "dare_ties",
-            "parameters": {"density": 0.5, "seed": 3}, "weights": {"a": 0.6, "b": 0.4}}
+    data = {
+        "adapters": [str(tmp_path / "a"), str(tmp_path / "b")],
+        "method": "dare_ties",
+        "parameters": {"density": 0.5, "seed": 3},
+        "weights": {"a": 0.6, "b": 0.4},
+    }
     first = run_recipe(parse_recipe(data), output=tmp_path / "one")
     card = (first / "README.md").read_text()
     again = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
@@ -349,7 +385,9 @@ def test_loader_rejects_bad_vectors(tmp_path):
     key = f"base_model.model.{K}.ia3_l"
     with pytest.raises(AdapterFormatError, match=r"holds 1 NaN/Inf values; the adapter is corrupt"):
         ia3fuse.load_adapter(write("nan", {key: torch.tensor([[1.0], [float("nan")]])}))
-    with pytest.raises(AdapterFormatError, match=r"has shape \(1, 2\), but a output-side IA3 vector has shape \(out_features, 1\)"):
+    with pytest.raises(
+        AdapterFormatError, match=r"has shape \(1, 2\), but a output-side IA3 vector has shape \(out_features, 1\)"
+    ):
         ia3fuse.load_adapter(write("shape", {key: torch.ones(1, 2)}))
     with pytest.raises(AdapterFormatError, match="has dtype torch.int64; IA3 vectors are floating point"):
         ia3fuse.load_adapter(write("int", {key: torch.ones(2, 1, dtype=torch.int64)}))
@@ -374,8 +412,10 @@ def test_schedule_in_a_recipe_with_an_adapter_named_default(tmp_path, two):
     a.save(tmp_path / "default")
     b.save(tmp_path / "b")
     recipe = parse_recipe(
-        {"adapters": [str(tmp_path / "default"), str(tmp_path / "b")],
-         "weights": {"default": [1.0, 0.0], "overrides": [{"filter": "v_proj", "weights": [0.0, 1.0]}]}}
+        {
+            "adapters": [str(tmp_path / "default"), str(tmp_path / "b")],
+            "weights": {"default": [1.0, 0.0], "overrides": [{"filter": "v_proj", "weights": [0.0, 1.0]}]},
+        }
     )
     out = ia3fuse.load_adapter(run_recipe(recipe, output=tmp_path / "out"))
     torch.testing.assert_close(out.vectors[K], a.vectors[K])
@@ -384,8 +424,14 @@ def test_schedule_in_a_recipe_with_an_adapter_named_default(tmp_path, two):
 
 def test_a_recipe_reports_every_problem_at_once():
     """Field errors used to hide the cross-field checks, and an unknown parameter hid the others."""
-    data = {"adapters": ["a", "b"], "method": "ties", "weights": [1], "missing": "nope", "unknown": 1,
-            "parameters": {"density": 1.5, "majority_sign_method": "x", "foo": 1}}
+    data = {
+        "adapters": ["a", "b"],
+        "method": "ties",
+        "weights": [1],
+        "missing": "nope",
+        "unknown": 1,
+        "parameters": {"density": 1.5, "majority_sign_method": "x", "foo": 1},
+    }
     with pytest.raises(RecipeError) as caught:
         parse_recipe(data)
     assert str(caught.value) == (

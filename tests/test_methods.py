@@ -466,9 +466,7 @@ def test_svd_rank_bounds():
     v = from_taus([0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
     with pytest.raises(InvalidParameterError) as info:
         fuse("svd", v, w(0.5, 0.5), svd_rank=3)
-    assert str(info.value) == (
-        "method 'svd': svd_rank=3 exceeds the number of adapters (2); pass an integer in 1..2"
-    )
+    assert str(info.value) == ("method 'svd': svd_rank=3 exceeds the number of adapters (2); pass an integer in 1..2")
     with pytest.raises(InvalidParameterError, match=r"method 'svd': svd_rank=0 is invalid"):
         get_method("svd").validate({"svd_rank": 0})
 

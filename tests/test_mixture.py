@@ -80,8 +80,14 @@ class Setup:
     def mixture(self, model: Any = None, **kwargs: Any) -> Mixture:
         return Mixture(self.fresh() if model is None else model, dict(self.paths), **kwargs)
 
-    def merged_peft(self, rows: Tensor, method: str = "task_arithmetic", dtype: torch.dtype | None = None,
-                    base: Callable[[], Any] | None = None, **params: Any) -> PeftModel:
+    def merged_peft(
+        self,
+        rows: Tensor,
+        method: str = "task_arithmetic",
+        dtype: torch.dtype | None = None,
+        base: Callable[[], Any] | None = None,
+        **params: Any,
+    ) -> PeftModel:
         """One PeftModel holding, as adapters m0, m1, ..., the adapters merged with each row."""
         key = ("peft", tuple(map(tuple, rows.tolist())), method, dtype, base, tuple(sorted(params.items())))
         if key not in self.cache:
@@ -136,8 +142,9 @@ def _build(arch: str, root: Path, seed: int = 0, spread: float = 0.2, **sizes: A
     paths = {
         "a": random_ia3_adapter(model, root / "a", seed=1, spread=spread),
         "b": random_ia3_adapter(model, root / "b", seed=2, spread=spread),
-        "c": random_ia3_adapter(model, root / "c", seed=3, spread=spread, target_modules=ATTENTION[arch],
-                                feedforward_modules=[]),
+        "c": random_ia3_adapter(
+            model, root / "c", seed=3, spread=spread, target_modules=ATTENTION[arch], feedforward_modules=[]
+        ),
     }
     gen = torch.Generator().manual_seed(7)
     inputs = {"input_ids": torch.randint(3, 128, (B, T), generator=gen)}
@@ -221,7 +228,9 @@ def test_per_batch_weights_equal_repeated_rows_and_mapping_equals_list(build, ar
     per_sample = run(mix, setup.inputs, mixture_weights=torch.tensor(row).repeat(B, 1))
 
     # (K,) @ (K, N) and (B, K) @ (K, N) may round an IA3 value differently by an ulp
-    torch.testing.assert_close(mix.scales(row).expand(B, -1), mix.scales(torch.tensor(row).repeat(B, 1)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        mix.scales(row).expand(B, -1), mix.scales(torch.tensor(row).repeat(B, 1)), rtol=0, atol=1e-6
+    )
     torch.testing.assert_close(per_batch, per_sample, **EXACT)
     torch.testing.assert_close(per_batch, setup.reference(torch.tensor(row).repeat(B, 1)), **EXACT)
     # a mapping is the list in the mixture's order; a missing name weighs 0
@@ -263,11 +272,14 @@ def test_per_token_weights_refuse_generate(llama):
     ):
         mix.generate(input_ids=ids, mixture_weights=tokens, **GEN)
     # set by `using`, the hooks refuse the first one-token step
-    with mix.using(tokens), raises_exactly(
-        IA3FuseError,
-        "per-token weights cover 6 tokens but module 'model.layers.0.self_attn.k_proj' ran on an activation of "
-        "shape (4, 1, 16); pass per-token weights only to a forward over exactly those tokens (not to generate(), "
-        "whose steps see one token; use per-sample weights there)",
+    with (
+        mix.using(tokens),
+        raises_exactly(
+            IA3FuseError,
+            "per-token weights cover 6 tokens but module 'model.layers.0.self_attn.k_proj' ran on an activation of "
+            "shape (4, 1, 16); pass per-token weights only to a forward over exactly those tokens (not to generate(), "
+            "whose steps see one token; use per-sample weights there)",
+        ),
     ):
         mix.model.generate(input_ids=ids, **GEN)
 
@@ -376,8 +388,12 @@ def _load_quantized(path: Path, bits: int) -> Any:
     import transformers as tf
 
     if bits == 4:
-        cfg = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
+        cfg = tf.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
     else:
         cfg = tf.BitsAndBytesConfig(load_in_8bit=True)
     return tf.LlamaForCausalLM.from_pretrained(str(path), quantization_config=cfg, device_map="cpu").eval()
@@ -389,7 +405,7 @@ def test_quantized_bases_match_peft_per_sample(bnb_llama, bits):
 
     setup, base_dir = bnb_llama
     model = _load_quantized(base_dir, bits)
-    layer = (bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
+    layer = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     assert isinstance(model.model.layers[0].self_attn.k_proj, layer)
     mix = setup.mixture(model)
 
@@ -620,8 +636,17 @@ def _train_with_trainer(task: dict[str, Any], out: Path, **extra: Any) -> tuple[
     mix = Mixture(task["setup"].fresh(), task["paths"])
     mix.add_router()
     start = {k: v.clone() for k, v in mix.router.state_dict().items()}
-    args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=8, learning_rate=0.05,
-                             report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no", **extra)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=0.05,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
+        **extra,
+    )
     trainer = Trainer(model=mix, args=args, train_dataset=_Rows(task["train"]))
     trainer.train()
     return mix, trainer, start
@@ -633,7 +658,9 @@ def test_router_trains_with_transformers_trainer(router_task, tmp_path):
 
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in mix.router.parameters()}  # only the router is trained
-    assert {n for n, p in mix.named_parameters() if p.requires_grad} == {f"router.{n}" for n, _ in mix.router.named_parameters()}
+    assert {n for n, p in mix.named_parameters() if p.requires_grad} == {
+        f"router.{n}" for n, _ in mix.router.named_parameters()
+    }
     end = mix.router.state_dict()
     assert all(not torch.equal(end[k], start[k]) for k in start)
     frozen = mix.model.state_dict()
@@ -660,8 +687,10 @@ def test_router_drives_forward_cached_steps_and_generate(llama):
     weights = mix.route(ids, mask)
     assert weights.shape == (B, K) and (weights.max(-1).values > 0.5).all()
 
-    assert torch.equal(run(mix, {"input_ids": ids, "attention_mask": mask}),
-                       run(mix, {"input_ids": ids, "attention_mask": mask}, mixture_weights=weights))
+    assert torch.equal(
+        run(mix, {"input_ids": ids, "attention_mask": mask}),
+        run(mix, {"input_ids": ids, "attention_mask": mask}, mixture_weights=weights),
+    )
     # a cached decoding step reuses the prompt's weights (routing the one new token would differ)
     with torch.no_grad():
         first = mix(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
@@ -682,8 +711,10 @@ def test_token_level_router(llama):
     _randomize(mix.add_router(level="token"))
     weights = mix.route(ids, mask)
     assert weights.shape == (B, T, K)
-    assert torch.equal(run(mix, {"input_ids": ids, "attention_mask": mask}),
-                       run(mix, {"input_ids": ids, "attention_mask": mask}, mixture_weights=weights))
+    assert torch.equal(
+        run(mix, {"input_ids": ids, "attention_mask": mask}),
+        run(mix, {"input_ids": ids, "attention_mask": mask}, mixture_weights=weights),
+    )
     with raises_exactly(
         IA3FuseError,
         "a token-level router cannot drive generate(): each step sees one new token; use a sequence-level router "
@@ -721,15 +752,18 @@ def test_save_and_load_give_identical_outputs(llama, tmp_path):
     assert loaded.names == list(NAMES) and loaded.form == "delta" and loaded.lam == 0.8
     assert loaded.router is not None and loaded.router.config == router.config
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, mix(input_ids=ids, attention_mask=mask).logits)
+        assert torch.equal(
+            loaded(input_ids=ids, attention_mask=mask).logits, mix(input_ids=ids, attention_mask=mask).logits
+        )
         assert torch.equal(loaded.route(ids, mask), routed)
     assert torch.equal(run(loaded, llama.inputs, mixture_weights=ROWS), run(mix, llama.inputs, mixture_weights=ROWS))
 
     geometric = llama.mixture(form="geometric")
     loaded_geometric = Mixture.load(geometric.save(tmp_path / "geo"), llama.fresh())
     assert not (tmp_path / "geo" / "router.safetensors").exists() and loaded_geometric.router is None
-    assert torch.equal(run(loaded_geometric, llama.inputs, mixture_weights=ROWS),
-                       run(geometric, llama.inputs, mixture_weights=ROWS))
+    assert torch.equal(
+        run(loaded_geometric, llama.inputs, mixture_weights=ROWS), run(geometric, llama.inputs, mixture_weights=ROWS)
+    )
 
 
 def test_save_and_load_refuse_bad_paths(llama, tmp_path):
@@ -868,9 +902,15 @@ def test_mixture_is_differentiable_in_its_weights(llama):
 # ---------------------------------------------------------------- method forms (ia3fuse.forms)
 
 FORMED = [
-    ("linear", {}), ("task_arithmetic", {"lam": 0.8}), ("geometric", {}), ("ties", {"density": 0.5}),
-    ("dare_linear", {"density": 0.5, "seed": 3}), ("dare_ties", {"density": 0.7, "seed": 1}),
-    ("magnitude_prune", {"density": 0.4}), ("breadcrumbs", {"density": 0.8, "gamma": 0.1}), ("svd", {"svd_rank": 2}),
+    ("linear", {}),
+    ("task_arithmetic", {"lam": 0.8}),
+    ("geometric", {}),
+    ("ties", {"density": 0.5}),
+    ("dare_linear", {"density": 0.5, "seed": 3}),
+    ("dare_ties", {"density": 0.7, "seed": 1}),
+    ("magnitude_prune", {"density": 0.4}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.1}),
+    ("svd", {"svd_rank": 2}),
 ]
 
 
@@ -880,7 +920,9 @@ def test_every_method_with_a_form_mixes_as_merge_fuses(llama, method, params):
     vectors of that sample's weights (sign-elected methods: at uniform weights, where the mixture
     fixes its election)."""
     mix = llama.mixture(method=method, params=params)
-    rows = torch.tensor([[1 / 3] * 3] * 2) if method.endswith("ties") else torch.tensor([[0.5, -0.25, 0.75], [1.0, 0, 0]])
+    rows = (
+        torch.tensor([[1 / 3] * 3] * 2) if method.endswith("ties") else torch.tensor([[0.5, -0.25, 0.75], [1.0, 0, 0]])
+    )
     flat = mix.scales(rows)
     for b, row in enumerate(rows.tolist()):
         fused = merge(dict(llama.paths), row, method, **params)
@@ -892,8 +934,11 @@ def test_every_method_with_a_form_mixes_as_merge_fuses(llama, method, params):
 
 
 def test_method_and_form_options_are_checked(llama):
-    with raises_exactly(InvalidParameterError, "method='ties' takes its parameters (lam included) in params=...; pass "
-                                               "either method (and params) or form and lam"):
+    with raises_exactly(
+        InvalidParameterError,
+        "method='ties' takes its parameters (lam included) in params=...; pass "
+        "either method (and params) or form and lam",
+    ):
         llama.mixture(method="ties", lam=0.5)
     with raises_exactly(InvalidParameterError, "params apply to a method; pass method=... with them"):
         llama.mixture(params={"density": 0.5})

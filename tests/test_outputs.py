@@ -70,8 +70,9 @@ WRITERS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
 
 
 @pytest.mark.parametrize("writer", list(WRITERS))
-def test_outputs_get_the_umask_modes_of_an_ordinary_write(world: dict[str, Any], tmp_path: Path, umask: int,
-                                                          writer: str) -> None:
+def test_outputs_get_the_umask_modes_of_an_ordinary_write(
+    world: dict[str, Any], tmp_path: Path, umask: int, writer: str
+) -> None:
     out = tmp_path / ("OUT.gguf" if writer == "fold_gguf" else "OUT")
     WRITERS[writer](world, out)
     got = modes(out)
@@ -90,8 +91,9 @@ def test_missing_parent_folders_are_created(world: dict[str, Any], tmp_path: Pat
     assert sorted(os.listdir(tmp_path / "new" / "deeper")) == [out.name]  # no temporary left beside it
 
 
-def test_a_failed_write_removes_the_folders_it_created(world: dict[str, Any], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_removes_the_folders_it_created(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def full_disk(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

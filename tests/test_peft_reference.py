@@ -163,9 +163,7 @@ def test_identity_fill_of_disjoint_adapters_equals_peft_with_both_active(tiny, t
     second = load_adapter(tiny.feedforward_only)
     assert first.vectors and second.vectors and not set(first.vectors) & set(second.vectors)
 
-    fused = merge(
-        [tiny.attention_only, tiny.feedforward_only], [1, 1], method="task_arithmetic", missing="identity"
-    )
+    fused = merge([tiny.attention_only, tiny.feedforward_only], [1, 1], method="task_arithmetic", missing="identity")
 
     assert sorted(fused.vectors) == sorted([*first.vectors, *second.vectors])
     for only in (first, second):

@@ -179,8 +179,14 @@ def searched(world: World) -> Callable[..., Any]:
         key = (teacher, optimizer, granularity, tuple(sorted(kwargs.items())))
         if key not in cache:
             cache[key] = search_weights(
-                world.base, {"a": world.a, "b": world.b}, world.batches[teacher], optimizer=optimizer,
-                granularity=granularity, budget=BUDGET, lr=0.1, **kwargs,
+                world.base,
+                {"a": world.a, "b": world.b},
+                world.batches[teacher],
+                optimizer=optimizer,
+                granularity=granularity,
+                budget=BUDGET,
+                lr=0.1,
+                **kwargs,
             )
         return cache[key]
 
@@ -255,10 +261,14 @@ def test_cma_that_stops_itself_before_the_budget_says_why() -> None:
 
 def test_passes_says_what_was_spent_of_the_budget(searched: Callable[..., Any]) -> None:
     result = searched("a", "adam")
-    assert dataclasses.replace(result, forwards=117, budget=118).passes() == \
-        "117 of 118 forward passes (2 per evaluation: one per batch)"
-    assert dataclasses.replace(result, forwards=20, stopped="CMA-ES stopped itself: tolfun").passes() == \
-        "20 of 120 forward passes (CMA-ES stopped itself: tolfun)"
+    assert (
+        dataclasses.replace(result, forwards=117, budget=118).passes()
+        == "117 of 118 forward passes (2 per evaluation: one per batch)"
+    )
+    assert (
+        dataclasses.replace(result, forwards=20, stopped="CMA-ES stopped itself: tolfun").passes()
+        == "20 of 120 forward passes (CMA-ES stopped itself: tolfun)"
+    )
     assert dataclasses.replace(result, forwards=1, budget=None).passes() == "1 forward pass"
 
 
@@ -266,7 +276,9 @@ def test_objectives_are_peft_losses(world: World, searched: Callable[..., Any], 
     result = searched("a", "adam")
     batches = world.batches["a"]
     merge({"a": world.a, "b": world.b}, [0.5, 0.5], "task_arithmetic").save(tmp_path / "start")
-    assert result.initial_objective == pytest.approx(_mean_loss(_peft(world.base, tmp_path / "start"), batches), rel=1e-5)
+    assert result.initial_objective == pytest.approx(
+        _mean_loss(_peft(world.base, tmp_path / "start"), batches), rel=1e-5
+    )
     result.adapter.save(tmp_path / "found")
     assert result.final_objective == pytest.approx(_mean_loss(_peft(world.base, tmp_path / "found"), batches), rel=1e-5)
     again = merge({"a": world.a, "b": world.b}, result.schedule, "task_arithmetic")
@@ -305,8 +317,9 @@ def test_l1_penalty_and_bounds(searched: Callable[..., Any]) -> None:
 @pytest.mark.parametrize("optimizer", ["adam", "cma"])
 def test_same_seed_same_search(world: World, searched: Callable[..., Any], optimizer: str) -> None:
     first = searched("a", optimizer)
-    again = search_weights(world.base, {"a": world.a, "b": world.b}, world.batches["a"], optimizer=optimizer,
-                           budget=BUDGET, lr=0.1)
+    again = search_weights(
+        world.base, {"a": world.a, "b": world.b}, world.batches["a"], optimizer=optimizer, budget=BUDGET, lr=0.1
+    )
     assert torch.equal(first.weights, again.weights)
     assert first.history == again.history
     assert all(torch.equal(first.adapter.vectors[p], v) for p, v in again.adapter.vectors.items())
@@ -339,14 +352,29 @@ RECIPE_CASES = [
 
 
 @pytest.mark.parametrize("granularity, method, params", RECIPE_CASES, ids=lambda v: str(v))
-def test_recipe_reproduces_the_adapter(world: World, tmp_path: Path, granularity: str, method: str, params: dict) -> None:
-    result = search_weights(world.base, [world.a, world.b, world.c], world.batches["mixed"], granularity=granularity,
-                            method=method, budget=20, lr=0.1, **params)
+def test_recipe_reproduces_the_adapter(
+    world: World, tmp_path: Path, granularity: str, method: str, params: dict
+) -> None:
+    result = search_weights(
+        world.base,
+        [world.a, world.b, world.c],
+        world.batches["mixed"],
+        granularity=granularity,
+        method=method,
+        budget=20,
+        lr=0.1,
+        **params,
+    )
     assert result.method == method and result.names == ["a", "b", "c"]
     assert result.params == get_method(method).validate(params)  # dare_ties: the search's seed seeds the drops
     out = result.save(tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter", "objective.png", "recipe.yaml", "search.json", "weights.md", "weights.png",
+        "adapter",
+        "objective.png",
+        "recipe.yaml",
+        "search.json",
+        "weights.md",
+        "weights.png",
     ]
     assert (out / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "search.json").read_text())
@@ -373,8 +401,16 @@ def test_recipe_with_relative_adapter_paths(world: World, tmp_path: Path, monkey
 
 
 def test_cli_merge_reproduces_the_adapter(world: World, tmp_path: Path) -> None:
-    result = search_weights(world.base, [world.a, world.b, world.c], world.batches["mixed"], granularity="module",
-                            method="ties", density=0.5, budget=6, lr=0.2)
+    result = search_weights(
+        world.base,
+        [world.a, world.b, world.c],
+        world.batches["mixed"],
+        granularity="module",
+        method="ties",
+        density=0.5,
+        budget=6,
+        lr=0.2,
+    )
     out = result.save(tmp_path / "out")
     done = run_cli("merge", out / "recipe.yaml", "-o", tmp_path / "cli")
     assert done.returncode == 0, done.stderr
@@ -404,11 +440,23 @@ def form_stack(tmp_path_factory: pytest.TempPathFactory) -> list[IA3Adapter]:
     root = tmp_path_factory.mktemp("form")
     base = tiny_model("llama", 0)
     paths = [
-        random_ia3_adapter(base, root / "a", seed=1, spread=0.2, target_modules=["k_proj", "v_proj", "down_proj", "lm_head"],
-                           feedforward_modules=["down_proj"]),
+        random_ia3_adapter(
+            base,
+            root / "a",
+            seed=1,
+            spread=0.2,
+            target_modules=["k_proj", "v_proj", "down_proj", "lm_head"],
+            feedforward_modules=["down_proj"],
+        ),
         random_ia3_adapter(base, root / "b", seed=2, spread=0.2),
-        random_ia3_adapter(base, root / "c", seed=3, spread=0.2, target_modules=["k_proj", "down_proj"],
-                           feedforward_modules=["down_proj"]),
+        random_ia3_adapter(
+            base,
+            root / "c",
+            seed=3,
+            spread=0.2,
+            target_modules=["k_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+        ),
     ]
     return [load_adapter(p) for p in paths]
 
@@ -433,8 +481,11 @@ def test_form_stack_layout(form_stack: list[IA3Adapter]) -> None:
     assert torch.equal(c[v0.offset : v0.offset + v0.size], torch.ones(v0.size))  # identity fill
     assert WeightSpace(stack, "layer").groups == ["model.layers.0", "model.layers.1", "other"]
     assert WeightSpace(stack, "module").groups == [
-        "model.layers.0:attention", "model.layers.0:feedforward", "model.layers.1:attention",
-        "model.layers.1:feedforward", "other:attention",
+        "model.layers.0:attention",
+        "model.layers.0:feedforward",
+        "model.layers.1:attention",
+        "model.layers.1:feedforward",
+        "other:attention",
     ]
 
 
@@ -560,8 +611,9 @@ def _reference_peft(text: TextWorld, tmp_path: Path, weights: list[float]) -> An
 
 
 def test_text_search_with_loss(text: TextWorld, tmp_path: Path) -> None:
-    result = search_weights(text.model, text.adapters, text.labeled, tokenizer=text.tokenizer, batch_size=2,
-                            budget=10, lr=0.1)
+    result = search_weights(
+        text.model, text.adapters, text.labeled, tokenizer=text.tokenizer, batch_size=2, budget=10, lr=0.1
+    )
     assert result.objective == "loss" and result.forwards == 10 and len(result.history) == 5
     batches = make_batches(text.labeled, text.model, tokenizer=text.tokenizer, batch_size=2)
     reference = _reference_peft(text, tmp_path, [0.5, 0.5])
@@ -572,8 +624,9 @@ def test_text_search_with_loss(text: TextWorld, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("data", ["labeled", "unlabeled"])
 def test_text_search_with_entropy(text: TextWorld, tmp_path: Path, data: str) -> None:
-    result = search_weights(text.model, text.adapters, getattr(text, data), objective="entropy",
-                            tokenizer=text.tokenizer, budget=6, lr=0.1)
+    result = search_weights(
+        text.model, text.adapters, getattr(text, data), objective="entropy", tokenizer=text.tokenizer, budget=6, lr=0.1
+    )
     assert result.objective == "entropy" and len(result.history) == 6
     # the entropy of the next-token distribution after each prompt, at the starting weights
     reference = _reference_peft(text, tmp_path, [0.5, 0.5])
@@ -607,7 +660,9 @@ def test_seq2seq_layer_search(tmp_path: Path) -> None:
     result = search_weights(model, adapters, RECORDS[:2], tokenizer=tokenizer, granularity="layer", budget=10)
     assert sorted(result.groups) == ["decoder.block.0", "decoder.block.1", "encoder.block.0", "encoder.block.1"]
     merge(adapters, [0.5, 0.5]).save(tmp_path / "start")
-    assert result.initial_objective == pytest.approx(_mean_loss(_peft(model, tmp_path / "start"), [batch.inputs]), rel=1e-5)
+    assert result.initial_objective == pytest.approx(
+        _mean_loss(_peft(model, tmp_path / "start"), [batch.inputs]), rel=1e-5
+    )
     assert result.final_objective < result.initial_objective
     out = result.save(tmp_path / "out", plots=False)
     assert not (out / "weights.png").exists()
@@ -618,8 +673,9 @@ def test_seq2seq_layer_search(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 8. bad input
 
 
-def assert_refused(model: Any, ids: Tensor, targets: list[str], roots: list[Path], error: type, message: str,
-             call: Callable[[], Any]) -> None:
+def assert_refused(
+    model: Any, ids: Tensor, targets: list[str], roots: list[Path], error: type, message: str, call: Callable[[], Any]
+) -> None:
     """``call`` raises ``error`` with exactly ``message``; the model and files are as they were."""
     state = ModelState.of(model, ids)
     trees = [_tree(r) for r in roots]
@@ -636,33 +692,71 @@ def test_bad_search_arguments(world: World) -> None:
         return lambda: search_weights(world.base, {"a": world.a, "b": world.b}, world.batches["a"], **args)
 
     cases = [
-        (InvalidParameterError, "budget=0; pass the number of forward passes to spend, an integer >= 1", search(budget=0)),
-        (InvalidParameterError, "budget=2.5; pass the number of forward passes to spend, an integer >= 1",
-         search(budget=2.5)),
-        (InvalidParameterError, "budget=1 forward passes is less than one pass over the data (2 batches); "
-         "pass a budget >= 2 or fewer examples", search(budget=1)),
+        (
+            InvalidParameterError,
+            "budget=0; pass the number of forward passes to spend, an integer >= 1",
+            search(budget=0),
+        ),
+        (
+            InvalidParameterError,
+            "budget=2.5; pass the number of forward passes to spend, an integer >= 1",
+            search(budget=2.5),
+        ),
+        (
+            InvalidParameterError,
+            "budget=1 forward passes is less than one pass over the data (2 batches); "
+            "pass a budget >= 2 or fewer examples",
+            search(budget=1),
+        ),
         (InvalidParameterError, "optimizer='sgd' is not an optimizer; pass one of adam, cma", search(optimizer="sgd")),
-        (InvalidParameterError, "granularity='row' is not a search granularity; pass one of task, layer, module",
-         search(granularity="row")),
-        (InvalidParameterError, "objective='accuracy' is not an objective; pass one of loss, entropy or a "
-         "callable(model, inputs) -> tensor", search(objective="accuracy")),
-        (InvalidParameterError, "bounds=(1.0, 0.0); pass finite (low, high) with low < high", search(bounds=(1.0, 0.0))),
-        (InvalidParameterError, "bounds=(0.0, inf); pass finite (low, high) with low < high",
-         search(bounds=(0.0, float("inf")))),
+        (
+            InvalidParameterError,
+            "granularity='row' is not a search granularity; pass one of task, layer, module",
+            search(granularity="row"),
+        ),
+        (
+            InvalidParameterError,
+            "objective='accuracy' is not an objective; pass one of loss, entropy or a "
+            "callable(model, inputs) -> tensor",
+            search(objective="accuracy"),
+        ),
+        (
+            InvalidParameterError,
+            "bounds=(1.0, 0.0); pass finite (low, high) with low < high",
+            search(bounds=(1.0, 0.0)),
+        ),
+        (
+            InvalidParameterError,
+            "bounds=(0.0, inf); pass finite (low, high) with low < high",
+            search(bounds=(0.0, float("inf"))),
+        ),
         (InvalidParameterError, "bounds=(1.0,); pass (low, high), e.g. (-1.5, 1.5)", search(bounds=(1.0,))),
         (InvalidParameterError, "bounds='ab'; pass (low, high), e.g. (-1.5, 1.5)", search(bounds="ab")),
         (InvalidParameterError, "l1=-0.1; pass a finite penalty >= 0", search(l1=-0.1)),
         (InvalidParameterError, "l1=nan; pass a finite penalty >= 0", search(l1=float("nan"))),
-        (UnknownMethodError, "unknown fusion method 'mean'; valid methods are: "
-         + ", ".join(method_names()), search(method="mean")),
-        (InvalidParameterError, "method 'ties': density=0.0 is invalid (Input should be greater than 0); density is the "
-         "fraction of each task vector's entries kept; pass a value in (0, 1]", search(method="ties", density=0.0)),
-        (InvalidParameterError, "init has shape (3,); pass a number, one value per adapter (2), or a (2, 1) table",
-         search(init=[0.2, 0.3, 0.5])),
+        (
+            UnknownMethodError,
+            "unknown fusion method 'mean'; valid methods are: " + ", ".join(method_names()),
+            search(method="mean"),
+        ),
+        (
+            InvalidParameterError,
+            "method 'ties': density=0.0 is invalid (Input should be greater than 0); density is the "
+            "fraction of each task vector's entries kept; pass a value in (0, 1]",
+            search(method="ties", density=0.0),
+        ),
+        (
+            InvalidParameterError,
+            "init has shape (3,); pass a number, one value per adapter (2), or a (2, 1) table",
+            search(init=[0.2, 0.3, 0.5]),
+        ),
         # optimiser settings
         (InvalidParameterError, "lr=0.0; Adam's learning rate must be a finite number > 0", search(lr=0.0)),
-        (InvalidParameterError, "sigma0=-0.1; CMA-ES's initial step size must be a finite number > 0",
-         search(optimizer="cma", sigma0=-0.1, budget=40)),
+        (
+            InvalidParameterError,
+            "sigma0=-0.1; CMA-ES's initial step size must be a finite number > 0",
+            search(optimizer="cma", sigma0=-0.1, budget=40),
+        ),
     ]
     for error, message, call in cases:
         assert_refused(world.base, world.ids, world.targets, [world.root], error, message, call)
@@ -687,23 +781,51 @@ def test_bad_data(text: TextWorld, tmp_path: Path) -> None:
     cases = [
         (DataError, none, search([])),
         (DataError, none, search(empty)),
-        (DataError, f"data file {str(broken)!r} line 3 is not valid JSON (Expecting value); write one JSON object per line",
-         search(broken)),
-        (DataError, f"data file {str(listed)!r} line 2 holds a list, not a JSON object such as "
-         '{"input": ..., "target": ...}', search(listed)),
-        (DataError, f"data file {str(tmp_path / 'nowhere.jsonl')!r} cannot be read ([Errno 2] No such file or directory: "
-         f"{str(tmp_path / 'nowhere.jsonl')!r}); pass a JSON-lines file", search(tmp_path / "nowhere.jsonl")),
-        (DataError, "example 1 is 65 tokens long but the model's context holds 64; shorten it or drop it", search(long)),
-        (DataError, "the tokenizer has 129 tokens but the model's embedding has 128 rows: the tokenizer does not match "
-         "the model; pass the tokenizer saved with the base model", search(RECORDS, tokenizer=big)),
-        (DataError, "the examples mix kinds (target from example 0, unlabeled from example 1); give every example the "
-         "same fields", search([RECORDS[0], {"input": "cd"}, RECORDS[1]], objective="entropy")),
-        (DataError, "the examples are text: pass the base model's tokenizer (tokenizer=..., --tokenizer DIR)",
-         search(RECORDS, tokenizer=None)),
+        (
+            DataError,
+            f"data file {str(broken)!r} line 3 is not valid JSON (Expecting value); write one JSON object per line",
+            search(broken),
+        ),
+        (
+            DataError,
+            f'data file {str(listed)!r} line 2 holds a list, not a JSON object such as {{"input": ..., "target": ...}}',
+            search(listed),
+        ),
+        (
+            DataError,
+            f"data file {str(tmp_path / 'nowhere.jsonl')!r} cannot be read ([Errno 2] No such file or directory: "
+            f"{str(tmp_path / 'nowhere.jsonl')!r}); pass a JSON-lines file",
+            search(tmp_path / "nowhere.jsonl"),
+        ),
+        (
+            DataError,
+            "example 1 is 65 tokens long but the model's context holds 64; shorten it or drop it",
+            search(long),
+        ),
+        (
+            DataError,
+            "the tokenizer has 129 tokens but the model's embedding has 128 rows: the tokenizer does not match "
+            "the model; pass the tokenizer saved with the base model",
+            search(RECORDS, tokenizer=big),
+        ),
+        (
+            DataError,
+            "the examples mix kinds (target from example 0, unlabeled from example 1); give every example the "
+            "same fields",
+            search([RECORDS[0], {"input": "cd"}, RECORDS[1]], objective="entropy"),
+        ),
+        (
+            DataError,
+            "the examples are text: pass the base model's tokenizer (tokenizer=..., --tokenizer DIR)",
+            search(RECORDS, tokenizer=None),
+        ),
         (DataError, "example 1 has target 3; a target is a string", search([RECORDS[0], {"input": "ab", "target": 3}])),
-        (DataError, "the examples have class labels but the model is a LlamaForCausalLM, not a sequence classifier; "
-         'give generation examples {"input": ..., "target": ...} or load the model as a classifier',
-         search([{"input": "ab", "label": 1}])),
+        (
+            DataError,
+            "the examples have class labels but the model is a LlamaForCausalLM, not a sequence classifier; "
+            'give generation examples {"input": ..., "target": ...} or load the model as a classifier',
+            search([{"input": "ab", "label": 1}]),
+        ),
     ]
     ids = torch.tensor([_tok("hello")])
     targets = list(load_adapter(text.adapters["x"]).vectors)
@@ -721,10 +843,20 @@ def test_peft_model_is_refused(world: World) -> None:
     with pytest.raises(IA3FuseError, match=re.escape(message)):
         search_weights(peft_model, [world.a, world.b], world.batches["a"], budget=4)
     assert torch.equal(_logits(peft_model, world.ids), before)
-    assert_refused(world.base, world.ids, world.targets, [world.root], IA3FuseError,
-             message.replace(type(peft_model).__name__, "PeftModel"),
-             lambda: search_weights(PeftModel(copy.deepcopy(world.base), load_adapter(world.a).peft_config()),
-                                    [world.a], world.batches["a"], budget=4))
+    assert_refused(
+        world.base,
+        world.ids,
+        world.targets,
+        [world.root],
+        IA3FuseError,
+        message.replace(type(peft_model).__name__, "PeftModel"),
+        lambda: search_weights(
+            PeftModel(copy.deepcopy(world.base), load_adapter(world.a).peft_config()),
+            [world.a],
+            world.batches["a"],
+            budget=4,
+        ),
+    )
 
 
 def test_adapters_of_another_base(world: World, tmp_path: Path) -> None:
@@ -737,11 +869,20 @@ def test_adapters_of_another_base(world: World, tmp_path: Path) -> None:
         "module 'model.layers.1.mlp.down_proj' has 64 input features but the adapters' vectors have 96",
     ]
     message = (
-        "the adapters do not fit the model (LlamaForCausalLM, model type 'llama'): " + "; ".join(problems) + "; and 2 more; "
+        "the adapters do not fit the model (LlamaForCausalLM, model type 'llama'): "
+        + "; ".join(problems)
+        + "; and 2 more; "
         "pass the base model the adapters were trained on"
     )
-    assert_refused(world.base, world.ids, world.targets, [world.root, tmp_path], IncompatibleAdaptersError, message,
-             lambda: search_weights(world.base, [other], world.batches["a"], budget=4))
+    assert_refused(
+        world.base,
+        world.ids,
+        world.targets,
+        [world.root, tmp_path],
+        IncompatibleAdaptersError,
+        message,
+        lambda: search_weights(world.base, [other], world.batches["a"], budget=4),
+    )
 
 
 def test_geometric_needs_positive_vectors(world: World) -> None:
@@ -754,8 +895,15 @@ def test_geometric_needs_positive_vectors(world: World) -> None:
         "geometric fusion takes log(l), so every IA3 value must be > 0, but the adapters hold -0.25; "
         "use method 'task_arithmetic' (delta space), which accepts any value"
     )
-    assert_refused(world.base, world.ids, world.targets, [world.root], MethodInputError, message,
-             lambda: search_weights(world.base, [holding, world.b], world.batches["a"], method="geometric", budget=4))
+    assert_refused(
+        world.base,
+        world.ids,
+        world.targets,
+        [world.root],
+        MethodInputError,
+        message,
+        lambda: search_weights(world.base, [holding, world.b], world.batches["a"], method="geometric", budget=4),
+    )
 
 
 def _fiddled(world: World, mixed: bool = False) -> Any:
@@ -773,15 +921,29 @@ def _fiddled(world: World, mixed: bool = False) -> Any:
 def test_errors_during_the_search_restore_the_model(world: World) -> None:
     model = _fiddled(world)
     ids = world.ids
-    unlabeled = [{"input_ids": b["input_ids"], "labels": torch.full_like(b["labels"], -100)} for b in world.batches["a"]]
+    unlabeled = [
+        {"input_ids": b["input_ids"], "labels": torch.full_like(b["labels"], -100)} for b in world.batches["a"]
+    ]
     for optimizer in ("adam", "cma"):
-        assert_refused(model, ids, world.targets, [world.root], DataError,
-                 "the objective is nan; check the data (labels all -100?) and the bounds",
-                 lambda opt=optimizer: search_weights(model, [world.a, world.b], unlabeled, optimizer=opt, budget=40))
-    assert_refused(model, ids, world.targets, [world.root], DataError,
-             "the entropy objective on a causal LM needs to know where prompts end; pass text records, or give each "
-             "ready batch a 'prompt_end' tensor (index of each row's last prompt token)",
-             lambda: search_weights(model, [world.a, world.b], world.batches["a"], objective="entropy", budget=4))
+        assert_refused(
+            model,
+            ids,
+            world.targets,
+            [world.root],
+            DataError,
+            "the objective is nan; check the data (labels all -100?) and the bounds",
+            lambda opt=optimizer: search_weights(model, [world.a, world.b], unlabeled, optimizer=opt, budget=40),
+        )
+    assert_refused(
+        model,
+        ids,
+        world.targets,
+        [world.root],
+        DataError,
+        "the entropy objective on a causal LM needs to know where prompts end; pass text records, or give each "
+        "ready batch a 'prompt_end' tensor (index of each row's last prompt token)",
+        lambda: search_weights(model, [world.a, world.b], world.batches["a"], objective="entropy", budget=4),
+    )
     calls = []
 
     def failing(m: Any, inputs: dict[str, Tensor]) -> Tensor:
@@ -790,8 +952,15 @@ def test_errors_during_the_search_restore_the_model(world: World) -> None:
             raise DataError("stop here")
         return m(**inputs).loss
 
-    assert_refused(model, ids, world.targets, [world.root], DataError, "stop here",
-             lambda: search_weights(model, [world.a, world.b], world.batches["a"], objective=failing, budget=40))
+    assert_refused(
+        model,
+        ids,
+        world.targets,
+        [world.root],
+        DataError,
+        "stop here",
+        lambda: search_weights(model, [world.a, world.b], world.batches["a"], objective=failing, budget=40),
+    )
     assert len(calls) == 6
 
 
@@ -810,8 +979,9 @@ def test_search_leaves_the_model_as_it_was(world: World, optimizer: str) -> None
         seen.append(out.logits.detach())
         return out.loss
 
-    result = search_weights(model, [world.a, world.b], world.batches["a"], objective=loss, optimizer=optimizer,
-                            budget=20)
+    result = search_weights(
+        model, [world.a, world.b], world.batches["a"], objective=loss, optimizer=optimizer, budget=20
+    )
     assert result.objective == "loss" and len(seen) > 10
     assert not torch.equal(seen[0], _logits(model, world.ids[:8]))  # the hooks did scale while searching
     state.assert_same(model, world.ids, world.targets)
@@ -829,8 +999,15 @@ def test_ready_batches_with_prompt_end_take_the_entropy_objective(text: Any) -> 
     built = make_batches(text.labeled, text.model, tokenizer=text.tokenizer, batch_size=2)
     ready = [{**b.inputs, "prompt_end": b.prompt_end} for b in built]
     from_ready = search_weights(text.model, text.adapters, ready, objective="entropy", budget=len(ready))
-    from_text = search_weights(text.model, text.adapters, text.labeled, tokenizer=text.tokenizer, batch_size=2,
-                               objective="entropy", budget=len(built))
+    from_text = search_weights(
+        text.model,
+        text.adapters,
+        text.labeled,
+        tokenizer=text.tokenizer,
+        batch_size=2,
+        objective="entropy",
+        budget=len(built),
+    )
     assert from_ready.initial_objective == pytest.approx(from_text.initial_objective, abs=1e-6)
 
 
@@ -845,7 +1022,9 @@ def test_objective_is_the_mean_over_examples_not_batches(world: World) -> None:
     b = search_weights(model, [world.a, world.b], whole, budget=1)
     per_example = []
     for i in range(5):
-        one = search_weights(model, [world.a, world.b], [{"input_ids": ids[i:i + 1], "labels": labels[i:i + 1]}], budget=1)
+        one = search_weights(
+            model, [world.a, world.b], [{"input_ids": ids[i : i + 1], "labels": labels[i : i + 1]}], budget=1
+        )
         per_example.append(one.initial_objective)
     # each row has the same number of label tokens, so the whole batch's mean loss is the mean of the rows'
     assert a.initial_objective == pytest.approx(sum(per_example) / 5, abs=1e-5)

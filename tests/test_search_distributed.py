@@ -57,8 +57,18 @@ def _run(work: Path, optimizer: str, processes: int) -> dict:
     if processes == 1:
         cmd = [sys.executable, str(work / "run.py"), str(work), optimizer]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", "29531", str(work / "run.py"), str(work), optimizer]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            "29531",
+            str(work / "run.py"),
+            str(work),
+            optimizer,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((work / f"{optimizer}-{processes}.json").read_text())

@@ -122,7 +122,9 @@ def test_values_that_are_not_weights(weights, message):
 
 
 def test_nested_list_inside_a_gradient_is_an_invalid_weights_error():
-    with pytest.raises(InvalidWeightsError, match=r"weights\[0\] holds the list \[1.0\]; a depth gradient is a flat list of numbers"):
+    with pytest.raises(
+        InvalidWeightsError, match=r"weights\[0\] holds the list \[1.0\]; a depth gradient is a flat list of numbers"
+    ):
         plan_weights([[0.5, [1.0]], 1.0], AB)
 
 
@@ -213,7 +215,9 @@ def test_layer_positions_count_the_models_layers_when_known():
     paths = ["model.layers.0.q", "model.layers.1.q", "model.layers.2.q"]
     assert layer_positions(paths) == {"model.layers.0.q": 0.0, "model.layers.1.q": 0.5, "model.layers.2.q": 1.0}
     assert layer_positions(paths, {"model.layers": 5, "other": 7}) == {
-        "model.layers.0.q": 0.0, "model.layers.1.q": 0.25, "model.layers.2.q": 0.5,
+        "model.layers.0.q": 0.0,
+        "model.layers.1.q": 0.25,
+        "model.layers.2.q": 0.5,
     }
 
 
@@ -225,8 +229,9 @@ def test_live_merge_spreads_a_gradient_over_the_models_layers(tiny):
 
     from ia3fuse.live import model_layers
 
-    config = IA3Config(target_modules=r".*layers\.0\.self_attn\.(k_proj|v_proj)", feedforward_modules=[],
-                       init_ia3_weights=False)
+    config = IA3Config(
+        target_modules=r".*layers\.0\.self_attn\.(k_proj|v_proj)", feedforward_modules=[], init_ia3_weights=False
+    )
     model = get_peft_model(tiny.fresh_base(), config, adapter_name="a")
     alone = ia3fuse.adapter_from_peft(model, "a")
     assert sorted(alone.vectors) == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]

@@ -69,8 +69,16 @@ def run_search_rows(
     for optimizer, granularity, objective in SEARCH_RUNS:
         label = run_label(optimizer, granularity, objective)
         result = search_weights(
-            suite.base_model(), adapters, batches, objective=objectives[objective], granularity=granularity,
-            optimizer=optimizer, budget=budget, seed=seed, progress=progress, name=label,
+            suite.base_model(),
+            adapters,
+            batches,
+            objective=objectives[objective],
+            granularity=granularity,
+            optimizer=optimizer,
+            budget=budget,
+            seed=seed,
+            progress=progress,
+            name=label,
         )
         accuracy = score(result.adapter)
         runs[label] = {
@@ -82,10 +90,20 @@ def run_search_rows(
             "groups": result.groups,
             "history": result.history,
         }
-        rows.append({"name": label, "group": "automatic weights", "params": {"forwards": result.forwards,
-                     f"final {objective}": round(result.final_objective, 4)}, "accuracy": accuracy})
+        rows.append(
+            {
+                "name": label,
+                "group": "automatic weights",
+                "params": {"forwards": result.forwards, f"final {objective}": round(result.final_objective, 4)},
+                "accuracy": accuracy,
+            }
+        )
         log(f"{suite.name}: {label}: {objective} {result.initial_objective:.4f} -> {result.final_objective:.4f}")
-    cma_best = min(r["final_objective"] for label, r in runs.items() if label.startswith("search: cma") and r["objective"] == "loss")
+    cma_best = min(
+        r["final_objective"]
+        for label, r in runs.items()
+        if label.startswith("search: cma") and r["objective"] == "loss"
+    )
     cma_forwards = max(r["forwards"] for label, r in runs.items() if label.startswith("search: cma"))
     adam_layer = runs[run_label("adam", "layer", "loss")]
     summary = {
@@ -137,13 +155,18 @@ def run_router_rows(
     mixture = Mixture(suite.base_model(), {t: suite.adapter_dir(t) for t in suite.tasks})
     try:
         mixture.add_router(level="sequence")
-        losses = train_router(mixture, batches, epochs=epochs, lr=2e-2, seed=seed, objective=objectives["loss"],
-                              progress=progress)
+        losses = train_router(
+            mixture, batches, epochs=epochs, lr=2e-2, seed=seed, objective=objectives["loss"], progress=progress
+        )
         accuracy = score(mixture)
     finally:
         mixture.close()
     label = "router: sequence-level, trained"
     log(f"{suite.name}: {label}: training loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    row = {"name": label, "group": "dynamic mixture", "accuracy": accuracy,
-           "params": {"train examples": per_task * len(suite.tasks), "epochs": epochs}}
+    row = {
+        "name": label,
+        "group": "dynamic mixture",
+        "accuracy": accuracy,
+        "params": {"train examples": per_task * len(suite.tasks), "epochs": epochs},
+    }
     return [row], {"per_task": per_task, "epochs": epochs, "losses": losses}

@@ -191,20 +191,40 @@ class GenerativeTask:
 
 TASKS: tuple[GenerativeTask, ...] = (
     GenerativeTask(
-        "rev", "rev:", "reverse 3-8 letters", "copy them unchanged",
-        lambda r: _letters(r, 3, 8), lambda x: x[::-1], lambda x: x,
+        "rev",
+        "rev:",
+        "reverse 3-8 letters",
+        "copy them unchanged",
+        lambda r: _letters(r, 3, 8),
+        lambda x: x[::-1],
+        lambda x: x,
     ),
     GenerativeTask(
-        "sort", "srt:", "sort 4-8 digits ascending", "sort them descending",
-        lambda r: _digits(r, 4, 8), lambda x: "".join(sorted(x)), lambda x: "".join(sorted(x, reverse=True)),
+        "sort",
+        "srt:",
+        "sort 4-8 digits ascending",
+        "sort them descending",
+        lambda r: _digits(r, 4, 8),
+        lambda x: "".join(sorted(x)),
+        lambda x: "".join(sorted(x, reverse=True)),
     ),
     GenerativeTask(
-        "add", "add:", "add 3 to each of 3-8 digits, mod 10", "subtract 3 from each digit, mod 10",
-        lambda r: _digits(r, 3, 8), lambda x: _add_mod10(x, 3), lambda x: _add_mod10(x, -3),
+        "add",
+        "add:",
+        "add 3 to each of 3-8 digits, mod 10",
+        "subtract 3 from each digit, mod 10",
+        lambda r: _digits(r, 3, 8),
+        lambda x: _add_mod10(x, 3),
+        lambda x: _add_mod10(x, -3),
     ),
     GenerativeTask(
-        "dup", "dup:", "write each of 3-6 letters twice (abc -> aabbcc)", "write the whole string twice (abcabc)",
-        lambda r: _letters(r, 3, 6), lambda x: "".join(c + c for c in x), lambda x: x + x,
+        "dup",
+        "dup:",
+        "write each of 3-6 letters twice (abc -> aabbcc)",
+        "write the whole string twice (abcabc)",
+        lambda r: _letters(r, 3, 6),
+        lambda x: "".join(c + c for c in x),
+        lambda x: x + x,
     ),
 )
 _TASKS_BY_NAME = {t.name: t for t in TASKS}
@@ -241,16 +261,36 @@ class Settings:
 
 
 FULL = Settings(
-    hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
-    n_train=3000, n_val=128, n_test=256,
-    pretrain_steps=2000, pretrain_batch=64, pretrain_lr=3e-3,
-    adapter_steps=150, multitask_steps=300, adapter_batch=32, adapter_lr=3e-2,
+    hidden_size=128,
+    num_layers=4,
+    num_heads=4,
+    intermediate_size=256,
+    n_train=3000,
+    n_val=128,
+    n_test=256,
+    pretrain_steps=2000,
+    pretrain_batch=64,
+    pretrain_lr=3e-3,
+    adapter_steps=150,
+    multitask_steps=300,
+    adapter_batch=32,
+    adapter_lr=3e-2,
 )
 QUICK = Settings(
-    hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-    n_train=512, n_val=64, n_test=128,
-    pretrain_steps=2000, pretrain_batch=64, pretrain_lr=5e-3,
-    adapter_steps=60, multitask_steps=120, adapter_batch=32, adapter_lr=3e-2,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=128,
+    n_train=512,
+    n_val=64,
+    n_test=128,
+    pretrain_steps=2000,
+    pretrain_batch=64,
+    pretrain_lr=5e-3,
+    adapter_steps=60,
+    multitask_steps=120,
+    adapter_batch=32,
+    adapter_lr=3e-2,
 )
 
 
@@ -282,7 +322,7 @@ def make_splits(seed: int, settings: Settings) -> dict[str, dict[str, list[Examp
         out: dict[str, list[Example]] = {}
         start = 0
         for name in ("test", "val", "train"):
-            chunk = inputs[start:start + sizes[name]]
+            chunk = inputs[start : start + sizes[name]]
             out[name] = [(task.prompt(x), task.rule(x)) for x in chunk]
             start += sizes[name]
         splits[task.name] = {s: out[s] for s in SUITE_SPLITS}
@@ -402,9 +442,16 @@ def _model_config(tok: CharTokenizer, s: Settings) -> Any:
     import transformers as tf
 
     return tf.LlamaConfig(
-        vocab_size=len(tok), hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_heads,
-        max_position_embeddings=64, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        vocab_size=len(tok),
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        num_key_value_heads=s.num_heads,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_id,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
         tie_word_embeddings=False,
     )
 
@@ -435,7 +482,12 @@ def _cache_keyword(model: Any) -> str:
 
 
 def greedy_decode(
-    model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int, eos_id: int,
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int,
     batch_size: int = 512,
 ) -> list[list[int]]:
     """Greedy continuations of token-id ``prompts`` (left-padded batches, KV cache).
@@ -448,13 +500,13 @@ def greedy_decode(
     results: list[list[int]] = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+            chunk = prompts[start : start + batch_size]
             width = max(map(len, chunk))
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-                mask[i, width - len(p):] = 1
+                ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+                mask[i, width - len(p) :] = 1
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
@@ -472,8 +524,9 @@ def greedy_decode(
                     cache = out.past_key_values
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 pos = pos[:, -1:] + 1
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                            **{cache_kw: cache})
+                out = model(
+                    input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache}
+                )
             for row in torch.stack(steps, dim=1).tolist():
                 # the padding after <eos> is ours; anything before it is the model's
                 results.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
@@ -488,9 +541,7 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
         0.6666666666666666
     """
     if len(predictions) != len(answers):
-        raise IA3FuseError(
-            f"{len(predictions)} predictions for {len(answers)} answers; pass one prediction per answer"
-        )
+        raise IA3FuseError(f"{len(predictions)} predictions for {len(answers)} answers; pass one prediction per answer")
     if not answers:
         raise IA3FuseError("no answers to score; pass a non-empty split")
     return sum(p == a for p, a in zip(predictions, answers)) / len(answers)
@@ -615,14 +666,18 @@ class CausalSuite:
             ],
             "training": {
                 "pretraining": {
-                    "steps": s.pretrain_steps, "batch": s.pretrain_batch, "lr": s.pretrain_lr,
+                    "steps": s.pretrain_steps,
+                    "batch": s.pretrain_batch,
+                    "lr": s.pretrain_lr,
                     "optimizer": "AdamW (weight decay 0.01), warmup + cosine, loss on answer tokens",
                     "rule_share": PRETRAIN_RULE_SHARE,
                 },
                 "adapters": {
                     "peft": "IA3Config(task_type='CAUSAL_LM'): k_proj, v_proj, down_proj (feed-forward)",
-                    "steps": s.adapter_steps, "multitask_steps": s.multitask_steps,
-                    "batch": s.adapter_batch, "lr": s.adapter_lr,
+                    "steps": s.adapter_steps,
+                    "multitask_steps": s.multitask_steps,
+                    "batch": s.adapter_batch,
+                    "lr": s.adapter_lr,
                     "optimizer": "AdamW (no weight decay), warmup + cosine, loss on answer tokens",
                 },
                 "runs": copy.deepcopy(self._meta["runs"]),
@@ -655,13 +710,15 @@ class CausalSuite:
         for task in self.tasks:
             rng = random.Random(f"ia3fuse-causal-search-{task}-{split}-{seed}")
             for chunk in even_batches(rng.sample(self._splits[task][split], per_task)):
-                batches.append({
-                    **_collate(self._tok, chunk),
-                    # <bos> + the prompt's tokens: the last of them is at index len(prompt tokens)
-                    "prompt_end": torch.tensor([len(self._tok.encode(prompt)) for prompt, _ in chunk]),
-                    "task": task,
-                    "examples": chunk,
-                })
+                batches.append(
+                    {
+                        **_collate(self._tok, chunk),
+                        # <bos> + the prompt's tokens: the last of them is at index len(prompt tokens)
+                        "prompt_end": torch.tensor([len(self._tok.encode(prompt)) for prompt, _ in chunk]),
+                        "task": task,
+                        "examples": chunk,
+                    }
+                )
 
         # named as their keys: the search reports an objective by its function's __name__
         def loss(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
@@ -697,8 +754,9 @@ class CausalSuite:
             # no answer is longer than twice its input (dup); + 1 for <eos>
             max_new_tokens = 2 * max(len(i) for i in ids) + 1
         with _torch_threads(TORCH_THREADS):
-            out = greedy_decode(model, ids, max_new_tokens=max_new_tokens, pad_id=self._tok.pad_id,
-                                eos_id=self._tok.eos_id)
+            out = greedy_decode(
+                model, ids, max_new_tokens=max_new_tokens, pad_id=self._tok.pad_id, eos_id=self._tok.eos_id
+            )
         return [self._tok.render(o) for o in out]
 
     # -- private ------------------------------------------------------------------------
@@ -709,7 +767,9 @@ class CausalSuite:
 
     def _folder(self) -> Path:
         if self._dir is None:
-            raise IA3FuseError("the causal suite is not prepared; call prepare(cache, quick=..., seed=..., progress=...) first")
+            raise IA3FuseError(
+                "the causal suite is not prepared; call prepare(cache, quick=..., seed=..., progress=...) first"
+            )
         return self._dir
 
     def _prepared_base(self) -> Any:
@@ -725,7 +785,13 @@ class CausalSuite:
             return tf.LlamaForCausalLM.from_pretrained(str(folder / "base")).eval()
 
     def _build(
-        self, out: Path, splits: dict[str, dict[str, list[Example]]], s: Settings, *, seed: int, quick: bool,
+        self,
+        out: Path,
+        splits: dict[str, dict[str, list[Example]]],
+        s: Settings,
+        *,
+        seed: int,
+        quick: bool,
         progress: bool,
     ) -> None:
         import transformers as tf
@@ -737,20 +803,38 @@ class CausalSuite:
         torch.manual_seed(seed)
         model = tf.LlamaForCausalLM(_model_config(tok, s))
         runs["pretraining"] = _train(
-            model, lambda _: [next(stream) for _ in range(s.pretrain_batch)], tok,
-            steps=s.pretrain_steps, lr=s.pretrain_lr, weight_decay=0.01, warmup_frac=s.warmup_frac,
-            progress=progress, desc="causal: pretraining",
+            model,
+            lambda _: [next(stream) for _ in range(s.pretrain_batch)],
+            tok,
+            steps=s.pretrain_steps,
+            lr=s.pretrain_lr,
+            weight_decay=0.01,
+            warmup_frac=s.warmup_frac,
+            progress=progress,
+            desc="causal: pretraining",
         )
         model.save_pretrained(str(out / "base"))
         base = self._load_base(out)
         jobs = [(t.name, splits[t.name]["train"], s.adapter_steps) for t in TASKS]
         jobs.append(("multitask", [e for t in TASKS for e in splits[t.name]["train"]], s.multitask_steps))
         for i, (name, train, steps) in enumerate(jobs):
-            runs[name] = self._train_adapter(base, train, out / "adapters" / name, steps=steps, seed=seed * 1000 + i + 1,
-                                             s=s, progress=progress, name=f"causal-v{SUITE_VERSION}-seed{seed}")
+            runs[name] = self._train_adapter(
+                base,
+                train,
+                out / "adapters" / name,
+                steps=steps,
+                seed=seed * 1000 + i + 1,
+                s=s,
+                progress=progress,
+                name=f"causal-v{SUITE_VERSION}-seed{seed}",
+            )
         meta = {
-            "suite_version": SUITE_VERSION, "seed": seed, "quick": quick, "settings": asdict(s),
-            "parameters": sum(p.numel() for p in base.parameters()), "fingerprint": _fingerprint(splits),
+            "suite_version": SUITE_VERSION,
+            "seed": seed,
+            "quick": quick,
+            "settings": asdict(s),
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "fingerprint": _fingerprint(splits),
             "runs": runs,
         }
         (out / "tokenizer.json").write_text(json.dumps(tok.to_dict(), indent=1))
@@ -758,16 +842,31 @@ class CausalSuite:
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
     def _train_adapter(
-        self, base: nn.Module, train: list[Example], out: Path, *, steps: int, seed: int, s: Settings,
-        progress: bool, name: str,
+        self,
+        base: nn.Module,
+        train: list[Example],
+        out: Path,
+        *,
+        steps: int,
+        seed: int,
+        s: Settings,
+        progress: bool,
+        name: str,
     ) -> dict[str, float]:
         from peft import IA3Config, get_peft_model
 
         torch.manual_seed(seed)
         model = get_peft_model(copy.deepcopy(base), IA3Config(task_type="CAUSAL_LM"))
         result = _train(
-            model, _epoch_sampler(train, s.adapter_batch, seed), self._tok, steps=steps, lr=s.adapter_lr,
-            weight_decay=0.0, warmup_frac=s.warmup_frac, progress=progress, desc=f"causal: adapter {out.name}",
+            model,
+            _epoch_sampler(train, s.adapter_batch, seed),
+            self._tok,
+            steps=steps,
+            lr=s.adapter_lr,
+            weight_decay=0.0,
+            warmup_frac=s.warmup_frac,
+            progress=progress,
+            desc=f"causal: adapter {out.name}",
         )
         model.peft_config["default"].base_model_name_or_path = name
         model.save_pretrained(str(out), save_embedding_layers=False)

@@ -134,8 +134,23 @@ def _unique(generate: Callable[[], str], n: int, seen: set[str], what: str) -> l
 _DOC_TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "files": (
         "files, folders, paths and the operating system",
-        ("os", "os.path", "shutil", "pathlib", "glob", "fnmatch", "tempfile", "stat", "filecmp",
-         "zipfile", "tarfile", "fileinput", "gzip", "bz2", "lzma"),
+        (
+            "os",
+            "os.path",
+            "shutil",
+            "pathlib",
+            "glob",
+            "fnmatch",
+            "tempfile",
+            "stat",
+            "filecmp",
+            "zipfile",
+            "tarfile",
+            "fileinput",
+            "gzip",
+            "bz2",
+            "lzma",
+        ),
     ),
     "math": (
         "mathematics, numbers and arithmetic",
@@ -143,28 +158,81 @@ _DOC_TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "text": (
         "text, strings and characters",
-        ("string", "re", "textwrap", "difflib", "unicodedata", "codecs", "html", "locale", "gettext",
-         "stringprep"),
+        ("string", "re", "textwrap", "difflib", "unicodedata", "codecs", "html", "locale", "gettext", "stringprep"),
     ),
     "network": (
         "networking, sockets and the internet",
-        ("socket", "ssl", "urllib.request", "urllib.parse", "urllib.error", "urllib.robotparser",
-         "http.client", "http.server", "http.cookies", "http.cookiejar", "smtplib", "ftplib", "imaplib",
-         "poplib", "ipaddress", "socketserver", "email.message", "email.utils", "mimetypes"),
+        (
+            "socket",
+            "ssl",
+            "urllib.request",
+            "urllib.parse",
+            "urllib.error",
+            "urllib.robotparser",
+            "http.client",
+            "http.server",
+            "http.cookies",
+            "http.cookiejar",
+            "smtplib",
+            "ftplib",
+            "imaplib",
+            "poplib",
+            "ipaddress",
+            "socketserver",
+            "email.message",
+            "email.utils",
+            "mimetypes",
+        ),
     ),
     "concurrency": (
         "threads, processes, tasks and concurrency",
-        ("threading", "multiprocessing", "multiprocessing.pool", "multiprocessing.managers",
-         "multiprocessing.connection", "multiprocessing.synchronize", "concurrent.futures",
-         "concurrent.futures.thread", "concurrent.futures.process", "asyncio", "asyncio.tasks",
-         "asyncio.locks", "asyncio.queues", "asyncio.events", "asyncio.streams", "asyncio.subprocess",
-         "queue", "sched", "subprocess", "selectors"),
+        (
+            "threading",
+            "multiprocessing",
+            "multiprocessing.pool",
+            "multiprocessing.managers",
+            "multiprocessing.connection",
+            "multiprocessing.synchronize",
+            "concurrent.futures",
+            "concurrent.futures.thread",
+            "concurrent.futures.process",
+            "asyncio",
+            "asyncio.tasks",
+            "asyncio.locks",
+            "asyncio.queues",
+            "asyncio.events",
+            "asyncio.streams",
+            "asyncio.subprocess",
+            "queue",
+            "sched",
+            "subprocess",
+            "selectors",
+        ),
     ),
     "formats": (
         "data formats, parsing and serialization",
-        ("json", "json.decoder", "json.encoder", "csv", "pickle", "copyreg", "shelve", "marshal",
-         "xml.etree.ElementTree", "xml.dom.minidom", "xml.sax", "xml.sax.saxutils", "configparser",
-         "plistlib", "tomllib", "base64", "binascii", "struct", "quopri", "netrc"),
+        (
+            "json",
+            "json.decoder",
+            "json.encoder",
+            "csv",
+            "pickle",
+            "copyreg",
+            "shelve",
+            "marshal",
+            "xml.etree.ElementTree",
+            "xml.dom.minidom",
+            "xml.sax",
+            "xml.sax.saxutils",
+            "configparser",
+            "plistlib",
+            "tomllib",
+            "base64",
+            "binascii",
+            "struct",
+            "quopri",
+            "netrc",
+        ),
     ),
     "time": (
         "dates, times and calendars",
@@ -235,9 +303,26 @@ def _docstring_pools(rng: random.Random, n: int) -> list[list[str]]:
 # --- sentiment: templated reviews built from the VADER lexicon ----------------------------------
 
 _REVIEW_SUBJECTS = (
-    "the hotel", "the movie", "the meal", "the concert", "the new phone", "the service", "the book",
-    "the trip", "the game", "the apartment", "the course", "the restaurant", "the laptop", "the show",
-    "the museum", "the app", "the flight", "the album", "the tour", "the coffee",
+    "the hotel",
+    "the movie",
+    "the meal",
+    "the concert",
+    "the new phone",
+    "the service",
+    "the book",
+    "the trip",
+    "the game",
+    "the apartment",
+    "the course",
+    "the restaurant",
+    "the laptop",
+    "the show",
+    "the museum",
+    "the app",
+    "the flight",
+    "the album",
+    "the tour",
+    "the coffee",
 )
 _REVIEW_TEMPLATES = (
     "{S} was {w}.",
@@ -255,14 +340,67 @@ _NEGATED_TEMPLATES = (  # the label flips: "not awful" reads as positive, "not b
     "{S} was far from {w}.",
     "Nobody could say {s} was {w}.",
 )
-_ADJECTIVE_ENDINGS = ("ful", "ous", "ive", "able", "ible", "ic", "al", "ed", "ing", "y", "less", "ent", "ant", "ish", "est", "ile", "id")
+_ADJECTIVE_ENDINGS = (
+    "ful",
+    "ous",
+    "ive",
+    "able",
+    "ible",
+    "ic",
+    "al",
+    "ed",
+    "ing",
+    "y",
+    "less",
+    "ent",
+    "ant",
+    "ish",
+    "est",
+    "ile",
+    "id",
+)
 _NOT_ADJECTIVE_ENDINGS = ("ly", "ment", "ity")
 # words that describe without judging, for the neutral label
 _NEUTRAL_WORDS = (
-    "blue", "green", "grey", "yellow", "beige", "brown", "white", "wooden", "metal", "plastic", "square",
-    "round", "rectangular", "ordinary", "average", "standard", "typical", "narrow", "wide", "modern",
-    "traditional", "local", "public", "digital", "electric", "manual", "seasonal", "weekly", "rural",
-    "urban", "foreign", "domestic", "northern", "southern", "small", "large", "short", "long", "tall",
+    "blue",
+    "green",
+    "grey",
+    "yellow",
+    "beige",
+    "brown",
+    "white",
+    "wooden",
+    "metal",
+    "plastic",
+    "square",
+    "round",
+    "rectangular",
+    "ordinary",
+    "average",
+    "standard",
+    "typical",
+    "narrow",
+    "wide",
+    "modern",
+    "traditional",
+    "local",
+    "public",
+    "digital",
+    "electric",
+    "manual",
+    "seasonal",
+    "weekly",
+    "rural",
+    "urban",
+    "foreign",
+    "domestic",
+    "northern",
+    "southern",
+    "small",
+    "large",
+    "short",
+    "long",
+    "tall",
     "familiar",
 )
 _POLARITY = 2.0  # |mean rating| of a word, on VADER's -4..4 scale
@@ -320,8 +458,14 @@ def _sentiment_pools(rng: random.Random, n: int) -> list[list[str]]:
 # --- address_country: the country of a faker street and city ------------------------------------
 
 _ADDRESS_LOCALES = {
-    "United States": "en_US", "Germany": "de_DE", "France": "fr_FR", "Italy": "it_IT",
-    "Spain": "es_ES", "Poland": "pl_PL", "Netherlands": "nl_NL", "Sweden": "sv_SE",
+    "United States": "en_US",
+    "Germany": "de_DE",
+    "France": "fr_FR",
+    "Italy": "it_IT",
+    "Spain": "es_ES",
+    "Poland": "pl_PL",
+    "Netherlands": "nl_NL",
+    "Sweden": "sv_SE",
 }
 
 
@@ -329,7 +473,9 @@ def _faker(locale: str, rng: random.Random) -> Any:
     try:
         from faker import Faker
     except ImportError:
-        raise IA3FuseError("the encoder suite needs the faker package; pip install -e '.[dev]' in the repository") from None
+        raise IA3FuseError(
+            "the encoder suite needs the faker package; pip install -e '.[dev]' in the repository"
+        ) from None
     fake = Faker(locale)
     fake.seed_instance(rng.getrandbits(32))
     for provider in fake.providers:
@@ -382,25 +528,65 @@ def _string_pools(rng: random.Random, n: int) -> list[list[str]]:
 # --- sentence_type and tense: templated sentences about everyday chores -------------------------
 
 _PEOPLE = (
-    "Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Kate", "Leo",
-    "my neighbour", "the teacher", "our landlord", "the old man", "my sister", "the new intern",
-    "your uncle", "the driver",
+    "Anna",
+    "Ben",
+    "Carla",
+    "David",
+    "Emma",
+    "Felix",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jonas",
+    "Kate",
+    "Leo",
+    "my neighbour",
+    "the teacher",
+    "our landlord",
+    "the old man",
+    "my sister",
+    "the new intern",
+    "your uncle",
+    "the driver",
 )
 # base, past, third person, -ing form
 _VERBS = (
-    ("clean", "cleaned", "cleans", "cleaning"), ("check", "checked", "checks", "checking"),
-    ("fix", "fixed", "fixes", "fixing"), ("paint", "painted", "paints", "painting"),
-    ("move", "moved", "moves", "moving"), ("carry", "carried", "carries", "carrying"),
-    ("wash", "washed", "washes", "washing"), ("sell", "sold", "sells", "selling"),
-    ("buy", "bought", "buys", "buying"), ("open", "opened", "opens", "opening"),
-    ("lock", "locked", "locks", "locking"), ("repair", "repaired", "repairs", "repairing"),
-    ("inspect", "inspected", "inspects", "inspecting"), ("polish", "polished", "polishes", "polishing"),
-    ("measure", "measured", "measures", "measuring"), ("bring", "brought", "brings", "bringing"),
+    ("clean", "cleaned", "cleans", "cleaning"),
+    ("check", "checked", "checks", "checking"),
+    ("fix", "fixed", "fixes", "fixing"),
+    ("paint", "painted", "paints", "painting"),
+    ("move", "moved", "moves", "moving"),
+    ("carry", "carried", "carries", "carrying"),
+    ("wash", "washed", "washes", "washing"),
+    ("sell", "sold", "sells", "selling"),
+    ("buy", "bought", "buys", "buying"),
+    ("open", "opened", "opens", "opening"),
+    ("lock", "locked", "locks", "locking"),
+    ("repair", "repaired", "repairs", "repairing"),
+    ("inspect", "inspected", "inspects", "inspecting"),
+    ("polish", "polished", "polishes", "polishing"),
+    ("measure", "measured", "measures", "measuring"),
+    ("bring", "brought", "brings", "bringing"),
 )
 _THINGS = (
-    "the window", "the car", "the bicycle", "the kitchen table", "the garden gate", "the boxes",
-    "the old piano", "the front door", "the blue chair", "the lamp", "the fence", "the boat",
-    "the cupboard", "the printer", "the suitcase", "the mirror", "the shelves", "the van",
+    "the window",
+    "the car",
+    "the bicycle",
+    "the kitchen table",
+    "the garden gate",
+    "the boxes",
+    "the old piano",
+    "the front door",
+    "the blue chair",
+    "the lamp",
+    "the fence",
+    "the boat",
+    "the cupboard",
+    "the printer",
+    "the suitcase",
+    "the mirror",
+    "the shelves",
+    "the van",
 )
 _ADJECTIVES = ("lovely", "huge", "strange", "beautiful", "tiny", "wonderful", "terrible", "shiny", "ugly", "amazing")
 _WH = ("Where", "When", "Why", "How")
@@ -424,31 +610,48 @@ def _sentence_type_pools(rng: random.Random, n: int) -> list[list[str]]:
 
     def question() -> str:
         who, v, thing = parts()
-        form = rng.choice((
-            f"Did {who} {v[0]} {thing}", f"Does {who} {v[0]} {thing}", f"Will {who} {v[0]} {thing}",
-            f"Is {who} {v[3]} {thing}", f"Can {who} {v[0]} {thing}",
-            f"{rng.choice(_WH)} did {who} {v[0]} {thing}", f"{rng.choice(_WH)} will {who} {v[0]} {thing}",
-            f"Who {v[1]} {thing}",
-        ))
+        form = rng.choice(
+            (
+                f"Did {who} {v[0]} {thing}",
+                f"Does {who} {v[0]} {thing}",
+                f"Will {who} {v[0]} {thing}",
+                f"Is {who} {v[3]} {thing}",
+                f"Can {who} {v[0]} {thing}",
+                f"{rng.choice(_WH)} did {who} {v[0]} {thing}",
+                f"{rng.choice(_WH)} will {who} {v[0]} {thing}",
+                f"Who {v[1]} {thing}",
+            )
+        )
         return end(form, "?")
 
     def command() -> str:
         _who, v, thing = parts()  # drawn all the same: the random stream stays the one the data were built from
-        form = rng.choice((
-            f"{cap(v[0])} {thing}", f"Please {v[0]} {thing}", f"{cap(v[0])} {thing} right now",
-            f"Don't {v[0]} {thing}", f"Go and {v[0]} {thing}", f"{cap(v[0])} {thing} before you leave",
-        ))
+        form = rng.choice(
+            (
+                f"{cap(v[0])} {thing}",
+                f"Please {v[0]} {thing}",
+                f"{cap(v[0])} {thing} right now",
+                f"Don't {v[0]} {thing}",
+                f"Go and {v[0]} {thing}",
+                f"{cap(v[0])} {thing} before you leave",
+            )
+        )
         return end(form, rng.choice((".", "!")))
 
     def exclamation() -> str:
         who, v, thing = parts()
         adj = rng.choice(_ADJECTIVES)
         noun = thing.split(" ", 1)[1].split()[-1]
-        form = rng.choice((
-            f"What a {adj} {noun} {who} has", f"How {adj} {thing} looks",
-            f"Wow, {who} {v[1]} {thing}", f"Oh no, {who} {v[1]} {thing}",
-            f"What {adj} luck that {who} {v[1]} {thing}", f"Goodness, {thing} is so {adj}",
-        ))
+        form = rng.choice(
+            (
+                f"What a {adj} {noun} {who} has",
+                f"How {adj} {thing} looks",
+                f"Wow, {who} {v[1]} {thing}",
+                f"Oh no, {who} {v[1]} {thing}",
+                f"What {adj} luck that {who} {v[1]} {thing}",
+                f"Goodness, {thing} is so {adj}",
+            )
+        )
         return end(form, "!")
 
     seen: set[str] = set()
@@ -516,16 +719,23 @@ TASKS: dict[str, EncoderTask] = {
             "statement, question, command or exclamation (templated; half the final marks removed)",
             ("statement", "question", "command", "exclamation"),
             # the name plus a prototype: MiniLM is at chance with names or definitions alone
-            ("a statement: something is so.", "a question: is something so?", "a command: do something!",
-             "an exclamation: wow, how amazing!"),
+            (
+                "a statement: something is so.",
+                "a question: is something so?",
+                "a command: do something!",
+                "an exclamation: wow, how amazing!",
+            ),
             _sentence_type_pools,
         ),
         EncoderTask(
             "tense",
             "the tense of a templated sentence: past, present or future",
             tuple(_TIME_WORDS),
-            ("something that happened in the past", "something happening now, in the present",
-             "something that will happen in the future"),
+            (
+                "something that happened in the past",
+                "something happening now, in the present",
+                "something that will happen in the future",
+            ),
             _tense_pools,
         ),
     )
@@ -659,7 +869,7 @@ _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 def _search_logits(model: nn.Module, inputs: dict[str, Any], temperature: float) -> Tensor:
     """`_cosine_logits` of an `EncoderSuite.search_problem` batch."""
     texts = {k: inputs[k] for k in _TEXT_KEYS if k in inputs}
-    labels = {k[len(_DESCRIPTION_PREFIX):]: v for k, v in inputs.items() if k.startswith(_DESCRIPTION_PREFIX)}
+    labels = {k[len(_DESCRIPTION_PREFIX) :]: v for k, v in inputs.items() if k.startswith(_DESCRIPTION_PREFIX)}
     return _cosine_logits(model, texts, labels, temperature)
 
 
@@ -862,13 +1072,15 @@ class EncoderSuite:
             rng = random.Random(f"ia3fuse-encoder-search-{task}-{split}-{seed}")
             descriptions = self._tokenize(list(TASKS[task].descriptions))
             for chunk in even_batches(_balanced_pick(self._data[task][split], per_task, rng)):
-                batches.append({
-                    **self._tokenize([t for t, _ in chunk]),
-                    "labels": torch.tensor([y for _, y in chunk]),
-                    **{_DESCRIPTION_PREFIX + k: v for k, v in descriptions.items()},
-                    "task": task,
-                    "examples": chunk,
-                })
+                batches.append(
+                    {
+                        **self._tokenize([t for t, _ in chunk]),
+                        "labels": torch.tensor([y for _, y in chunk]),
+                        **{_DESCRIPTION_PREFIX + k: v for k, v in descriptions.items()},
+                        "task": task,
+                        "examples": chunk,
+                    }
+                )
         # the temperature the adapters were trained with: the loss is theirs, and entropy is
         # measured on the same softmax
         temperature = (QUICK_TRAINING if self._quick else FULL_TRAINING).temperature
@@ -892,7 +1104,9 @@ class EncoderSuite:
 
     def _prepared_root(self) -> Path:
         if self._root is None:
-            raise IA3FuseError("the encoder suite is not prepared; call prepare(cache, quick=..., seed=..., progress=...) first")
+            raise IA3FuseError(
+                "the encoder suite is not prepared; call prepare(cache, quick=..., seed=..., progress=...) first"
+            )
         return self._root
 
     def _tokenizer_(self) -> Any:
@@ -903,14 +1117,21 @@ class EncoderSuite:
         return self._tokenizer
 
     def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        return dict(self._tokenizer_()(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"))
+        return dict(
+            self._tokenizer_()(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        )
 
     def _encoded_split(self, task: str, split: str) -> list[tuple[dict[str, Tensor], Tensor]]:
         """The split tokenized once, in batches of similar lengths (less padding)."""
         key = (task, split)
         if key not in self._encoded:
             examples = self._data[task][split]
-            lengths = [len(ids) for ids in self._tokenizer_()([t for t, _ in examples], truncation=True, max_length=MAX_LENGTH)["input_ids"]]
+            lengths = [
+                len(ids)
+                for ids in self._tokenizer_()([t for t, _ in examples], truncation=True, max_length=MAX_LENGTH)[
+                    "input_ids"
+                ]
+            ]
             order = sorted(range(len(examples)), key=lambda i: lengths[i])
             batches = []
             for i in range(0, len(order), 64):
@@ -924,7 +1145,11 @@ class EncoderSuite:
             stored = json.loads(path.read_text())
             for name, spec in TASKS.items():
                 entry = stored["tasks"].get(name)
-                if entry is None or entry["labels"] != list(spec.labels) or entry["descriptions"] != list(spec.descriptions):
+                if (
+                    entry is None
+                    or entry["labels"] != list(spec.labels)
+                    or entry["descriptions"] != list(spec.descriptions)
+                ):
                     raise IA3FuseError(
                         f"the cached data {str(path)!r} does not match task {name!r} of this code; "
                         "delete that folder (or bump SUITE_VERSION) to rebuild it"
@@ -956,7 +1181,9 @@ class EncoderSuite:
         os.replace(tmp, path)
         return data
 
-    def _train(self, name: str, tasks: list[str], steps: int, setup: TrainSetup, out: Path, seed: int, progress: bool) -> None:
+    def _train(
+        self, name: str, tasks: list[str], steps: int, setup: TrainSetup, out: Path, seed: int, progress: bool
+    ) -> None:
         """Train one IA3 adapter on ``tasks`` (one task per batch, in turn) and save it to ``out``."""
         from peft import IA3Config, get_peft_model
         from tqdm.auto import tqdm
@@ -993,8 +1220,13 @@ class EncoderSuite:
         seconds = time.perf_counter() - start
         model.peft_config["default"].base_model_name_or_path = MODEL_ID
         record = {
-            "tasks": tasks, "steps": steps, "seconds": round(seconds, 2), "torch_threads": torch.get_num_threads(),
-            "setup": asdict(setup), "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+            "tasks": tasks,
+            "steps": steps,
+            "seconds": round(seconds, 2),
+            "torch_threads": torch.get_num_threads(),
+            "setup": asdict(setup),
+            "loss_first": losses[0],
+            "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
         }
         try:
             with atomic_output_dir(out) as tmp:

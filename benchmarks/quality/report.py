@@ -69,9 +69,18 @@ def _search_markdown(result: dict[str, Any]) -> str:
     rows = []
     for label, run in summary["runs"].items():
         norm = by_name.get(label, {}).get("normalized")
-        rows.append([label, str(run["forwards"]), f"{run['initial_objective']:.4f}", f"{run['final_objective']:.4f}",
-                     "-" if norm is None else f"{100 * norm:.1f}"])
-    table = format_table(["run", "forward passes", "objective at uniform weights", "final objective", "normalized"], rows)
+        rows.append(
+            [
+                label,
+                str(run["forwards"]),
+                f"{run['initial_objective']:.4f}",
+                f"{run['final_objective']:.4f}",
+                "-" if norm is None else f"{100 * norm:.1f}",
+            ]
+        )
+    table = format_table(
+        ["run", "forward passes", "objective at uniform weights", "final objective", "normalized"], rows
+    )
     reach = summary["adam_layer_passes_to_cma_best"]
     if reach is None:
         verdict = "Adam (layer-wise, loss) did not reach CMA-ES's best final loss within the budget."
@@ -105,8 +114,14 @@ def _plot(result: dict[str, Any], path: Path) -> Optional[Path]:
     rows = [r for r in result["rows"] if r["group"] != "individual" and r["accuracy"] is not None]
     tasks = result["tasks"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 2), gridspec_kw={"width_ratios": [1, 1.4]})
-    colors = {"reference": "#888888", "baseline": "#d62728", "ia3fuse default": "#1f77b4", "ia3fuse tuned": "#2ca02c",
-              "automatic weights": "#ff7f0e", "dynamic mixture": "#9467bd"}
+    colors = {
+        "reference": "#888888",
+        "baseline": "#d62728",
+        "ia3fuse default": "#1f77b4",
+        "ia3fuse tuned": "#2ca02c",
+        "automatic weights": "#ff7f0e",
+        "dynamic mixture": "#9467bd",
+    }
     names = [r["name"] for r in rows]
     left.barh(names, [100 * r["normalized"] for r in rows], color=[colors.get(r["group"], "#9467bd") for r in rows])
     left.invert_yaxis()
@@ -211,7 +226,11 @@ def benchmarks_doc(results: Path) -> str:
         ("merge_speed", "Merging 8 adapters", "merge_speed.py"),
         ("fold_speed", "Folding into a quantized model", "fold_speed.py"),
         ("gguf_fold", "Folding into a GGUF file", "gguf_fold.py"),
-        ("mixture_speed_cuda", "Serving per-request mixtures on a GPU", "mixture_speed.py --device cuda --dtype bfloat16"),
+        (
+            "mixture_speed_cuda",
+            "Serving per-request mixtures on a GPU",
+            "mixture_speed.py --device cuda --dtype bfloat16",
+        ),
     ):
         md = results / f"{name}.md"
         if md.is_file():

@@ -120,21 +120,35 @@ def run_quality(
     rows: list[dict[str, Any]] = []
 
     def add(name: str, group: str, acc: dict[str, float], params: Optional[dict[str, Any]] = None) -> None:
-        rows.append({"name": name, "group": group, "params": params or {}, "accuracy": acc, "average": _mean(acc.values())})
+        rows.append(
+            {"name": name, "group": group, "params": params or {}, "accuracy": acc, "average": _mean(acc.values())}
+        )
 
     with tempfile.TemporaryDirectory(prefix="ia3fuse-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         add("base model", "reference", _scores(suite, suite.base_model(), "test"))
         for t in tasks:
             add(f"adapter: {t}", "individual", _scores(suite, _peft_with(suite, suite.adapter_dir(t)), "test"))
-        add("PEFT add_weighted_adapter (uniform)", "baseline", _peft_baseline(suite, "test"),
-            {"weights": [round(1 / k, 6)] * k})
+        add(
+            "PEFT add_weighted_adapter (uniform)",
+            "baseline",
+            _peft_baseline(suite, "test"),
+            {"weights": [round(1 / k, 6)] * k},
+        )
         for m in chosen:
             try:
                 fused = merge(list(adapters.values()), None, m)
             except MethodInputError as exc:  # e.g. geometric with l <= 0: recorded, not fatal
-                rows.append({"name": m, "group": "ia3fuse default", "params": {}, "error": str(exc),
-                             "accuracy": None, "average": None})
+                rows.append(
+                    {
+                        "name": m,
+                        "group": "ia3fuse default",
+                        "params": {},
+                        "error": str(exc),
+                        "accuracy": None,
+                        "average": None,
+                    }
+                )
                 continue
             add(m, "ia3fuse default", _fused_scores(suite, fused, "test", tmp), {"weights": [round(1 / k, 6)] * k})
         for m in tqdm(chosen, desc=f"{suite.name}: tuning on validation", disable=not progress):
@@ -152,14 +166,22 @@ def run_quality(
                 continue
             params = {p: v for p, v in best[1].items() if p != "weight"}
             fused = merge(list(adapters.values()), [best[1]["weight"]] * k, m, **params)
-            add(f"{m} (tuned)", "ia3fuse tuned", _fused_scores(suite, fused, "test", tmp),
-                {**best[1], "val_average": round(best[0], 4)})
+            add(
+                f"{m} (tuned)",
+                "ia3fuse tuned",
+                _fused_scores(suite, fused, "test", tmp),
+                {**best[1], "val_average": round(best[0], 4)},
+            )
         search_summary = None
         if search and hasattr(suite, "search_problem"):
             from .auto import run_search_rows
 
             search_rows, search_summary = run_search_rows(
-                suite, quick=quick, seed=seed, progress=progress, log=log,
+                suite,
+                quick=quick,
+                seed=seed,
+                progress=progress,
+                log=log,
                 score=lambda fused: _fused_scores(suite, fused, "test", tmp),
             )
             for r in search_rows:
@@ -169,12 +191,20 @@ def run_quality(
             from .auto import run_router_rows
 
             router_rows, router_summary = run_router_rows(
-                suite, quick=quick, seed=seed, progress=progress, log=log,
+                suite,
+                quick=quick,
+                seed=seed,
+                progress=progress,
+                log=log,
                 score=lambda mixture: _scores(suite, mixture, "test"),
             )
             for r in router_rows:
                 add(r["name"], r["group"], r["accuracy"], r["params"])
-        add("multi-task adapter (upper bound)", "reference", _scores(suite, _peft_with(suite, suite.multitask_adapter_dir()), "test"))
+        add(
+            "multi-task adapter (upper bound)",
+            "reference",
+            _scores(suite, _peft_with(suite, suite.multitask_adapter_dir()), "test"),
+        )
     own = {t: next(r["accuracy"][t] for r in rows if r["name"] == f"adapter: {t}") for t in tasks}
     for r in rows:
         r["normalized"] = (

@@ -177,7 +177,9 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         _ordinary_mode(tmp, directory=True)
     except OSError as exc:
         _remove_created(created)
-        raise OutputPathError(f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder") from None
+        raise OutputPathError(
+            f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder"
+        ) from None
     try:
         try:
             yield tmp
@@ -226,7 +228,9 @@ def atomic_output_file(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         _ordinary_mode(Path(name), directory=False)
     except OSError as exc:
         _remove_created(created)
-        raise OutputPathError(f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder") from None
+        raise OutputPathError(
+            f"cannot write output {str(out)!r} ({exc.strerror or exc}); pick a writable folder"
+        ) from None
     tmp = Path(name)
     try:
         try:
@@ -234,7 +238,9 @@ def atomic_output_file(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
             with open(tmp, "rb") as fh:  # a full disk may only show here (delayed allocation)
                 os.fsync(fh.fileno())
         except OSError as exc:
-            raise OutputPathError(f"writing output {str(out)!r} failed ({exc.strerror or exc}); nothing was written") from exc
+            raise OutputPathError(
+                f"writing output {str(out)!r} failed ({exc.strerror or exc}); nothing was written"
+            ) from exc
         if out.exists() and not overwrite:
             raise OutputPathError(f"output {str(out)!r} appeared while writing; pass another path")
         os.replace(tmp, out)

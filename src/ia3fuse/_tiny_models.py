@@ -23,24 +23,63 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     cfg: tf.PretrainedConfig
     if arch == "llama":
         cfg = tf.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
         )
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        cfg = tf.GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
     elif arch == "t5":
         # T5Config accepts decoder_start_token_id as an extra config field; its typed signature omits it
-        cfg = tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-                          decoder_start_token_id=0, dropout_rate=0.0, **common)  # type: ignore[call-arg]
+        cfg = tf.T5Config(
+            d_model=32,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            dropout_rate=0.0,
+            **common,
+        )  # type: ignore[call-arg]
     elif arch == "bert":
-        cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                            **common)
+        cfg = tf.BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **common,
+        )
     elif arch == "opt":
-        cfg = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                           word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0,
-                           attention_dropout=0.0, **common)
+        cfg = tf.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            **common,
+        )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     for k, v in overrides.items():
@@ -54,8 +93,13 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> Any:
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **overrides)
-    cls = {"llama": tf.LlamaForCausalLM, "gpt2": tf.GPT2LMHeadModel, "t5": tf.T5ForConditionalGeneration,
-           "bert": tf.BertModel, "opt": tf.OPTForCausalLM}[arch]
+    cls = {
+        "llama": tf.LlamaForCausalLM,
+        "gpt2": tf.GPT2LMHeadModel,
+        "t5": tf.T5ForConditionalGeneration,
+        "bert": tf.BertModel,
+        "opt": tf.OPTForCausalLM,
+    }[arch]
     return cls(cfg).eval()
 
 

@@ -145,13 +145,18 @@ class IA3Adapter:
             f"An IA3 adapter with {count(len(self.vectors), 'module')} ({n_ff} feed-forward), written by ia3fuse."
         )
         if self.recipe is not None:
-            lines += ["", "## Fusion recipe", "", "```yaml", yaml.safe_dump(self.recipe.plain(), sort_keys=False).rstrip(), "```"]
+            lines += [
+                "",
+                "## Fusion recipe",
+                "",
+                "```yaml",
+                yaml.safe_dump(self.recipe.plain(), sort_keys=False).rstrip(),
+                "```",
+            ]
         return "\n".join(lines) + "\n"
 
 
-def trained_module_targets(
-    model: Any, extras: dict[str, Tensor]
-) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str]]:
+def trained_module_targets(model: Any, extras: dict[str, Tensor]) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str]]:
     """Where an adapter's trained modules (``modules_to_save`` tensors, saved as
     ``base_model.model.<name>``) go in ``model``: (tensor name -> (the model's tensor, the value),
     problems). Inside a PeftModel's ModulesToSaveWrapper the target is its original module.
@@ -182,8 +187,11 @@ def _tensor_at(model: Any, name: str) -> Optional[Tensor]:
         module = model.get_submodule(owner) if owner else model
     except AttributeError:
         return None
-    tensor = getattr(module, leaf, None) if leaf in dict(module.named_parameters(recurse=False)) or leaf in dict(
-        module.named_buffers(recurse=False)) else None
+    tensor = (
+        getattr(module, leaf, None)
+        if leaf in dict(module.named_parameters(recurse=False)) or leaf in dict(module.named_buffers(recurse=False))
+        else None
+    )
     return tensor if isinstance(tensor, Tensor) else None
 
 
@@ -220,7 +228,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(cfg_path.read_text())
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int of >4300 digits, deep nesting
-        raise AdapterFormatError(f"{str(cfg_path)!r} is not valid JSON ({exc}); re-save the adapter with PEFT") from None
+        raise AdapterFormatError(
+            f"{str(cfg_path)!r} is not valid JSON ({exc}); re-save the adapter with PEFT"
+        ) from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{str(cfg_path)!r} holds a {type(config).__name__}, not a JSON object")
     peft_type = config.get("peft_type")
@@ -310,7 +320,9 @@ def _check_vector(source: str, module: str, vec: Tensor, ff: bool) -> None:
         )
     if not torch.isfinite(vec).all():
         bad = int((~torch.isfinite(vec)).sum())
-        raise AdapterFormatError(f"{source}: the vector of {module!r} holds {bad} NaN/Inf values; the adapter is corrupt")
+        raise AdapterFormatError(
+            f"{source}: the vector of {module!r} holds {bad} NaN/Inf values; the adapter is corrupt"
+        )
 
 
 def adapter_from_state_dict(

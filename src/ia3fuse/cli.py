@@ -34,12 +34,16 @@ def _param_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> l
         flag = "--" + name.replace("_", "-")
         help_ = f"{p.description}. Methods: {', '.join(owners)}"
         if ann is bool:
-            group.add_argument(flag, dest=f"param_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_)
+            group.add_argument(
+                flag, dest=f"param_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_
+            )
         elif typing.get_origin(ann) is typing.Literal:
             group.add_argument(flag, dest=f"param_{name}", choices=list(args), default=None, help=help_)
         else:
             base = next((a for a in args if a is not type(None)), ann) if args else ann
-            group.add_argument(flag, dest=f"param_{name}", type=base, default=None, metavar=base.__name__.upper(), help=help_)
+            group.add_argument(
+                flag, dest=f"param_{name}", type=base, default=None, metavar=base.__name__.upper(), help=help_
+            )
     return list(seen)
 
 
@@ -65,16 +69,28 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     mp.add_argument("inputs", nargs="+", help="one recipe .yaml file, or adapter directories")
     mp.add_argument("-o", "--output", help="output directory (must not exist unless --force)")
-    mp.add_argument("--weights", nargs="+", type=_weight, help="one weight per adapter; a comma list is a depth gradient")
+    mp.add_argument(
+        "--weights", nargs="+", type=_weight, help="one weight per adapter; a comma list is a depth gradient"
+    )
     mp.add_argument("--method", default=None, help="fusion method (see 'ia3fuse methods'); default task_arithmetic")
-    mp.add_argument("--missing", choices=["identity", "zero"], default=None, help="how a module an adapter lacks counts")
-    mp.add_argument("--extras", choices=["error", "first", "average", "drop"], default=None,
-                    help="trained non-IA3 modules (modules_to_save, e.g. a classifier head): refuse when they differ "
-                         "(error, the default), keep the first adapter's, average them with the weights, or drop them")
+    mp.add_argument(
+        "--missing", choices=["identity", "zero"], default=None, help="how a module an adapter lacks counts"
+    )
+    mp.add_argument(
+        "--extras",
+        choices=["error", "first", "average", "drop"],
+        default=None,
+        help="trained non-IA3 modules (modules_to_save, e.g. a classifier head): refuse when they differ "
+        "(error, the default), keep the first adapter's, average them with the weights, or drop them",
+    )
     mp.add_argument("--name", default=None, help="name of the fused adapter (model card)")
     mp.add_argument("--strict", action="store_true", default=None, help="refuse adapters of different base models")
-    mp.add_argument("--mixed-bases", action="store_true", default=None,
-                    help="fuse adapters that name different base models and target different modules")
+    mp.add_argument(
+        "--mixed-bases",
+        action="store_true",
+        default=None,
+        help="fuse adapters that name different base models and target different modules",
+    )
     mp.add_argument("--force", action="store_true", help="replace an existing output directory")
     mp.add_argument("--allow-pickle", action="store_true", help="read legacy adapter_model.bin (weights_only=True)")
     param_names = _param_flags(mp)
@@ -89,29 +105,55 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         "fold",
         help="fold an adapter into a safetensors checkpoint or a GGUF file on disk",
         description="ia3fuse fold --base MODEL_DIR --adapter ADAPTER_DIR -o OUT [--dtype bfloat16] [--max-shard-size 5GB]\n"
-                    "ia3fuse fold --gguf MODEL.gguf --adapter ADAPTER_DIR -o OUT.gguf [--exact require] [--permute-qk yes]",
+        "ia3fuse fold --gguf MODEL.gguf --adapter ADAPTER_DIR -o OUT.gguf [--exact require] [--permute-qk yes]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = fp.add_mutually_exclusive_group(required=True)
     src.add_argument("--base", help="base model directory (config.json + safetensors)")
     src.add_argument("--gguf", help="base model as a llama.cpp GGUF file (any quant type)")
     fp.add_argument("--adapter", required=True, help="IA3 adapter directory trained on that base")
-    fp.add_argument("-o", "--output", required=True,
-                    help="output model directory (--base) or .gguf file (--gguf); must not exist unless --force")
-    fp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                    help="--base only: convert float tensors to this dtype (default: keep each tensor's dtype)")
-    fp.add_argument("--max-shard-size", default=None, help="--base only: largest output shard, e.g. 5GB or 500MiB (default 5GB)")
-    fp.add_argument("--exact", choices=["auto", "require", "allow_requant"], default=None,
-                    help="--gguf only: 'require' refuses any dequantize-scale-requantize step (default auto: warn)")
-    fp.add_argument("--permute-qk", choices=["auto", "yes", "no"], default=None,
-                    help="--gguf only: were q/k rows permuted by llama.cpp's converter (default auto: by architecture)")
+    fp.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output model directory (--base) or .gguf file (--gguf); must not exist unless --force",
+    )
+    fp.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="--base only: convert float tensors to this dtype (default: keep each tensor's dtype)",
+    )
+    fp.add_argument(
+        "--max-shard-size", default=None, help="--base only: largest output shard, e.g. 5GB or 500MiB (default 5GB)"
+    )
+    fp.add_argument(
+        "--exact",
+        choices=["auto", "require", "allow_requant"],
+        default=None,
+        help="--gguf only: 'require' refuses any dequantize-scale-requantize step (default auto: warn)",
+    )
+    fp.add_argument(
+        "--permute-qk",
+        choices=["auto", "yes", "no"],
+        default=None,
+        help="--gguf only: were q/k rows permuted by llama.cpp's converter (default auto: by architecture)",
+    )
     fp.add_argument("--measure-error", action="store_true", help="--gguf only: report every changed tensor's error")
-    fp.add_argument("--extras", choices=["keep", "drop"], default="keep",
-                    help="the adapter's trained non-IA3 modules (modules_to_save, e.g. a classifier head): write them "
-                         "over the base's (keep, the default; --base only) or fold the IA3 vectors only (drop)")
+    fp.add_argument(
+        "--extras",
+        choices=["keep", "drop"],
+        default="keep",
+        help="the adapter's trained non-IA3 modules (modules_to_save, e.g. a classifier head): write them "
+        "over the base's (keep, the default; --base only) or fold the IA3 vectors only (drop)",
+    )
     fp.add_argument("--verbose", action="store_true", help="also print the table of every changed tensor")
-    fp.add_argument("--report", metavar="FILE", default=None,
-                    help="write the table of every changed tensor to FILE (markdown); must not exist unless --force")
+    fp.add_argument(
+        "--report",
+        metavar="FILE",
+        default=None,
+        help="write the table of every changed tensor to FILE (markdown); must not exist unless --force",
+    )
     fp.add_argument("--force", action="store_true", help="replace an existing output")
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
     fp.add_argument("--allow-pickle", action="store_true", help="read a legacy adapter_model.bin (weights_only=True)")
@@ -123,20 +165,41 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     sp_.add_argument("--model", required=True, help="base model directory (transformers, with its tokenizer)")
     sp_.add_argument("--adapters", nargs="+", required=True, help="IA3 adapter directories trained on that base")
-    sp_.add_argument("--data", required=True,
-                     help='JSON lines: {"input": ..., "target": ...} (LMs), {"input": ..., "label": N} (classifiers) or {"input": ...}')
-    sp_.add_argument("-o", "--output", required=True, help="output folder: adapter/, recipe.yaml, weights.md/png, objective.png")
+    sp_.add_argument(
+        "--data",
+        required=True,
+        help='JSON lines: {"input": ..., "target": ...} (LMs), {"input": ..., "label": N} (classifiers) or {"input": ...}',
+    )
+    sp_.add_argument(
+        "-o", "--output", required=True, help="output folder: adapter/, recipe.yaml, weights.md/png, objective.png"
+    )
     sp_.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    sp_.add_argument("--objective", choices=["loss", "entropy"], default="loss",
-                     help="loss on labeled examples, or prediction entropy (labels unused); default loss")
-    sp_.add_argument("--granularity", choices=["task", "layer", "module"], default="task",
-                     help="one weight per adapter, per adapter and layer, or per adapter, layer and module kind")
+    sp_.add_argument(
+        "--objective",
+        choices=["loss", "entropy"],
+        default="loss",
+        help="loss on labeled examples, or prediction entropy (labels unused); default loss",
+    )
+    sp_.add_argument(
+        "--granularity",
+        choices=["task", "layer", "module"],
+        default="task",
+        help="one weight per adapter, per adapter and layer, or per adapter, layer and module kind",
+    )
     sp_.add_argument("--optimizer", choices=["adam", "cma"], default="adam", help="adam (gradients) or cma (CMA-ES)")
     sp_.add_argument("--method", default="task_arithmetic", help="fusion method (see 'ia3fuse methods')")
-    sp_.add_argument("--budget", type=int, default=None, help="forward passes to spend (default 100 passes over the data)")
+    sp_.add_argument(
+        "--budget", type=int, default=None, help="forward passes to spend (default 100 passes over the data)"
+    )
     sp_.add_argument("--l1", type=float, default=0.0, help="penalty l1 * mean |weight| (LoraHub: 0.05)")
-    sp_.add_argument("--bounds", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
-                     help="bounds of every weight (cma default -1.5 1.5)")
+    sp_.add_argument(
+        "--bounds",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="bounds of every weight (cma default -1.5 1.5)",
+    )
     sp_.add_argument("--init", nargs="+", type=float, default=None, help="starting weight(s): one, or one per adapter")
     sp_.add_argument("--seed", type=int, default=0, help="seed of CMA-ES and of randomized methods' drop masks")
     sp_.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
@@ -144,9 +207,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     sp_.add_argument("--sigma0", type=float, default=0.2, help="CMA-ES initial step size")
     sp_.add_argument("--popsize", type=int, default=None, help="CMA-ES population (default 4 + 3 ln n)")
     sp_.add_argument("--name", default="searched", help="name of the fused adapter")
-    sp_.add_argument("--extras", choices=["error", "first", "drop"], default="error",
-                     help="trained non-IA3 modules (modules_to_save, e.g. a classifier head): refuse when they differ "
-                          "(error, the default), score with the first adapter's, or with the model's own (drop)")
+    sp_.add_argument(
+        "--extras",
+        choices=["error", "first", "drop"],
+        default="error",
+        help="trained non-IA3 modules (modules_to_save, e.g. a classifier head): refuse when they differ "
+        "(error, the default), score with the first adapter's, or with the model's own (drop)",
+    )
     sp_.add_argument("--force", action="store_true", help="replace an existing output folder")
     sp_.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp_.add_argument("--allow-pickle", action="store_true", help="read legacy adapter_model.bin (weights_only=True)")
@@ -166,8 +233,13 @@ def _cmd_merge(args: argparse.Namespace, param_names: list[str]) -> int:
 
     params = {n: getattr(args, f"param_{n}") for n in param_names if getattr(args, f"param_{n}") is not None}
     flag_fields = {
-        "weights": args.weights, "method": args.method, "missing": args.missing, "extras": args.extras,
-        "name": args.name, "strict": args.strict, "mixed_bases": args.mixed_bases,
+        "weights": args.weights,
+        "method": args.method,
+        "missing": args.missing,
+        "extras": args.extras,
+        "name": args.name,
+        "strict": args.strict,
+        "mixed_bases": args.mixed_bases,
     }
     given = {k: v for k, v in flag_fields.items() if v is not None}
     first = Path(args.inputs[0])
@@ -216,12 +288,20 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     wrong = [f for f, v in (("--exact", args.exact), ("--permute-qk", args.permute_qk)) if v is not None]
     wrong += ["--measure-error"] if args.measure_error else []
     if wrong:
-        raise FoldError(f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to --gguf only; a --base fold is always exact")
+        raise FoldError(
+            f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to --gguf only; a --base fold is always exact"
+        )
     _check_report_path(args, args.base)
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     report = fold_checkpoint(
-        args.base, adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size or "5GB",
-        overwrite=args.force, progress=not args.no_progress, extras=args.extras,
+        args.base,
+        adapter,
+        args.output,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size or "5GB",
+        overwrite=args.force,
+        progress=not args.no_progress,
+        extras=args.extras,
     )
     _print_fold(args, report)
     return 0
@@ -263,13 +343,21 @@ def _cmd_fold_gguf(args: argparse.Namespace) -> int:
 
     wrong = [f for f, v in (("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)) if v is not None]
     if wrong:
-        raise FoldError(f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to --base only; a GGUF fold keeps every tensor's type")
+        raise FoldError(
+            f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to --base only; a GGUF fold keeps every tensor's type"
+        )
     _check_report_path(args, args.gguf)
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     permute = {None: None, "auto": None, "yes": True, "no": False}[args.permute_qk]
     report = fold_gguf(
-        args.gguf, adapter, args.output, exact=args.exact or "auto", permute_qk=permute,
-        measure_error=True if args.measure_error else "lossy", overwrite=args.force, progress=not args.no_progress,
+        args.gguf,
+        adapter,
+        args.output,
+        exact=args.exact or "auto",
+        permute_qk=permute,
+        measure_error=True if args.measure_error else "lossy",
+        overwrite=args.force,
+        progress=not args.no_progress,
         extras=args.extras,
     )
     _print_fold(args, report)
@@ -290,16 +378,35 @@ def _cmd_search(args: argparse.Namespace, param_names: list[str]) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     init = None if args.init is None else (args.init[0] if len(args.init) == 1 else args.init)
     result = search_weights(
-        model, list(args.adapters), records, tokenizer=tokenizer, objective=args.objective,
-        granularity=args.granularity, optimizer=args.optimizer, method=args.method, budget=args.budget,
-        l1=args.l1, bounds=tuple(args.bounds) if args.bounds else None, init=init, seed=args.seed,
-        batch_size=args.batch_size, lr=args.lr, sigma0=args.sigma0, popsize=args.popsize, name=args.name,
-        progress=not args.no_progress, allow_pickle=args.allow_pickle, extras=args.extras, **params,
+        model,
+        list(args.adapters),
+        records,
+        tokenizer=tokenizer,
+        objective=args.objective,
+        granularity=args.granularity,
+        optimizer=args.optimizer,
+        method=args.method,
+        budget=args.budget,
+        l1=args.l1,
+        bounds=tuple(args.bounds) if args.bounds else None,
+        init=init,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        sigma0=args.sigma0,
+        popsize=args.popsize,
+        name=args.name,
+        progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
+        extras=args.extras,
+        **params,
     )
     written = result.save(out, overwrite=args.force)
     print(result.weights_table())
-    print(f"{result.objective}: {result.initial_objective:.6g} -> {result.final_objective:.6g} "
-          f"({result.optimizer}, {result.granularity}-wise) in {result.passes()}")
+    print(
+        f"{result.objective}: {result.initial_objective:.6g} -> {result.final_objective:.6g} "
+        f"({result.optimizer}, {result.granularity}-wise) in {result.passes()}"
+    )
     print(f"wrote {written} (adapter/, recipe.yaml, weights.md, weights.png, objective.png, search.json)")
     return 0
 

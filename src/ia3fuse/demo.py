@@ -58,8 +58,14 @@ def run_demo(workdir: Path, *, arch: str = "llama") -> str:
         if not path.exists():
             # task_c targets only the attention modules: identity fill matters for it.
             targets = None if i < 2 else _attention_only(base)
-            random_ia3_adapter(base, path, seed=i + 1, target_modules=targets, feedforward_modules=[] if targets else None,
-                               base_name=str(base_dir))
+            random_ia3_adapter(
+                base,
+                path,
+                seed=i + 1,
+                target_modules=targets,
+                feedforward_modules=[] if targets else None,
+                base_name=str(base_dir),
+            )
         adapter_dirs.append(path)
     batch = _inputs(arch)
     ref = _output(base, batch)
@@ -80,8 +86,15 @@ def run_demo(workdir: Path, *, arch: str = "llama") -> str:
         )
         moved = (_output(peft_model, batch) - ref).norm() / ref.norm()
         shown = {**{p.name: p.default for p in spec.params if p.name in ("density", "svd_rank")}, **params}
-        rows.append([spec.name, ", ".join(f"{k}={v}" for k, v in shown.items()) or "-", f"{took:.1f}",
-                     "yes" if loaded else "NO", f"{moved:.4f}"])
+        rows.append(
+            [
+                spec.name,
+                ", ".join(f"{k}={v}" for k, v in shown.items()) or "-",
+                f"{took:.1f}",
+                "yes" if loaded else "NO",
+                f"{moved:.4f}",
+            ]
+        )
     table = format_table(["method", "parameters", "merge ms", "PEFT loads it", "output change vs base"], rows)
     return (
         f"ia3fuse demo: tiny {arch}, 3 IA3 adapters (task_c lacks the feed-forward modules), weights 0.4/0.3/0.3\n"
@@ -106,9 +119,7 @@ def _peft_comparison(arch: str, adapter_dirs: list[Path]) -> str:
     ident = merge(adapter_dirs, weights, "linear").vectors
     same = all(torch.equal(theirs[p].reshape(v.shape), v) for p, v in zero.items()) and set(theirs) == set(zero)
     lacking = [p for p, v in ident.items() if not torch.equal(v, zero[p])]
-    shrink = (
-        sum(float((zero[p] / ident[p]).mean()) for p in lacking) / len(lacking) if lacking else 1.0
-    )
+    shrink = sum(float((zero[p] / ident[p]).mean()) for p in lacking) / len(lacking) if lacking else 1.0
     return (
         f"PEFT's add_weighted_adapter == ia3fuse linear with missing='zero', bit for bit: {'yes' if same else 'NO'}\n"
         f"With identity fill (ia3fuse's default), the {len(lacking)} modules task_c lacks keep their scale; "

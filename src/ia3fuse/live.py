@@ -254,7 +254,7 @@ def _install(peft_model: Any, tuner: Any, fused: IA3Adapter, config: Any, adapte
                     param.data = vec.reshape(param.shape).to(device=param.device, dtype=vec.dtype)
         for path, wrapper in _saved_wrappers(peft_model).items():
             prefix = _extras_key(path, "")
-            state = {k[len(prefix):]: v for k, v in fused.extras.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in fused.extras.items() if k.startswith(prefix)}
             if state:
                 if adapter_name not in wrapper.modules_to_save:
                     wrapper.update(adapter_name)

@@ -176,7 +176,9 @@ def _average_extras(adapters: Sequence[IA3Adapter], plan: Optional[WeightPlan]) 
 _TASKS_WITH_HEADS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
-def fused_config(adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan], *, keeps_extras: bool = True) -> dict[str, Any]:
+def fused_config(
+    adapters: Sequence[IA3Adapter], plans: Sequence[ModulePlan], *, keeps_extras: bool = True
+) -> dict[str, Any]:
     """An adapter_config.json for the fused modules that PEFT maps back onto exactly those modules.
 
     ``keeps_extras=False``: the fused adapter carries no modules_to_save tensors, so its config
@@ -236,7 +238,9 @@ def _fuse_module(
     """Stack one module's vectors (filling absent ones), look up its weights, call the method."""
     stack = torch.stack(
         [
-            a.vectors[m.path].detach().to("cpu", compute) if m.path in a.vectors else torch.full(m.shape, fill, dtype=compute)
+            a.vectors[m.path].detach().to("cpu", compute)
+            if m.path in a.vectors
+            else torch.full(m.shape, fill, dtype=compute)
             for a in loaded
         ]
     )
@@ -332,7 +336,9 @@ def merge(
     vectors: dict[str, Tensor] = {}
     with torch_threads(1):  # tiny ops: the thread pool only adds latency
         for m in modules:
-            vectors[m.path] = _fuse_module(spec, method, params, m, loaded, plan, depths[m.path], compute, fill, out_dtype)
+            vectors[m.path] = _fuse_module(
+                spec, method, params, m, loaded, plan, depths[m.path], compute, fill, out_dtype
+            )
     recipe = Recipe(
         adapters=[AdapterRef(path=a.source, name=a.name) for a in loaded],
         method=method,
@@ -397,7 +403,9 @@ def trained_modules(model: Any, adapters: Sequence[IA3Adapter], extras: str) -> 
     return targets
 
 
-def run_recipe(recipe: Recipe, *, output: Optional[Union[str, Path]] = None, overwrite: bool = False, allow_pickle: bool = False) -> Path:
+def run_recipe(
+    recipe: Recipe, *, output: Optional[Union[str, Path]] = None, overwrite: bool = False, allow_pickle: bool = False
+) -> Path:
     """Fuse as ``recipe`` says and save to its output (or ``output``), atomically.
 
     The output is checked (exists, is an input, is a symlink) before any adapter is read.

@@ -56,17 +56,33 @@ class Router(nn.Module):
         temperature: softmax temperature.
     """
 
-    def __init__(self, hidden_size: int, num_adapters: int, *, level: str = "sequence", layer: int = -1,
-                 hidden: int = 0, temperature: float = 1.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_adapters: int,
+        *,
+        level: str = "sequence",
+        layer: int = -1,
+        hidden: int = 0,
+        temperature: float = 1.0,
+    ):
         super().__init__()
         if level not in ("sequence", "token"):
             raise InvalidParameterError(f"router level={level!r}; pass 'sequence' or 'token'")
         if not temperature > 0:
             raise InvalidParameterError(f"router temperature={temperature!r}; pass a value > 0")
-        self.config: _RouterConfig = {"hidden_size": int(hidden_size), "num_adapters": int(num_adapters), "level": level,
-                                      "layer": int(layer), "hidden": int(hidden), "temperature": float(temperature)}
+        self.config: _RouterConfig = {
+            "hidden_size": int(hidden_size),
+            "num_adapters": int(num_adapters),
+            "level": level,
+            "layer": int(layer),
+            "hidden": int(hidden),
+            "temperature": float(temperature),
+        }
         if hidden:
-            self.net: nn.Module = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, num_adapters))
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, num_adapters)
+            )
         else:
             self.net = nn.Linear(hidden_size, num_adapters)
         last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
@@ -136,10 +152,20 @@ class Mixture(nn.Module):
     basis: Tensor
     _ones: Tensor
 
-    def __init__(self, model: nn.Module, adapters: Any, *, form: Optional[str] = None, lam: float = 1.0,
-                 method: Optional[str] = None, params: Optional[Mapping[str, Any]] = None,
-                 router: Optional[Router] = None, allow_pickle: bool = False, extras: str = "error",
-                 _peft_tuner: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Any,
+        *,
+        form: Optional[str] = None,
+        lam: float = 1.0,
+        method: Optional[str] = None,
+        params: Optional[Mapping[str, Any]] = None,
+        router: Optional[Router] = None,
+        allow_pickle: bool = False,
+        extras: str = "error",
+        _peft_tuner: Any = None,
+    ):
         super().__init__()
         if method is not None and (form is not None or lam != 1.0):
             raise InvalidParameterError(
@@ -266,7 +292,11 @@ class Mixture(nn.Module):
             weights = [float(weights.get(n, 0.0)) for n in self.names]
         try:
             # a tensor keeps its autograd graph (the mixture is differentiable in its weights)
-            w = weights.to(torch.float32) if isinstance(weights, Tensor) else torch.as_tensor(weights, dtype=torch.float32)
+            w = (
+                weights.to(torch.float32)
+                if isinstance(weights, Tensor)
+                else torch.as_tensor(weights, dtype=torch.float32)
+            )
         except (TypeError, ValueError) as exc:
             raise InvalidWeightsError(
                 f"mixture weights {weights!r} are not numbers of shape (K,), (B, K) or (B, T, K) ({exc})"
@@ -298,10 +328,14 @@ class Mixture(nn.Module):
             self.hooks.scales = before
 
     # ------------------------------------------------------------------ running
-    def route(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
+    def route(
+        self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, **kwargs: Any
+    ) -> Tensor:
         """The router's weights for a batch, from a pass of the base model (no IA3 applied)."""
         if self.router is None:
-            raise IA3FuseError("the mixture has no router; pass mixture_weights=..., or set mixture.router = Router(...)")
+            raise IA3FuseError(
+                "the mixture has no router; pass mixture_weights=..., or set mixture.router = Router(...)"
+            )
         before = self.hooks.scales
         self.hooks.scales = None
         extra = {k: v for k, v in kwargs.items() if k in ("token_type_ids", "position_ids")}
@@ -309,9 +343,12 @@ class Mixture(nn.Module):
             with torch.no_grad():
                 if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
                     # route on the encoder's view of the input: the decoder has not started yet
-                    out = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)  # type: ignore[operator]
+                    encoder = self.model.get_encoder()  # type: ignore[operator]
+                    out = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
                 else:
-                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+                    out = self.model(
+                        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra
+                    )
         finally:
             self.hooks.scales = before
         states = out.hidden_states
@@ -334,20 +371,31 @@ class Mixture(nn.Module):
 
         The common inputs are named so that ``Trainer`` keeps those dataset columns.
         """
-        named = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
-                 "position_ids": position_ids, "decoder_input_ids": decoder_input_ids, "labels": labels}
+        named = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "decoder_input_ids": decoder_input_ids,
+            "labels": labels,
+        }
         kwargs = {**{k: v for k, v in named.items() if v is not None}, **kwargs}
         if mixture_weights is not None:
             with self.using(mixture_weights):
                 return self.model(*args, **kwargs)
         if self.router is None or self.hooks.scales is not None:
             if self.hooks.scales is None:
-                raise IA3FuseError("no mixture weights: pass mixture_weights=..., use `with mixture.using(...)`, or add a router")
+                raise IA3FuseError(
+                    "no mixture weights: pass mixture_weights=..., use `with mixture.using(...)`, or add a router"
+                )
             return self.model(*args, **kwargs)
         cached = any(kwargs.get(k) is not None for k in _CACHE_KEYS)
         if not cached or self._route_cache is None:
-            self._route_cache = self.route(kwargs.get("input_ids"), kwargs.get("attention_mask"),
-                                           **{k: v for k, v in kwargs.items() if k in ("token_type_ids", "position_ids")})
+            self._route_cache = self.route(
+                kwargs.get("input_ids"),
+                kwargs.get("attention_mask"),
+                **{k: v for k, v in kwargs.items() if k in ("token_type_ids", "position_ids")},
+            )
         weights = self._route_cache
         self.hooks.scales = self.scales(weights)
         try:
@@ -400,11 +448,17 @@ class Mixture(nn.Module):
                 "build Router(hidden_size, num_adapters=len(mixture.adapters))"
             )
 
-    def add_router(self, *, level: str = "sequence", layer: int = -1, hidden: int = 0, temperature: float = 1.0) -> Router:
+    def add_router(
+        self, *, level: str = "sequence", layer: int = -1, hidden: int = 0, temperature: float = 1.0
+    ) -> Router:
         """Attach a new `Router` sized for this model and these adapters (on the model's device)."""
-        size = getattr(getattr(self.model, "config", None), "hidden_size", None) or getattr(self.model.config, "d_model", None)
+        size = getattr(getattr(self.model, "config", None), "hidden_size", None) or getattr(
+            self.model.config, "d_model", None
+        )
         if size is None:
-            raise IA3FuseError("the model's config names no hidden_size; build Router(hidden_size, K) yourself and assign it")
+            raise IA3FuseError(
+                "the model's config names no hidden_size; build Router(hidden_size, K) yourself and assign it"
+            )
         router = Router(size, len(self.adapters), level=level, layer=layer, hidden=hidden, temperature=temperature)
         self.router = router.to(self.basis.device)
         return self.router
@@ -419,9 +473,17 @@ class Mixture(nn.Module):
             for i, a in enumerate(self.adapters):
                 (tmp / "adapters" / str(i)).mkdir()
                 a._write_files(tmp / "adapters" / str(i))  # inside this atomic write: errors name `out`
-            meta = {"format": "ia3fuse-mixture", "version": 1, "names": self.names, "form": self.form, "lam": self.lam,
-                    "method": self.method, "params": self.params,
-                    "extras": self.extras, "router": None if self.router is None else self.router.config}
+            meta = {
+                "format": "ia3fuse-mixture",
+                "version": 1,
+                "names": self.names,
+                "form": self.form,
+                "lam": self.lam,
+                "method": self.method,
+                "params": self.params,
+                "extras": self.extras,
+                "router": None if self.router is None else self.router.config,
+            }
             (tmp / "mixture.json").write_text(json.dumps(meta, indent=2) + "\n")
             if self.router is not None:
                 state = {k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()}
@@ -441,7 +503,9 @@ class Mixture(nn.Module):
         try:
             meta = json.loads((root / "mixture.json").read_text())
         except (OSError, ValueError) as exc:
-            raise IA3FuseError(f"{str(path)!r} is not a saved mixture (mixture.json: {exc}); pass a folder written by Mixture.save") from None
+            raise IA3FuseError(
+                f"{str(path)!r} is not a saved mixture (mixture.json: {exc}); pass a folder written by Mixture.save"
+            ) from None
         if meta.get("format") != "ia3fuse-mixture" or not isinstance(meta.get("names"), list):
             raise IA3FuseError(f"{str(path)!r} holds no ia3fuse mixture (mixture.json format {meta.get('format')!r})")
         adapters = {n: load_adapter(root / "adapters" / str(i), name=n) for i, n in enumerate(meta["names"])}
@@ -451,8 +515,13 @@ class Mixture(nn.Module):
             router = Router(cfg.pop("hidden_size"), cfg.pop("num_adapters"), **cfg)
             router.load_state_dict(load_file(str(root / "router.safetensors")))
         if meta.get("form") is None and meta.get("method"):  # a mixture of a method's form
-            mix = cls(model, adapters, method=meta["method"], params=meta.get("params") or {},
-                      extras=meta.get("extras", "error"))
+            mix = cls(
+                model,
+                adapters,
+                method=meta["method"],
+                params=meta.get("params") or {},
+                extras=meta.get("extras", "error"),
+            )
         else:
             mix = cls(model, adapters, form=meta["form"], lam=meta["lam"], extras=meta.get("extras", "error"))
         if router is not None:

@@ -145,7 +145,9 @@ class Recipe(BaseModel):
         out: dict[str, Any] = {
             "adapters": [{k: v for k, v in (("path", r.path), ("name", r.name)) if v is not None} for r in self.refs],
             "method": self.method,
-            "weights": self.weights.model_dump(exclude_defaults=True) if isinstance(self.weights, Schedule) else self.weights,
+            "weights": self.weights.model_dump(exclude_defaults=True)
+            if isinstance(self.weights, Schedule)
+            else self.weights,
             "parameters": dict(self.parameters),
             "missing": self.missing,
         }
@@ -160,10 +162,16 @@ class Recipe(BaseModel):
     def resolved(self, base: Path) -> "Recipe":
         """The same recipe with relative adapter and output paths made relative to ``base``."""
         refs = [
-            r if r.path is None else AdapterRef(path=str(base / r.path if not Path(r.path).is_absolute() else r.path), name=r.name)
+            r
+            if r.path is None
+            else AdapterRef(path=str(base / r.path if not Path(r.path).is_absolute() else r.path), name=r.name)
             for r in self.refs
         ]
-        out = None if self.output is None else str(base / self.output if not Path(self.output).is_absolute() else self.output)
+        out = (
+            None
+            if self.output is None
+            else str(base / self.output if not Path(self.output).is_absolute() else self.output)
+        )
         return self.model_copy(update={"adapters": refs, "output": out})
 
 
@@ -220,7 +228,9 @@ def load_recipe(path: Union[str, Path]) -> Recipe:
         raise RecipeError(f"recipe {str(path)!r} cannot be read ({exc})") from None
     try:
         data = yaml.safe_load(text)
-    except Exception as exc:  # PyYAML's constructors also raise ValueError, KeyError... on bad tags, RecursionError on nesting
+    except (
+        Exception
+    ) as exc:  # PyYAML's constructors also raise ValueError, KeyError... on bad tags, RecursionError on nesting
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML ({detail}); fix the syntax") from None
     return parse_recipe(data, source=f"recipe {str(path)!r}").resolved(p.parent)

@@ -54,7 +54,11 @@ def plan_modules(adapters: Sequence[IA3Adapter]) -> list[ModulePlan]:
         elif len(shapes) > 1:
             desc = ", ".join(f"{a.name!r}: {tuple(a.vectors[p].shape)}" for a in owners)
             problems.append(f"{p!r} has different shapes ({desc})")
-        plans.append(ModulePlan(p, owners[0].feedforward[p], tuple(owners[0].vectors[p].shape), tuple(p in a.vectors for a in adapters)))
+        plans.append(
+            ModulePlan(
+                p, owners[0].feedforward[p], tuple(owners[0].vectors[p].shape), tuple(p in a.vectors for a in adapters)
+            )
+        )
     if problems:
         shown = summarize(problems)
         raise IncompatibleAdaptersError(
@@ -62,7 +66,6 @@ def plan_modules(adapters: Sequence[IA3Adapter]) -> list[ModulePlan]:
             "with the same feedforward_modules"
         )
     return plans
-
 
 
 def module_seed(seed: int, path: str) -> int:

@@ -19,8 +19,16 @@ def adapter_table(adapter: IA3Adapter) -> str:
     for path, vec in adapter.vectors.items():
         tau = vec.double() - 1
         rows.append(
-            [path, adapter.kind(path), "x".join(map(str, vec.shape)), str(vec.dtype).removeprefix("torch."),
-             f"{tau.mean():+.4f}", f"{tau.std(unbiased=False):.4f}", f"{tau.min():+.4f}", f"{tau.max():+.4f}"]
+            [
+                path,
+                adapter.kind(path),
+                "x".join(map(str, vec.shape)),
+                str(vec.dtype).removeprefix("torch."),
+                f"{tau.mean():+.4f}",
+                f"{tau.std(unbiased=False):.4f}",
+                f"{tau.min():+.4f}",
+                f"{tau.max():+.4f}",
+            ]
         )
     head = [
         f"adapter: {adapter.name}",

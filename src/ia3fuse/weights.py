@@ -106,9 +106,7 @@ def _check_value(value: Any, where: str) -> Union[float, tuple[float, ...]]:
 
 def _check_number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidWeightsError(
-            f"{where} is {value!r}; a weight is a number or a list of numbers (a depth gradient)"
-        )
+        raise InvalidWeightsError(f"{where} is {value!r}; a weight is a number or a list of numbers (a depth gradient)")
     if not math.isfinite(value):
         raise InvalidWeightsError(f"{where} is {value!r}; weights must be finite numbers")
     return float(value)
@@ -156,9 +154,7 @@ class WeightPlan:
             if pattern.search(path):
                 chosen = values
                 break
-        return torch.tensor(
-            [v if isinstance(v, float) else _interp(v, depth) for v in chosen], dtype=torch.float64
-        )
+        return torch.tensor([v if isinstance(v, float) else _interp(v, depth) for v in chosen], dtype=torch.float64)
 
     @property
     def is_uniform(self) -> bool:
@@ -180,7 +176,9 @@ def plan_weights(weights: WeightsArg, names: Sequence[str]) -> WeightPlan:
     if isinstance(weights, Mapping) and weights and set(weights) <= _SCHEDULE_KEYS and not set(weights) & set(names):
         schedule: Mapping[str, Any] = weights  # plain data (YAML): its values are checked below
         weights = WeightSchedule(
-            default=schedule.get("default"), kinds=schedule.get("kinds") or {}, overrides=_pairs(schedule.get("overrides") or ())
+            default=schedule.get("default"),
+            kinds=schedule.get("kinds") or {},
+            overrides=_pairs(schedule.get("overrides") or ()),
         )
     if not isinstance(weights, WeightSchedule):
         return WeightPlan(_per_adapter(weights, names, "weights"), {}, ())
@@ -190,7 +188,9 @@ def plan_weights(weights: WeightsArg, names: Sequence[str]) -> WeightPlan:
         else tuple(1.0 / k for _ in names)
     )
     if not isinstance(weights.kinds, Mapping):
-        raise InvalidWeightsError(f"weights.kinds is {weights.kinds!r}; pass a mapping kind -> weights, kinds are {', '.join(KINDS)}")
+        raise InvalidWeightsError(
+            f"weights.kinds is {weights.kinds!r}; pass a mapping kind -> weights, kinds are {', '.join(KINDS)}"
+        )
     kinds = {}
     for kind, values in weights.kinds.items():
         if kind not in KINDS:

@@ -7,7 +7,14 @@ from typing import Any
 from .model import FoldEntry, FoldReport, backends, fold, unfold
 
 __all__ = [
-    "fold", "unfold", "FoldReport", "FoldEntry", "backends", "fold_checkpoint", "CheckpointFoldReport", "fold_gguf",
+    "fold",
+    "unfold",
+    "FoldReport",
+    "FoldEntry",
+    "backends",
+    "fold_checkpoint",
+    "CheckpointFoldReport",
+    "fold_gguf",
     "GGUFFoldReport",
 ]
 

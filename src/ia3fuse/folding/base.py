@@ -60,7 +60,9 @@ class FoldBackend(Protocol):
     def scale_cols(self, module: nn.Module, cols: Tensor, *, options: "FoldOptions") -> str:
         """Fold an input-side scale exactly (only called when ``exact_cols`` is None)."""
 
-    def requantize(self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor], *, options: "FoldOptions") -> str:
+    def requantize(
+        self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor], *, options: "FoldOptions"
+    ) -> str:
         """Lossy fallback: dequantize, scale, quantize again; returns ``"requantize"``."""
 
     def dequantize(self, module: nn.Module) -> Tensor:

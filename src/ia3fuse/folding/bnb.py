@@ -470,8 +470,12 @@ class FourBitBackend:
         if _repacked(qs):
             data = _unpack_cpu(module.weight.data, qs)
             state = QuantState(
-                absmax=_absmax_rows(qs).reshape(-1), shape=qs.shape, code=qs.code, blocksize=qs.blocksize,
-                quant_type=qs.quant_type, dtype=torch.float32,
+                absmax=_absmax_rows(qs).reshape(-1),
+                shape=qs.shape,
+                code=qs.code,
+                blocksize=qs.blocksize,
+                quant_type=qs.quant_type,
+                dtype=torch.float32,
             )
         else:
             data = module.weight.data

@@ -112,21 +112,35 @@ class CheckpointFoldReport:
         for e in self.entries:
             counts[e.scaled] = counts.get(e.scaled, 0) + 1
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        shown = ", ".join(
-            f"{n} replaced by the adapter's trained copies (modules_to_save)" if k == "trained copy"
-            else f"{n} by {k.replace(', ', ' and ')}"
-            for k, n in ordered
-        ) or "no tensor"
+        shown = (
+            ", ".join(
+                f"{n} replaced by the adapter's trained copies (modules_to_save)"
+                if k == "trained copy"
+                else f"{n} by {k.replace(', ', ' and ')}"
+                for k, n in ordered
+            )
+            or "no tensor"
+        )
         return f"exact: {shown} (float32 products, rounded once to the output dtype)"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "output": str(self.output), "model_type": self.model_type, "tensors": self.tensors, "shards": self.shards,
-            "total_size": self.total_size, "dtype": self.dtype, "copied_files": self.copied_files,
+            "output": str(self.output),
+            "model_type": self.model_type,
+            "tensors": self.tensors,
+            "shards": self.shards,
+            "total_size": self.total_size,
+            "dtype": self.dtype,
+            "copied_files": self.copied_files,
             "skipped_files": self.skipped_files,
             "entries": [
-                {"tensor": e.tensor, "scaled": e.scaled, "modules": list(e.modules), "shape": list(e.shape),
-                 "dtype": e.dtype}
+                {
+                    "tensor": e.tensor,
+                    "scaled": e.scaled,
+                    "modules": list(e.modules),
+                    "shape": list(e.shape),
+                    "dtype": e.dtype,
+                }
                 for e in self.entries
             ],
         }
@@ -233,7 +247,10 @@ def fold_checkpoint(
         _write_shards(tmp, jobs, n_shards, progress)
         if n_shards > 1:
             index = {
-                "metadata": {"total_size": sum(j.nbytes for j in jobs), "total_parameters": sum(_numel(j.src.shape) for j in jobs)},
+                "metadata": {
+                    "total_size": sum(j.nbytes for j in jobs),
+                    "total_parameters": sum(_numel(j.src.shape) for j in jobs),
+                },
                 "weight_map": {j.src.name: names[j.shard] for j in sorted(jobs, key=lambda j: j.src.name)},
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -250,7 +267,13 @@ def fold_checkpoint(
         dtype_name = str(_ST_TO_TORCH[job.dtype]).removeprefix("torch.")
         entries.append(ChangedTensor(job.src.name, scaled, s.modules, job.src.shape, dtype_name))
     return CheckpointFoldReport(
-        output=out, model_type=model_type, entries=entries, tensors=len(jobs), shards=n_shards,
-        total_size=sum(j.nbytes for j in jobs), dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),
-        copied_files=copied, skipped_files=skipped,
+        output=out,
+        model_type=model_type,
+        entries=entries,
+        tensors=len(jobs),
+        shards=n_shards,
+        total_size=sum(j.nbytes for j in jobs),
+        dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+        copied_files=copied,
+        skipped_files=skipped,
     )

@@ -18,7 +18,18 @@ CARD_FILE = "README.md"
 CONFIG_FILE = "config.json"
 # Files that hold weights in some format; never copied to the output (the fold writes its own).
 _WEIGHT_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz", ".pkl",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".ot",
+    ".npz",
+    ".pkl",
     ".index.json",
 )
 

@@ -22,9 +22,13 @@ from .checkpoint_files import CONFIG_FILE
 from .safetensors_io import _CASTABLE, _Scale, _Source
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -39,7 +43,11 @@ def _read_config(base: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise FoldError(f"{str(path)!r} holds a {type(config).__name__}, not a JSON object")
     if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?") if isinstance(config["quantization_config"], dict) else "?"
+        method = (
+            config["quantization_config"].get("quant_method", "?")
+            if isinstance(config["quantization_config"], dict)
+            else "?"
+        )
         raise FoldError(
             f"{str(base)!r} is a quantized checkpoint ({method}); the streaming fold handles full-precision "
             "checkpoints: load the model and use ia3fuse.fold instead"
@@ -156,9 +164,7 @@ def _plan_trained(extras: dict[str, Tensor], sources: dict[str, _Source]) -> dic
     return out
 
 
-def _plan(
-    adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source]
-) -> tuple[dict[str, _Scale], str]:
+def _plan(adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source]) -> tuple[dict[str, _Scale], str]:
     """Checkpoint tensor name -> its scale; checks every module before anything is written.
 
     The decisions are the in-memory fold's for full-precision layers (`DenseBackend`): an
@@ -192,8 +198,14 @@ def _plan(
             if vec.numel() != want:
                 side = "input" if adapter.feedforward[path] else "output"
                 misfits.append(f"{path!r} ({want} {side} features, the adapter's vector {vec.numel()})")
-    message = refusal("this checkpoint", misfits=misfits, problems=problems, modules=len(adapter.vectors), where=what,
-                      trained_on=adapter.base_model)
+    message = refusal(
+        "this checkpoint",
+        misfits=misfits,
+        problems=problems,
+        modules=len(adapter.vectors),
+        where=what,
+        trained_on=adapter.base_model,
+    )
     if message:
         raise FoldError(message)
 
@@ -204,8 +216,16 @@ def _plan(
         for p in absent
     ] + problems
     if problems:
-        raise FoldError(refusal("this checkpoint", misfits=[], problems=problems, modules=len(adapter.vectors),
-                                where=what, trained_on=None))
+        raise FoldError(
+            refusal(
+                "this checkpoint",
+                misfits=[],
+                problems=problems,
+                modules=len(adapter.vectors),
+                where=what,
+                trained_on=None,
+            )
+        )
     scales: dict[str, _Scale] = {}
     for path, vec in adapter.vectors.items():
         skel = to_skel[path]
@@ -229,9 +249,13 @@ def _plan(
                     "the checkpoint and its config.json disagree"
                 )
             elif src.dtype not in _CASTABLE:
-                problems.append(f"the checkpoint's {key!r} is {src.dtype}; the streaming fold scales float tensors only")
+                problems.append(
+                    f"the checkpoint's {key!r} is {src.dtype}; the streaming fold scales float tensors only"
+                )
             elif role == "weight" or rows is not None:  # an input-side scale leaves the bias alone
-                scales[key] = _Scale(rows, cols if role == "weight" else None, role == "bias", transposed, groups, (path,))
+                scales[key] = _Scale(
+                    rows, cols if role == "weight" else None, role == "bias", transposed, groups, (path,)
+                )
     if problems:
         raise FoldError(f"cannot fold the adapter into this checkpoint: {summarize(problems)}")
     return scales, model_type

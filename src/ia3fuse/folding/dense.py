@@ -108,7 +108,9 @@ class DenseBackend:
         self._apply(module, None, cols)
         return "dense"
 
-    def requantize(self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor], *, options: FoldOptions) -> str:
+    def requantize(
+        self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor], *, options: FoldOptions
+    ) -> str:
         self._apply(module, rows, cols)  # nothing to requantize: exact in full precision
         return "dense"
 

@@ -64,8 +64,13 @@ class GGUFFoldReport(FoldReport):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        out.update(output=str(self.output), tensors=self.tensors, modules=self.modules, permuted_qk=self.permuted_qk,
-                   notes=list(self.notes))
+        out.update(
+            output=str(self.output),
+            tensors=self.tensors,
+            modules=self.modules,
+            permuted_qk=self.permuted_qk,
+            notes=list(self.notes),
+        )
         return out
 
 
@@ -108,19 +113,22 @@ def _arch(reader: Any, path: Path) -> Arch:
     blocks_ = _field(reader, f"{name}.block_count")
     if not isinstance(blocks_, int):
         raise FoldError(f"{str(path)!r} has no {name}.block_count; it is not a llama.cpp model file")
-    return Arch(name, blocks_, _field(reader, f"{name}.attention.head_count"),
-                _field(reader, f"{name}.attention.head_count_kv"))
+    return Arch(
+        name, blocks_, _field(reader, f"{name}.attention.head_count"), _field(reader, f"{name}.attention.head_count_kv")
+    )
 
 
 def _tensors(reader: Any) -> dict[str, GGUFTensor]:
     return {
-        t.name: GGUFTensor(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes))
+        t.name: GGUFTensor(
+            t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes)
+        )
         for t in reader.tensors
     }
 
 
 def _raw(reader: Any, t: GGUFTensor) -> np.ndarray:
-    return np.asarray(reader.data[t.offset:t.offset + t.nbytes]).reshape(t.rows, -1)
+    return np.asarray(reader.data[t.offset : t.offset + t.nbytes]).reshape(t.rows, -1)
 
 
 def _new_bytes(raw: np.ndarray, job: Job) -> tuple[np.ndarray, blocks.ScaleStats, str]:
@@ -236,15 +244,22 @@ def fold_gguf(
             "a GGUF fold cannot write; pass extras='drop' (--extras drop on the command line) to fold the IA3 vectors "
             "only, or fold the Hugging Face checkpoint (ia3fuse fold --base, which keeps them) and convert that"
         )
-    out = check_output_path(Path(out_path), [src] + ([Path(loaded.source)] if loaded.source else []),
-                            overwrite=overwrite, file=True)
+    out = check_output_path(
+        Path(out_path), [src] + ([Path(loaded.source)] if loaded.source else []), overwrite=overwrite, file=True
+    )
     reader = _read(src)
     arch = _arch(reader, src)
     tensors = _tensors(reader)
     vectors = {p: v.detach().reshape(-1).float().cpu().numpy() for p, v in loaded.vectors.items()}
     jobs, permuted = plan_gguf(
-        vectors, loaded.feedforward, tensors, arch, permute_qk=permute_qk,
-        exact_types=blocks.exact_types(), float_types=blocks.float_types(), requantizable=blocks.can_requantize,
+        vectors,
+        loaded.feedforward,
+        tensors,
+        arch,
+        permute_qk=permute_qk,
+        exact_types=blocks.exact_types(),
+        float_types=blocks.float_types(),
+        requantizable=blocks.can_requantize,
         trained_on=loaded.base_model,
     )
     lossy = [j for j in jobs if j.lossy]
@@ -259,8 +274,14 @@ def fold_gguf(
     entries: list[FoldEntry] = []
     subnormal: dict[str, int] = {}
     size = src.stat().st_size
-    bar = tqdm(total=size + sum(j.tensor.nbytes for j in jobs), desc="ia3fuse fold", unit="B", unit_scale=True,
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=size + sum(j.tensor.nbytes for j in jobs),
+        desc="ia3fuse fold",
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         with atomic_output_file(out, overwrite=overwrite) as tmp:
             _copy(src, tmp, bar, header, data_start)
@@ -280,7 +301,11 @@ def fold_gguf(
                     fh.seek(job.tensor.offset + shift)
                     fh.write(np.ascontiguousarray(new).tobytes())
                     measure = measure_error is True or (measure_error == "lossy" and job.lossy is not None)
-                    error = _error(blocks.dequantize(raw, job.tensor.qtype), blocks.dequantize(new, job.tensor.qtype), job) if measure else None
+                    error = (
+                        _error(blocks.dequantize(raw, job.tensor.qtype), blocks.dequantize(new, job.tensor.qtype), job)
+                        if measure
+                        else None
+                    )
                     if any(h.startswith("neighbour") for h in job.how):
                         path += " + neighbour"
                     layer = f"{job.tensor.type_name} {'x'.join(map(str, job.tensor.ne))}"
@@ -297,15 +322,24 @@ def fold_gguf(
             f"{sum(subnormal.values())} new block scale(s) in {len(subnormal)} tensor(s) of type {', '.join(types)} "
             f"(e.g. {next(iter(subnormal))!r}) fall below fp16's normal range, where rounding is absolute, not "
             "relative: those blocks are off by more than 1%"
-            + (f" ({', '.join(prone)} store super-scales near fp16's limit already; small |l| values push them below it)" if prone else "")
+            + (
+                f" ({', '.join(prone)} store super-scales near fp16's limit already; small |l| values push them below it)"
+                if prone
+                else ""
+            )
         )
     if lossy and exact == "auto":
         notes.append(f"{len(lossy)} tensor(s) were folded by dequantize-scale-requantize (lossy); see the fold report")
     for note in notes:
         warnings.warn(note, IA3FuseWarning, stacklevel=2)
     return GGUFFoldReport(
-        entries=entries, model_type=arch.name, output=out, tensors=len(tensors),
-        modules=len({s for j in jobs for s in j.sources}), permuted_qk=permuted, notes=notes,
+        entries=entries,
+        model_type=arch.name,
+        output=out,
+        tensors=len(tensors),
+        modules=len({s for j in jobs for s in j.sources}),
+        permuted_qk=permuted,
+        notes=notes,
     )
 
 

@@ -38,7 +38,16 @@ import numpy as np
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType
 
-__all__ = ["ScaleStats", "exact_types", "float_types", "scale_rows", "scale_cols", "dequantize", "requantize", "can_requantize"]
+__all__ = [
+    "ScaleStats",
+    "exact_types",
+    "float_types",
+    "scale_rows",
+    "scale_cols",
+    "dequantize",
+    "requantize",
+    "can_requantize",
+]
 
 _F16_SUBNORMAL = np.float32(2.0**-14)  # smallest normal fp16: below it rounding is absolute
 _COARSE = 1e-2  # a relative rounding error of a scale that the fold warns about
@@ -53,10 +62,26 @@ def _types() -> type[GGMLQuantizationType]:  # the gguf package is optional: imp
 def _fields() -> dict[int, tuple[int, ...]]:
     T = _types()
     return {
-        T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.IQ4_NL: (0,),
-        T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-        T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,),
-        T.IQ1_S: (0,), T.IQ4_XS: (0,), T.TQ1_0: (52,), T.TQ2_0: (64,),
+        T.Q4_0: (0,),
+        T.Q4_1: (0, 2),
+        T.Q5_0: (0,),
+        T.Q5_1: (0, 2),
+        T.Q8_0: (0,),
+        T.IQ4_NL: (0,),
+        T.Q2_K: (80, 82),
+        T.Q3_K: (108,),
+        T.Q4_K: (0, 2),
+        T.Q5_K: (0, 2),
+        T.Q6_K: (208,),
+        T.IQ2_XXS: (0,),
+        T.IQ2_XS: (0,),
+        T.IQ2_S: (0,),
+        T.IQ3_XXS: (0,),
+        T.IQ3_S: (0,),
+        T.IQ1_S: (0,),
+        T.IQ4_XS: (0,),
+        T.TQ1_0: (52,),
+        T.TQ2_0: (64,),
     }
 
 
@@ -122,20 +147,22 @@ def scale_rows(raw: np.ndarray, qtype: int, rows: np.ndarray) -> tuple[np.ndarra
     blocks = _block_view(raw, qtype).copy()
     T = _types()
     if qtype == T.IQ1_M:
-        sc = blocks[:, :, _IQ1_M_SCALES:_IQ1_M_SCALES + 8].copy().view(np.uint16)  # (rows, nb, 4)
+        sc = blocks[:, :, _IQ1_M_SCALES : _IQ1_M_SCALES + 8].copy().view(np.uint16)  # (rows, nb, 4)
         bits = np.zeros(sc.shape[:2], dtype=np.uint16)
         for i in range(4):
             bits |= ((sc[..., i] >> np.uint16(12)) & np.uint16(0xF)) << np.uint16(4 * i)
         exact = bits.view(np.float16).astype(np.float64) * rows64
         new = _round_f16(exact, stats).view(np.uint16)
         for i in range(4):
-            sc[..., i] = (sc[..., i] & np.uint16(0x0FFF)) | (((new >> np.uint16(4 * i)) & np.uint16(0xF)) << np.uint16(12))
-        blocks[:, :, _IQ1_M_SCALES:_IQ1_M_SCALES + 8] = sc.view(np.uint8).reshape(sc.shape[0], sc.shape[1], 8)
+            sc[..., i] = (sc[..., i] & np.uint16(0x0FFF)) | (
+                ((new >> np.uint16(4 * i)) & np.uint16(0xF)) << np.uint16(12)
+            )
+        blocks[:, :, _IQ1_M_SCALES : _IQ1_M_SCALES + 8] = sc.view(np.uint8).reshape(sc.shape[0], sc.shape[1], 8)
     else:
         for off in _fields()[qtype]:
-            old = blocks[:, :, off:off + 2].copy().view(np.float16)[..., 0]  # (rows, nb)
+            old = blocks[:, :, off : off + 2].copy().view(np.float16)[..., 0]  # (rows, nb)
             new = _round_f16(old.astype(np.float64) * rows64, stats)
-            blocks[:, :, off:off + 2] = new.reshape(new.shape + (1,)).view(np.uint8)
+            blocks[:, :, off : off + 2] = new.reshape(new.shape + (1,)).view(np.uint8)
     return blocks.reshape(raw.shape), stats
 
 

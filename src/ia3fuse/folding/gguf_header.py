@@ -52,7 +52,7 @@ def header_with_strings(reader: Any, replace: tuple[str, ...], values: dict[str,
         raise FoldError("the GGUF header's key/value and tensor-info sections are not contiguous; re-convert the file")
     kv_end = kvs[-1][1][1] if kvs else _FIXED
     info_end = ends[-1]
-    if bytes(data[info_end:reader.data_offset]).strip(b"\0") or reader.data_offset - info_end >= reader.alignment:
+    if bytes(data[info_end : reader.data_offset]).strip(b"\0") or reader.data_offset - info_end >= reader.alignment:
         raise FoldError("the GGUF header is followed by unexpected bytes before the tensor data; re-convert the file")
     kept = [bytes(data[s:e]) for name, (s, e) in kvs if name not in replace]
     added = [_string_kv(k, v) for k, v in values.items()]

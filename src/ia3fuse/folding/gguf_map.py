@@ -31,16 +31,58 @@ from .misfit import refusal
 __all__ = ["GGUFTensor", "Arch", "Job", "plan_gguf", "PERMUTED_QK", "UNPERMUTED_QK"]
 
 # general.architecture values whose HF converter applies LlamaModel.permute to q/k (convert_hf_to_gguf)
-PERMUTED_QK = frozenset({
-    "llama", "arcee", "smollm3", "nanbeige", "granite", "deci", "deepseek", "internlm2", "minicpm", "olmo",
-    "arctic", "chameleon", "llada", "bailingmoe", "cogvlm", "afmoe",
-})
+PERMUTED_QK = frozenset(
+    {
+        "llama",
+        "arcee",
+        "smollm3",
+        "nanbeige",
+        "granite",
+        "deci",
+        "deepseek",
+        "internlm2",
+        "minicpm",
+        "olmo",
+        "arctic",
+        "chameleon",
+        "llada",
+        "bailingmoe",
+        "cogvlm",
+        "afmoe",
+    }
+)
 # ... and those whose converter keeps HF's q/k row order (NeoX-style rotary, or no rotary at all)
-UNPERMUTED_QK = frozenset({
-    "llama4", "apertus", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "gemma3n", "phi2",
-    "phi3", "gptj", "gptneox", "falcon", "stablelm", "starcoder", "starcoder2", "bert", "nomic-bert", "t5",
-    "t5encoder", "gpt2", "bloom", "mpt", "olmo2", "exaone",
-})
+UNPERMUTED_QK = frozenset(
+    {
+        "llama4",
+        "apertus",
+        "qwen2",
+        "qwen2moe",
+        "qwen3",
+        "qwen3moe",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3n",
+        "phi2",
+        "phi3",
+        "gptj",
+        "gptneox",
+        "falcon",
+        "stablelm",
+        "starcoder",
+        "starcoder2",
+        "bert",
+        "nomic-bert",
+        "t5",
+        "t5encoder",
+        "gpt2",
+        "bloom",
+        "mpt",
+        "olmo2",
+        "exaone",
+    }
+)
 _QKV_HEADS = frozenset({"bloom", "gptneox"})  # per head [q k v] -> [q; k; v]
 _QKV_KEPT = frozenset({"gpt2", "starcoder", "phi3", "mpt", "qwen", "jais", "codeshell", "refact", "phi2"})
 _FUSED_GATE_UP = frozenset({"phi3"})  # ffn_up holds [gate; up]
@@ -220,7 +262,11 @@ def plan_gguf(
         l = np.asarray(vec, dtype=np.float32).reshape(-1)
         found = _gguf_name(path, tmap)
         if found is None or f"{found[0]}.weight" not in tensors:
-            why = "no llama.cpp tensor name" if found is None else f"maps to {found[0] + '.weight'!r}, which the file lacks"
+            why = (
+                "no llama.cpp tensor name"
+                if found is None
+                else f"maps to {found[0] + '.weight'!r}, which the file lacks"
+            )
             misfits.append(f"{path!r} ({why})")
             continue
         base, kind, expert = found
@@ -268,7 +314,9 @@ def plan_gguf(
             scale = np.ones(ut.rows, dtype=np.float32)
             per = scale.reshape(ut.ne[2], -1) if expert is not None else scale.reshape(1, -1)
             per[expert or 0, sl] = l
-            job(ut.name).add_rows(scale, path, f"neighbour ({why})" + (f" of expert {expert}" if expert is not None else ""))
+            job(ut.name).add_rows(
+                scale, path, f"neighbour ({why})" + (f" of expert {expert}" if expert is not None else "")
+            )
             bias = ut.name[: -len(".weight")] + ".bias"
             if bias in tensors:
                 job(bias).add_rows(scale, path, f"bias of the neighbour ({why})")
@@ -282,8 +330,14 @@ def plan_gguf(
         j = job(t.name)
         j.add_cols(l, path, "cols")
         j.lossy = reason
-    message = refusal("this GGUF file", misfits=misfits, problems=problems, modules=len(vectors),
-                      where=f"the file (GGUF architecture {arch.name!r})", trained_on=trained_on)
+    message = refusal(
+        "this GGUF file",
+        misfits=misfits,
+        problems=problems,
+        modules=len(vectors),
+        where=f"the file (GGUF architecture {arch.name!r})",
+        trained_on=trained_on,
+    )
     if message:
         raise FoldError(message)
     for j in jobs.values():
@@ -319,8 +373,10 @@ def _row_order(
             return l, "rows"
         heads = arch.per_layer(arch.heads if kind == T.ATTN_Q else (arch.kv_heads or arch.heads), layer)
         if not heads or l.size % (2 * heads):
-            raise FoldError(f"cannot permute {t.name!r} like llama.cpp's converter: head count {heads!r} does not "
-                            f"divide its {l.size} rows in pairs; the file's metadata does not match the tensor")
+            raise FoldError(
+                f"cannot permute {t.name!r} like llama.cpp's converter: head count {heads!r} does not "
+                f"divide its {l.size} rows in pairs; the file's metadata does not match the tensor"
+            )
         return llama_permute(l, heads), _QK_PERMUTED
     if kind != T.ATTN_QKV or arch.name in _QKV_KEPT:
         return l, "rows"

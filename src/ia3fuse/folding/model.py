@@ -158,7 +158,9 @@ def _strip_ia3(peft_model: Any) -> nn.Module:
 
     tuner = _tuner(peft_model)
     root = tuner.model
-    replacements: dict[str, nn.Module] = {path: layer.get_base_layer() for path, layer in ia3_layers(peft_model).items()}
+    replacements: dict[str, nn.Module] = {
+        path: layer.get_base_layer() for path, layer in ia3_layers(peft_model).items()
+    }
     for path, module in root.named_modules():
         # modules_to_save wrappers (e.g. a trained classifier head): keep the active trained copy, as
         # PEFT's merge_and_unload does
@@ -166,7 +168,9 @@ def _strip_ia3(peft_model: Any) -> nn.Module:
         if isinstance(copies, nn.ModuleDict) and isinstance(getattr(module, "original_module", None), nn.Module):
             active = getattr(module, "active_adapter", None)
             active = active[0] if isinstance(active, list) and active else active
-            replacements[path] = copies[active] if isinstance(active, str) and active in copies else module.original_module
+            replacements[path] = (
+                copies[active] if isinstance(active, str) and active in copies else module.original_module
+            )
     for path, new in replacements.items():
         parent_path, _, name = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root

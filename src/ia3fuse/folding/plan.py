@@ -61,7 +61,9 @@ def _module(model: nn.Module, path: str) -> nn.Module:
         module = model.get_submodule(path)
     except AttributeError:
         raise _Absent(path) from None
-    while isinstance(base := getattr(module, "base_layer", None), nn.Module):  # a PEFT wrapper: fold into its base layer
+    while isinstance(
+        base := getattr(module, "base_layer", None), nn.Module
+    ):  # a PEFT wrapper: fold into its base layer
         module = base
     return module
 
@@ -179,7 +181,9 @@ def plan_fold(
             scale = torch.ones(n_out)
             sl = target[1] if target[1] is not None else slice(0, n_out)
             if scale[sl].numel() != l.numel():
-                problems.append(f"{target[0]!r} has {n_out} output rows, which do not match {path!r}'s {l.numel()} inputs")
+                problems.append(
+                    f"{target[0]!r} has {n_out} output rows, which do not match {path!r}'s {l.numel()} inputs"
+                )
                 continue
             scale[sl] = l
             nbr.add_rows(scale)
@@ -198,8 +202,14 @@ def plan_fold(
             rows_reason = w.backend.exact_rows(w.module)
             if rows_reason is not None:
                 w.lossy = rows_reason
-    message = refusal("this model", misfits=misfits, problems=problems, modules=len(vectors),
-                      where=f"the model (model type {model_type!r})", trained_on=trained_on)
+    message = refusal(
+        "this model",
+        misfits=misfits,
+        problems=problems,
+        modules=len(vectors),
+        where=f"the model (model type {model_type!r})",
+        trained_on=trained_on,
+    )
     if message:
         raise FoldError(message)
     return [w for w in works.values() if w.rows is not None or w.cols is not None]

@@ -20,7 +20,11 @@ __all__ = ["GGUF_KEYS", "Provenance", "model_card"]
 
 # The GGUF keys a fold owns: a fold of a folded file replaces all of them (and only them).
 GGUF_KEYS = (
-    "ia3fuse.version", "ia3fuse.adapter.name", "ia3fuse.adapter.path", "ia3fuse.adapter.base_model", "ia3fuse.recipe",
+    "ia3fuse.version",
+    "ia3fuse.adapter.name",
+    "ia3fuse.adapter.path",
+    "ia3fuse.adapter.base_model",
+    "ia3fuse.recipe",
 )
 CARD_HEADING = "## Folded with ia3fuse"
 # how IA3Adapter.save writes the recipe into the adapter's model card
@@ -88,7 +92,14 @@ class Provenance:
         if self.recipe is None:
             lines.append("- fusion recipe: none recorded (the adapter was not fused by ia3fuse)")
         else:
-            lines += ["", "### Fusion recipe", "", "```yaml", yaml.safe_dump(self.recipe, sort_keys=False).rstrip(), "```"]
+            lines += [
+                "",
+                "### Fusion recipe",
+                "",
+                "```yaml",
+                yaml.safe_dump(self.recipe, sort_keys=False).rstrip(),
+                "```",
+            ]
         return "\n".join(lines) + "\n"
 
 

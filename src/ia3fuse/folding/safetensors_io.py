@@ -23,19 +23,37 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # safetensors dtype code -> torch dtype (the ones torch can hold)
 _ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 _TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
 _CASTABLE = {"F64", "F32", "F16", "BF16"}  # what ``dtype=`` converts; integers, bools and fp8 stay as stored
 _UNITS = {
-    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 _COPY_CHUNK = 64 * 2**20
-
 
 
 @dataclass
@@ -106,10 +124,14 @@ def _checkpoint_files(base: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise FoldError(f"{str(index)!r} is not a safetensors index (no 'weight_map': {exc!r}); re-save the checkpoint") from None
+            raise FoldError(
+                f"{str(index)!r} is not a safetensors index (no 'weight_map': {exc!r}); re-save the checkpoint"
+            ) from None
         missing = [n for n in names if not (base / n).is_file()]
         if missing:
-            raise FoldError(f"{str(index)!r} lists {missing[0]!r}, which {str(base)!r} lacks; the download is incomplete")
+            raise FoldError(
+                f"{str(index)!r} lists {missing[0]!r}, which {str(base)!r} lacks; the download is incomplete"
+            )
         return [base / n for n in names]
     if (base / SINGLE_FILE).is_file():
         return [base / SINGLE_FILE]
@@ -133,13 +155,17 @@ def _sources(files: list[Path]) -> list[_Source]:
             with safe_open(str(path), framework="pt") as handle:
                 keys = set(handle.keys())
         except Exception as exc:  # safetensors raises its own error type and others
-            raise FoldError(f"{str(path)!r} is not a readable safetensors file ({exc}); re-save the checkpoint") from None
+            raise FoldError(
+                f"{str(path)!r} is not a readable safetensors file ({exc}); re-save the checkpoint"
+            ) from None
         entries = []
         for name, info in header.items():
             if name not in keys:
                 raise FoldError(f"{str(path)!r}: tensor {name!r} is in the header but unreadable")
             if name in seen:
-                raise FoldError(f"tensor {name!r} is in both {seen[name].name!r} and {path.name!r}; the checkpoint is corrupt")
+                raise FoldError(
+                    f"tensor {name!r} is in both {seen[name].name!r} and {path.name!r}; the checkpoint is corrupt"
+                )
             seen[name] = path
             start, end = info["data_offsets"]
             entries.append(_Source(name, path, info["dtype"], tuple(info["shape"]), data_start + start, end - start))
@@ -173,7 +199,11 @@ def _header(jobs: list[_Job]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for job in jobs:
-        header[job.src.name] = {"dtype": job.dtype, "shape": list(job.src.shape), "data_offsets": [offset, offset + job.nbytes]}
+        header[job.src.name] = {
+            "dtype": job.dtype,
+            "shape": list(job.src.shape),
+            "data_offsets": [offset, offset + job.nbytes],
+        }
         offset += job.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header so the data starts 8-aligned

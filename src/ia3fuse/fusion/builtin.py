@@ -18,24 +18,43 @@ from .registry import register
 if TYPE_CHECKING:  # torch is imported in the functions: registering the methods (CLI flags) needs only their schema
     from torch import Tensor
 
-Lam = Annotated[float, Field(allow_inf_nan=False, description="lam scales the merged task vector: l = 1 + lam * merged tau")]
+Lam = Annotated[
+    float, Field(allow_inf_nan=False, description="lam scales the merged task vector: l = 1 + lam * merged tau")
+]
 Density = Annotated[
     float,
-    Field(gt=0, le=1, allow_inf_nan=False, description="density is the fraction of each task vector's entries kept; pass a value in (0, 1]"),
+    Field(
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="density is the fraction of each task vector's entries kept; pass a value in (0, 1]",
+    ),
 ]
 Majority = Annotated[
     Literal["total", "frequency"],
-    Field(description="majority_sign_method elects each entry's sign by summed mass ('total') or by vote count ('frequency')"),
+    Field(
+        description="majority_sign_method elects each entry's sign by summed mass ('total') or by vote count ('frequency')"
+    ),
 ]
 Seed = Annotated[int, Field(ge=0, description="seed makes the random drop masks reproducible; pass an integer >= 0")]
-Rescale = Annotated[bool, Field(description="rescale divides kept entries by density so their expectation is unchanged")]
+Rescale = Annotated[
+    bool, Field(description="rescale divides kept entries by density so their expectation is unchanged")
+]
 Gamma = Annotated[
     float,
-    Field(ge=0, lt=1, allow_inf_nan=False, description="gamma is the fraction of largest-magnitude entries dropped as outliers; pass a value in [0, 1)"),
+    Field(
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="gamma is the fraction of largest-magnitude entries dropped as outliers; pass a value in [0, 1)",
+    ),
 ]
 SvdRank = Annotated[
     Optional[int],
-    Field(ge=1, description="svd_rank is the rank kept of the stacked task vectors; pass an integer in 1..number of adapters (default: adapters - 1)"),
+    Field(
+        ge=1,
+        description="svd_rank is the rank kept of the stacked task vectors; pass an integer in 1..number of adapters (default: adapters - 1)",
+    ),
 ]
 
 
@@ -47,7 +66,12 @@ def _weighted_sum(taus: Tensor, weights: Tensor) -> Tensor:
     return (taus * weights.to(taus.dtype).unsqueeze(1)).sum(0)
 
 
-@register("linear", summary="Weighted sum of the raw vectors, sum_i w_i l_i (what PEFT's add_weighted_adapter computes)", paper="https://arxiv.org/abs/2205.05638", form="linear")
+@register(
+    "linear",
+    summary="Weighted sum of the raw vectors, sum_i w_i l_i (what PEFT's add_weighted_adapter computes)",
+    paper="https://arxiv.org/abs/2205.05638",
+    form="linear",
+)
 def linear(vectors: Tensor, weights: Tensor) -> Tensor:
     # Accumulate in adapter order exactly as PEFT does, so missing="zero" is bit-for-bit.
     out = vectors[0].new_zeros(vectors[0].shape)
@@ -56,13 +80,23 @@ def linear(vectors: Tensor, weights: Tensor) -> Tensor:
     return out
 
 
-@register("task_arithmetic", summary="Weighted sum of task vectors around the identity, 1 + lam * sum_i w_i (l_i - 1)", paper="https://arxiv.org/abs/2212.04089", form="delta")
+@register(
+    "task_arithmetic",
+    summary="Weighted sum of task vectors around the identity, 1 + lam * sum_i w_i (l_i - 1)",
+    paper="https://arxiv.org/abs/2212.04089",
+    form="delta",
+)
 def task_arithmetic(vectors: Tensor, weights: Tensor, *, lam: Lam = 1.0) -> Tensor:
     taus = _flat(vectors) - 1
     return (1 + lam * _weighted_sum(taus, weights)).reshape(vectors.shape[1:])
 
 
-@register("geometric", summary="Weighted geometric mean in log space, exp(sum_i w_i log l_i); all weights 1 = all adapters active at once", paper="https://arxiv.org/abs/2205.05638", form="log")
+@register(
+    "geometric",
+    summary="Weighted geometric mean in log space, exp(sum_i w_i log l_i); all weights 1 = all adapters active at once",
+    paper="https://arxiv.org/abs/2205.05638",
+    form="log",
+)
 def geometric(vectors: Tensor, weights: Tensor) -> Tensor:
     flat = _flat(vectors)
     mins = flat.min(dim=1).values
@@ -78,9 +112,19 @@ def geometric(vectors: Tensor, weights: Tensor) -> Tensor:
     return _weighted_sum(logs, weights.double()).exp().to(vectors.dtype).reshape(vectors.shape[1:])
 
 
-@register("ties", summary="TIES: trim each task vector to its top-density magnitudes, elect signs, average agreeing entries", paper="https://arxiv.org/abs/2306.01708", form="elected")
+@register(
+    "ties",
+    summary="TIES: trim each task vector to its top-density magnitudes, elect signs, average agreeing entries",
+    paper="https://arxiv.org/abs/2306.01708",
+    form="elected",
+)
 def ties(
-    vectors: Tensor, weights: Tensor, *, density: Density = 0.2, majority_sign_method: Majority = "total", lam: Lam = 1.0
+    vectors: Tensor,
+    weights: Tensor,
+    *,
+    density: Density = 0.2,
+    majority_sign_method: Majority = "total",
+    lam: Lam = 1.0,
 ) -> Tensor:
     taus = _flat(vectors) - 1
     trimmed = taus * _masks.top_magnitude_mask(taus, density)
@@ -89,7 +133,13 @@ def ties(
     return (1 + lam * merged).reshape(vectors.shape[1:])
 
 
-@register("dare_linear", summary="DARE: drop task-vector entries at random (keep prob. density), rescale, weighted sum", paper="https://arxiv.org/abs/2311.03099", randomized=True, form="delta")
+@register(
+    "dare_linear",
+    summary="DARE: drop task-vector entries at random (keep prob. density), rescale, weighted sum",
+    paper="https://arxiv.org/abs/2311.03099",
+    randomized=True,
+    form="delta",
+)
 def dare_linear(
     vectors: Tensor, weights: Tensor, *, density: Density = 0.5, rescale: Rescale = True, seed: Seed = 0, lam: Lam = 1.0
 ) -> Tensor:
@@ -97,7 +147,13 @@ def dare_linear(
     return (1 + lam * _weighted_sum(taus, weights)).reshape(vectors.shape[1:])
 
 
-@register("dare_ties", summary="DARE random drop and rescale, then TIES sign election and disjoint mean", paper="https://arxiv.org/abs/2311.03099", randomized=True, form="elected")
+@register(
+    "dare_ties",
+    summary="DARE random drop and rescale, then TIES sign election and disjoint mean",
+    paper="https://arxiv.org/abs/2311.03099",
+    randomized=True,
+    form="elected",
+)
 def dare_ties(
     vectors: Tensor,
     weights: Tensor,
@@ -119,7 +175,12 @@ def _dare(taus: Tensor, density: float, rescale: bool, seed: int) -> Tensor:
     return kept / density if rescale else kept
 
 
-@register("magnitude_prune", summary="Keep each task vector's top-density magnitudes, then weighted sum", paper="https://arxiv.org/abs/2306.01708", form="delta")
+@register(
+    "magnitude_prune",
+    summary="Keep each task vector's top-density magnitudes, then weighted sum",
+    paper="https://arxiv.org/abs/2306.01708",
+    form="delta",
+)
 def magnitude_prune(vectors: Tensor, weights: Tensor, *, density: Density = 0.5, lam: Lam = 1.0) -> Tensor:
     taus = _flat(vectors) - 1
     pruned = taus * _masks.top_magnitude_mask(taus, density)
@@ -135,7 +196,13 @@ def _check_band(params: dict) -> None:
         )
 
 
-@register("breadcrumbs", summary="Model Breadcrumbs: drop the largest gamma and smallest entries of each task vector, keep density, weighted sum", paper="https://arxiv.org/abs/2312.06795", check=_check_band, form="delta")
+@register(
+    "breadcrumbs",
+    summary="Model Breadcrumbs: drop the largest gamma and smallest entries of each task vector, keep density, weighted sum",
+    paper="https://arxiv.org/abs/2312.06795",
+    check=_check_band,
+    form="delta",
+)
 def breadcrumbs(
     vectors: Tensor, weights: Tensor, *, density: Density = 0.9, gamma: Gamma = 0.01, lam: Lam = 1.0
 ) -> Tensor:
@@ -145,7 +212,12 @@ def breadcrumbs(
     return (1 + lam * _weighted_sum(pruned, weights)).reshape(vectors.shape[1:])
 
 
-@register("svd", summary="Rank-r approximation of the stacked task vectors (drops adapter-specific interference), then weighted sum", paper="https://arxiv.org/abs/2412.00081", form="delta")
+@register(
+    "svd",
+    summary="Rank-r approximation of the stacked task vectors (drops adapter-specific interference), then weighted sum",
+    paper="https://arxiv.org/abs/2412.00081",
+    form="delta",
+)
 def svd(vectors: Tensor, weights: Tensor, *, svd_rank: SvdRank = None, lam: Lam = 1.0) -> Tensor:
     k = vectors.shape[0]
     rank = max(1, k - 1) if svd_rank is None else svd_rank

@@ -38,11 +38,17 @@ class ParamSpec:
 
     @property
     def type_name(self) -> str:
-        base = typing.get_args(self.annotation)[0] if typing.get_origin(self.annotation) is typing.Annotated else self.annotation
+        base = (
+            typing.get_args(self.annotation)[0]
+            if typing.get_origin(self.annotation) is typing.Annotated
+            else self.annotation
+        )
         if typing.get_origin(base) is typing.Literal:
             return "|".join(str(a) for a in typing.get_args(base))
         if typing.get_origin(base) in (typing.Union, types.UnionType):
-            return "|".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(base))
+            return "|".join(
+                "None" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(base)
+            )
         return getattr(base, "__name__", str(base))
 
 

@@ -10,6 +10,28 @@ Under ``accelerate launch`` with several processes, each process scores its shar
 batches and the objective and gradient are summed across processes.
 """
 
-from .run import Batch, GRANULARITIES, load_model, load_tokenizer, make_batches, OPTIMIZERS, read_records, search_weights, SEARCHABLE_METHODS, SearchResult
+from .run import (
+    Batch,
+    GRANULARITIES,
+    load_model,
+    load_tokenizer,
+    make_batches,
+    OPTIMIZERS,
+    read_records,
+    search_weights,
+    SEARCHABLE_METHODS,
+    SearchResult,
+)
 
-__all__ = ["search_weights", "SearchResult", "load_model", "load_tokenizer", "GRANULARITIES", "OPTIMIZERS", "SEARCHABLE_METHODS", "Batch", "make_batches", "read_records"]
+__all__ = [
+    "search_weights",
+    "SearchResult",
+    "load_model",
+    "load_tokenizer",
+    "GRANULARITIES",
+    "OPTIMIZERS",
+    "SEARCHABLE_METHODS",
+    "Batch",
+    "make_batches",
+    "read_records",
+]

@@ -74,9 +74,13 @@ def read_records(path: Union[str, Path]) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"data file {str(path)!r} line {no} is not valid JSON ({exc.msg}); write one JSON object per line") from None
+            raise DataError(
+                f"data file {str(path)!r} line {no} is not valid JSON ({exc.msg}); write one JSON object per line"
+            ) from None
         if not isinstance(rec, dict):
-            raise DataError(f"data file {str(path)!r} line {no} holds a {type(rec).__name__}, not a JSON object such as {{\"input\": ..., \"target\": ...}}")
+            raise DataError(
+                f'data file {str(path)!r} line {no} holds a {type(rec).__name__}, not a JSON object such as {{"input": ..., "target": ...}}'
+            )
         records.append(rec)
     return records
 
@@ -107,7 +111,7 @@ def _record_kind(rec: Mapping[str, Any], i: int) -> str:
     text = rec.get("input", rec.get("text"))
     if not isinstance(text, str):
         raise DataError(
-            f"example {i} has no text: give it an 'input' (or 'text') string, e.g. {{\"input\": \"2+2=\", \"target\": \"4\"}}; "
+            f'example {i} has no text: give it an \'input\' (or \'text\') string, e.g. {{"input": "2+2=", "target": "4"}}; '
             f"its keys are {sorted(rec)}"
         )
     if "target" in rec:
@@ -163,7 +167,9 @@ def make_batches(
         return [Batch(dict(r), r.get("prompt_end"), _rows(r)) for r in records]
     for i, r in enumerate(records):
         if not isinstance(r, Mapping):
-            raise DataError(f"example {i} is a {type(r).__name__}; an example is a mapping such as {{\"input\": ..., \"target\": ...}}")
+            raise DataError(
+                f'example {i} is a {type(r).__name__}; an example is a mapping such as {{"input": ..., "target": ...}}'
+            )
     kinds = [_record_kind(r, i) for i, r in enumerate(records)]
     if len(set(kinds)) > 1:
         first = {k: kinds.index(k) for k in kinds}
@@ -184,12 +190,12 @@ def make_batches(
     if kind == "label" and family != "classifier":
         raise DataError(
             f"the examples have class labels but the model is a {type(model).__name__}, not a sequence classifier; "
-            "give generation examples {\"input\": ..., \"target\": ...} or load the model as a classifier"
+            'give generation examples {"input": ..., "target": ...} or load the model as a classifier'
         )
     if kind == "target" and family not in ("causal", "seq2seq"):
         raise DataError(
             f"the examples have target strings but the model is a {type(model).__name__}, not a causal or seq2seq LM; "
-            "give class labels {\"input\": ..., \"label\": ...} or a user objective"
+            'give class labels {"input": ..., "label": ...} or a user objective'
         )
     encoded = [_encode(r, kind, family, tokenizer, i) for i, r in enumerate(records)]
     context = _context_length(model)

@@ -48,7 +48,9 @@ def prediction_entropy(model: Any, batch: Batch) -> Tensor:
     inputs = {k: v for k, v in batch.model_inputs.items() if k != "labels"}
     if family == "seq2seq" and "decoder_input_ids" not in inputs:
         start = getattr(model.config, "decoder_start_token_id", None) or 0
-        inputs["decoder_input_ids"] = torch.full((batch.size, 1), start, dtype=torch.long, device=inputs["input_ids"].device)
+        inputs["decoder_input_ids"] = torch.full(
+            (batch.size, 1), start, dtype=torch.long, device=inputs["input_ids"].device
+        )
     logits = _logits(model(**inputs))
     if family == "causal":
         if batch.prompt_end is None:

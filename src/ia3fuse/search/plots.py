@@ -37,8 +37,13 @@ def plot_weights(result: Any, path: Path) -> Path:
         for i in range(k):
             for j in range(g):
                 dark = abs(w[i, j]) > 0.6 * bound
-                ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    ax.set_title(f"searched weights of {result.adapter.name} ({result.granularity}-wise, {result.optimizer}, {result.method})", fontsize=10)
+                ax.text(
+                    j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black"
+                )
+    ax.set_title(
+        f"searched weights of {result.adapter.name} ({result.granularity}-wise, {result.optimizer}, {result.method})",
+        fontsize=10,
+    )
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -46,7 +51,9 @@ def plot_weights(result: Any, path: Path) -> Path:
     return Path(path)
 
 
-def plot_objective(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path, objective: str = "objective") -> Path:
+def plot_objective(
+    histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path, objective: str = "objective"
+) -> Path:
     """Best objective so far against forward passes, one line per run (label -> history)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))

@@ -105,15 +105,30 @@ class SearchResult:
                 refs.append(AdapterRef(name=name))
                 continue
             where = Path(src).resolve()
-            refs.append(AdapterRef(path=str(where if relative_to is None else os.path.relpath(where, Path(relative_to).resolve())), name=name))
-        return Recipe(adapters=refs, method=self.method, weights=weights_to_plain(self.schedule), parameters=dict(self.params),
-                      missing="identity", extras=self.extras, name=self.adapter.name)
+            refs.append(
+                AdapterRef(
+                    path=str(where if relative_to is None else os.path.relpath(where, Path(relative_to).resolve())),
+                    name=name,
+                )
+            )
+        return Recipe(
+            adapters=refs,
+            method=self.method,
+            weights=weights_to_plain(self.schedule),
+            parameters=dict(self.params),
+            missing="identity",
+            extras=self.extras,
+            name=self.adapter.name,
+        )
 
     def weights_table(self) -> str:
         """The weights as a markdown table (adapters x groups)."""
         head = "| adapter | " + " | ".join(self.groups) + " |"
         rule = "|---|" + "---:|" * len(self.groups)
-        rows = [f"| {n} | " + " | ".join(f"{v:.4f}" for v in row) + " |" for n, row in zip(self.names, self.weights.tolist())]
+        rows = [
+            f"| {n} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
+            for n, row in zip(self.names, self.weights.tolist())
+        ]
         return "\n".join([head, rule, *rows])
 
     def summary(self) -> dict[str, Any]:
@@ -159,7 +174,9 @@ class SearchResult:
                 from .plots import plot_objective, plot_weights
 
                 plot_weights(self, tmp / "weights.png")
-                plot_objective({f"{self.optimizer}, {self.granularity}-wise": self.history}, tmp / "objective.png", self.objective)
+                plot_objective(
+                    {f"{self.optimizer}, {self.granularity}-wise": self.history}, tmp / "objective.png", self.objective
+                )
         return out
 
 
@@ -179,7 +196,9 @@ def load_model(path: PathLike, *, classifier: bool = False, dtype: Optional[torc
     try:
         config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise DataError(f"model {str(path)!r} is not a transformers model directory ({str(exc).splitlines()[0]})") from None
+        raise DataError(
+            f"model {str(path)!r} is not a transformers model directory ({str(exc).splitlines()[0]})"
+        ) from None
     cls: type[Union[tf.AutoModelForSeq2SeqLM, tf.AutoModelForSequenceClassification, tf.AutoModelForCausalLM]]
     if getattr(config, "is_encoder_decoder", False):
         cls = tf.AutoModelForSeq2SeqLM
@@ -194,7 +213,9 @@ def load_model(path: PathLike, *, classifier: bool = False, dtype: Optional[torc
         try:
             return cls.from_pretrained(str(path), **kwargs).eval()
         except (OSError, ValueError) as exc:
-            raise DataError(f"model {str(path)!r} cannot be loaded as {cls.__name__} ({str(exc).splitlines()[0]})") from None
+            raise DataError(
+                f"model {str(path)!r} cannot be loaded as {cls.__name__} ({str(exc).splitlines()[0]})"
+            ) from None
 
 
 def load_tokenizer(path: PathLike) -> Any:
@@ -214,7 +235,9 @@ def load_tokenizer(path: PathLike) -> Any:
         ) from None
 
 
-def _check_args(optimizer: str, budget: Optional[int], l1: float, bounds: Any, lr: float, sigma0: float) -> Optional[tuple[float, float]]:
+def _check_args(
+    optimizer: str, budget: Optional[int], l1: float, bounds: Any, lr: float, sigma0: float
+) -> Optional[tuple[float, float]]:
     for name, value, what in (("lr", lr, "Adam's learning rate"), ("sigma0", sigma0, "CMA-ES's initial step size")):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
             raise InvalidParameterError(f"{name}={value!r}; {what} must be a finite number > 0")
@@ -415,8 +438,17 @@ def search_weights(
         if optimizer == "adam":
             trace = run_adam(evaluate, theta0, budget=total, cost=cost, lr=lr, bounds=box, on_step=on_step)
         else:
-            trace = run_cma(evaluate, theta0, budget=total, cost=cost, sigma0=sigma0, popsize=popsize, bounds=box,
-                            seed=seed, on_step=on_step)
+            trace = run_cma(
+                evaluate,
+                theta0,
+                budget=total,
+                cost=cost,
+                sigma0=sigma0,
+                popsize=popsize,
+                bounds=box,
+                seed=seed,
+                on_step=on_step,
+            )
         best = trace.best_theta if trace.best_theta is not None else theta0
         schedule = space.schedule(best)
         fused = merge(loaded, schedule, method, name=name, extras=extras, **params)
@@ -454,4 +486,3 @@ def search_weights(
         stopped=trace.stopped,
         extras=extras,
     )
-
