@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"adapter", "weights", "fusion"},
     {"stack", "recipe"},
     {"merging", "scaling", "forms"},
-    {"live", "mixture", "search"},
+    {"live", "mixture", "router", "search"},
     {"folding"},
     {"cli", "tables", "demo", "_tiny_models", "__init__", "__main__"},
 ]

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .live import adapter_from_peft, add_weighted_adapter
     from .merging import merge, run_recipe
     from .recipe import Recipe, load_recipe
-    from .mixture import Mixture, Router, train_router
+    from .mixture import Mixture
+    from .router import Router, train_router
     from .search import SearchResult, search_weights
     from .weights import WeightSchedule
 
@@ -50,7 +51,8 @@ _LAZY = {
     ".merging": ("merge", "run_recipe"),
     ".recipe": ("Recipe", "load_recipe"),
     ".fusion": ("get_method", "methods"),
-    ".mixture": ("Mixture", "Router", "train_router"),
+    ".mixture": ("Mixture",),
+    ".router": ("Router", "train_router"),
     ".live": ("adapter_from_peft", "add_weighted_adapter"),
     ".search": ("SearchResult", "search_weights"),
     ".weights": ("WeightSchedule",),
