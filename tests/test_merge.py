@@ -442,3 +442,18 @@ def test_a_recipe_reports_every_problem_at_once():
         "should be 'total' or 'frequency'); majority_sign_method elects each entry's sign by summed mass ('total') "
         "or by vote count ('frequency'); weights has 1 value for 2 adapters; pass one weight per adapter or a mapping"
     )
+
+
+def test_method_parameters_as_a_dict_or_keywords_never_both(two):
+    a, b = two
+    as_dict = ia3fuse.merge([a, b], [0.3, 0.7], "ties", params={"density": 0.5})
+    as_keywords = ia3fuse.merge([a, b], [0.3, 0.7], "ties", density=0.5)
+    assert all(torch.equal(as_dict.vectors[p], as_keywords.vectors[p]) for p in as_dict.vectors)
+    assert as_dict.recipe.parameters == as_keywords.recipe.parameters
+    with pytest.raises(InvalidParameterError) as caught:
+        ia3fuse.merge([a, b], [0.3, 0.7], "ties", params={"density": 0.5}, density=0.4)
+    assert str(caught.value) == (
+        "method parameter(s) 'density' given both in params= and as keyword arguments; pass each once"
+    )
+    with pytest.raises(InvalidParameterError, match=r"params=\[\('density', 0\.5\)\] is not a mapping"):
+        ia3fuse.merge([a, b], params=[("density", 0.5)])

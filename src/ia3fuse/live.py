@@ -7,13 +7,14 @@ with the offline `merge`, so both paths give identical vectors for the same inpu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from ._text import summarize
 from .adapter import IA3Adapter
 from .errors import IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
+from .fusion import join_params
 from .merging import Extras, Missing, merge
 from .weights import WeightsArg
 
@@ -107,7 +108,8 @@ def add_weighted_adapter(
     strict: bool = False,
     mixed_bases: bool = False,
     extras: Extras = "error",
-    **params: Any,
+    params: Optional[Mapping[str, Any]] = None,
+    **method_params: Any,
 ) -> IA3Adapter:
     """Add a fused IA3 adapter to a live PeftModel, like PEFT's LoRA ``add_weighted_adapter``.
 
@@ -128,7 +130,8 @@ def add_weighted_adapter(
             ``"error"`` (default) refuses adapters whose heads differ, ``"first"`` gives the fused
             adapter the first adapter's, ``"average"`` their weighted average, ``"drop"`` none
             (the base model's module is used), as in `ia3fuse.merge`.
-        **params: other method parameters (``lam``, ``seed``, ``gamma``...).
+        params: other method parameters as a dict (``{"lam": 0.8, "seed": 1}``).
+        **method_params: the same as keyword arguments; a name given both ways is refused.
 
     Returns:
         The fused adapter as an `IA3Adapter` (the same vectors that were written in place).
@@ -156,9 +159,9 @@ def add_weighted_adapter(
         raise IA3FuseError(
             f"an adapter named {adapter_name!r} already exists; pass overwrite=True to replace it, or another adapter_name"
         )
-    for key, value in (("svd_rank", svd_rank), ("density", density), ("majority_sign_method", majority_sign_method)):
-        if value is not None:
-            params[key] = value
+    named = {"svd_rank": svd_rank, "density": density, "majority_sign_method": majority_sign_method}
+    method_params.update({k: v for k, v in named.items() if v is not None})
+    params = join_params(params, method_params)
     inputs = [adapter_from_peft(peft_model, a) for a in adapters]
     fused = merge(
         inputs,

@@ -15,7 +15,7 @@ from ._runtime import torch_threads
 from .adapter import IA3Adapter, PathLike, _targets_module, as_adapters, is_feedforward_module
 from ._text import summarize
 from .errors import IA3FuseWarning, IncompatibleAdaptersError, InvalidParameterError, MethodInputError, RecipeError
-from .fusion import get_method
+from .fusion import get_method, join_params
 from .recipe import AdapterRef, Recipe
 from .stack import ModulePlan, module_seed, plan_modules
 from .weights import WeightPlan, WeightSchedule, WeightsArg, WeightValue, layer_index, layer_positions, plan_weights
@@ -274,7 +274,8 @@ def merge(
     name: str = "fused",
     allow_pickle: bool = False,
     layers: Optional[Mapping[str, int]] = None,
-    **params: Any,
+    params: Optional[Mapping[str, Any]] = None,
+    **method_params: Any,
 ) -> IA3Adapter:
     """Fuse IA3 adapters into one, offline (no base model).
 
@@ -300,8 +301,9 @@ def merge(
         layers: the model's layer count per stack (e.g. ``{"model.layers": 32}``) for depth
             gradients, as mergekit counts them; without it (no model), a stack runs over the
             highest layer index the adapters hold (see `ia3fuse.weights.layer_positions`).
-        **params: the method's parameters (e.g. ``density``, ``majority_sign_method``, ``lam``,
-            ``svd_rank``, ``seed``).
+        params: the method's parameters (e.g. ``{"density": 0.5, "lam": 1.0}``).
+        **method_params: the same as keyword arguments (``density=0.5``); a name given both
+            ways is refused.
 
     Returns:
         The fused adapter; its ``recipe`` records the inputs. Inputs are not modified.
@@ -315,7 +317,7 @@ def merge(
         >>> fused.save("fused")  # doctest: +SKIP
     """
     spec = get_method(method)
-    params = spec.validate(params)
+    params = spec.validate(join_params(params, method_params))
     if missing not in ("identity", "zero"):
         raise InvalidParameterError(f"missing={missing!r} is not a fill rule; pass 'identity' or 'zero'")
     if extras not in EXTRAS_CHOICES:

@@ -13,7 +13,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import pydantic
 
@@ -22,7 +22,7 @@ from ..errors import InvalidParameterError, UnknownMethodError
 if TYPE_CHECKING:  # the schema is read without torch, so the CLI's --help does not import it
     from torch import Tensor
 
-__all__ = ["MethodSpec", "ParamSpec", "register", "get_method", "methods", "method_names", "FORMS"]
+__all__ = ["MethodSpec", "ParamSpec", "register", "get_method", "methods", "method_names", "FORMS", "join_params"]
 
 MethodFn = Callable[..., "Tensor"]
 
@@ -194,3 +194,17 @@ def methods() -> list[MethodSpec]:
         ['linear', 'task_arithmetic', 'geometric']
     """
     return list(_REGISTRY.values())
+
+
+def join_params(params: Optional[Mapping[str, Any]], keywords: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's method parameters: ``params={...}`` plus the same given as keyword arguments
+    (sugar); a name given both ways is refused rather than silently overridden."""
+    if params is not None and not isinstance(params, Mapping):
+        raise InvalidParameterError(f"params={params!r} is not a mapping; pass the method's parameters as a dict")
+    clash = sorted(set(params or {}) & set(keywords))
+    if clash:
+        raise InvalidParameterError(
+            f"method parameter(s) {', '.join(map(repr, clash))} given both in params= and as keyword arguments; "
+            "pass each once"
+        )
+    return {**(params or {}), **keywords}

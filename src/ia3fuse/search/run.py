@@ -16,7 +16,7 @@ from ..adapter import IA3Adapter, PathLike, as_adapters
 from ..errors import DataError, IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
 from ..merging import Extras, merge, trained_modules, weights_to_plain
 from ..recipe import AdapterRef, Recipe
-from ..fusion import get_method
+from ..fusion import get_method, join_params
 from .._text import count
 from ..scaling import ScaleHooks, TaskStack
 from .data import Batch, make_batches, read_records
@@ -299,7 +299,8 @@ def search_weights(
     progress: bool = False,
     allow_pickle: bool = False,
     extras: Extras = "error",
-    **params: Any,
+    params: Optional[Mapping[str, Any]] = None,
+    **method_params: Any,
 ) -> SearchResult:
     """Find fusion weights that minimise an objective on a few examples.
 
@@ -315,7 +316,8 @@ def search_weights(
         optimizer: ``"adam"`` (through the differentiable method; TIES/DARE masks fixed at the
             start) or ``"cma"`` (CMA-ES, gradient-free).
         method: a fusion method that declares a form (the built-in ones: `SEARCHABLE_METHODS`; a method
-            registered with ``form=`` too); ``**params`` its parameters.
+            registered with ``form=`` too); ``params`` its parameters as a dict, or as keyword
+            arguments (``**method_params``; a name given both ways is refused).
         budget: forward passes to spend (default: 100 passes over the data).
         l1: penalty ``l1 * mean(|weights|)`` added to the objective (LoraHub uses 0.05).
         bounds: (low, high) for every weight; CMA-ES defaults to (-1.5, 1.5), Adam to none.
@@ -350,7 +352,7 @@ def search_weights(
     if optimizer == "cma" and bounds is None:
         box = (-1.5, 1.5)
     spec = get_method(method)
-    params = spec.validate({**params, **({"seed": seed} if spec.randomized else {})})
+    params = spec.validate({**join_params(params, method_params), **({"seed": seed} if spec.randomized else {})})
     if spec.form is None:
         raise InvalidParameterError(
             f"method {method!r} has no differentiable form for weight search; pass one of {', '.join(formed_methods())}"
