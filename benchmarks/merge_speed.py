@@ -158,9 +158,10 @@ def _worker_api(spec: dict[str, Any]) -> dict[str, Any]:
     """ia3fuse.merge(...).save(out), timed in-process (imports excluded)."""
     import ia3fuse
 
+    merge = ia3fuse.merge  # the package loads its names on first use: import them before timing
     rss_before = _rss_now_mib()
     t0 = time.perf_counter()
-    fused = ia3fuse.merge(spec["adapter_dirs"], spec["weights"], spec["method"], **spec["params"])
+    fused = merge(spec["adapter_dirs"], spec["weights"], spec["method"], **spec["params"])
     fused.save(spec["out"])
     seconds = time.perf_counter() - t0
     return {
