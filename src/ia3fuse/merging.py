@@ -18,7 +18,14 @@ from .errors import IA3FuseWarning, IncompatibleAdaptersError, InvalidParameterE
 from .fusion import get_method, join_params
 from .recipe import AdapterRef, Recipe
 from .stack import ModulePlan, module_seed, plan_modules
-from .weights import WeightPlan, WeightSchedule, WeightsArg, WeightValue, layer_index, layer_positions, plan_weights
+from .weights import (
+    WeightPlan,
+    WeightsArg,
+    layer_index,
+    layer_positions,
+    plan_weights,
+    weights_to_plain,
+)
 
 __all__ = ["merge", "run_recipe", "merge_extras", "fused_config", "weights_to_plain", "cli_choice", "trained_modules"]
 
@@ -360,28 +367,6 @@ def merge(
         extras=extra_tensors,
         recipe=recipe,
     )
-
-
-def weights_to_plain(weights: Union[WeightsArg, WeightValue]) -> Any:
-    """Weights as plain YAML/JSON data, for recipes and model cards."""
-    if weights is None:
-        return None
-    if isinstance(weights, WeightSchedule):
-        out: dict[str, Any] = {}
-        if weights.default is not None:
-            out["default"] = weights_to_plain(weights.default)
-        if weights.kinds:
-            out["kinds"] = {k: weights_to_plain(v) for k, v in weights.kinds.items()}
-        if weights.overrides:
-            out["overrides"] = [{"filter": f, "weights": weights_to_plain(w)} for f, w in weights.overrides]
-        return out
-    if isinstance(weights, Mapping):
-        return {str(k): weights_to_plain(v) for k, v in weights.items()}
-    if isinstance(weights, (list, tuple)):
-        return [weights_to_plain(v) for v in weights]
-    if isinstance(weights, Tensor):
-        return weights.tolist()
-    return float(weights) if isinstance(weights, (int, float)) else weights
 
 
 def trained_modules(model: Any, adapters: Sequence[IA3Adapter], extras: str) -> dict[str, tuple[Tensor, Tensor]]:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import IA3FuseError, RecipeError
 from .fusion import get_method
-from .weights import WeightSchedule, plan_weights
+from .weights import WeightSchedule, plan_weights, weights_to_plain
 
 __all__ = ["Recipe", "AdapterRef", "Schedule", "load_recipe", "parse_recipe"]
 
@@ -48,17 +48,8 @@ class AdapterRef(BaseModel):
         return self.name or Path(self.path or "").name
 
 
-class Override(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    filter: str
-    weights: PerAdapter
-
-
-class Schedule(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    default: Optional[PerAdapter] = None
-    kinds: dict[str, PerAdapter] = Field(default_factory=dict)
-    overrides: list[Override] = Field(default_factory=list)
+# The recipe's ``weights:`` mapping form is the API's schedule: one class, one set of checks.
+Schedule = WeightSchedule
 
 
 _WEIGHTS = pydantic.TypeAdapter(Optional[Union[Schedule, PerAdapter]])
@@ -97,12 +88,7 @@ class Recipe(BaseModel):
 
     def weights_arg(self) -> Any:
         """The weights in the form `ia3fuse.merge` takes."""
-        w = self.weights
-        if isinstance(w, Schedule):
-            return WeightSchedule(
-                default=w.default, kinds=w.kinds, overrides=[(o.filter, o.weights) for o in w.overrides]
-            )
-        return w
+        return self.weights
 
     @pydantic.field_validator("weights", mode="before")
     @classmethod
@@ -145,9 +131,7 @@ class Recipe(BaseModel):
         out: dict[str, Any] = {
             "adapters": [{k: v for k, v in (("path", r.path), ("name", r.name)) if v is not None} for r in self.refs],
             "method": self.method,
-            "weights": self.weights.model_dump(exclude_defaults=True)
-            if isinstance(self.weights, Schedule)
-            else self.weights,
+            "weights": weights_to_plain(self.weights),
             "parameters": dict(self.parameters),
             "missing": self.missing,
         }

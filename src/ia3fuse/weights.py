@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from .errors import InvalidWeightsError
 
-__all__ = ["WeightSchedule", "WeightPlan", "plan_weights", "layer_positions", "layer_index", "KINDS"]
+__all__ = [
+    "WeightSchedule",
+    "WeightPlan",
+    "plan_weights",
+    "weights_to_plain",
+    "layer_positions",
+    "layer_index",
+    "KINDS",
+]
 
 KINDS = ("attention", "feedforward")
 WeightValue = Union[float, Sequence[float]]
@@ -28,9 +37,14 @@ PerAdapter = Union[Sequence[WeightValue], Mapping[str, WeightValue]]
 _SCHEDULE_KEYS = {"default", "kinds", "overrides"}
 
 
-@dataclass(frozen=True)
-class WeightSchedule:
+class WeightSchedule(BaseModel):
     """Weights that vary by module: ``default``, per-kind lists and regex overrides.
+
+    The one representation of a schedule: `ia3fuse.merge` takes it, a recipe's ``weights:``
+    mapping is one, and `plain` dumps it back to that YAML form. Its values are checked against
+    the adapter names by `plan_weights` (the messages name the entry and the fix); the model
+    itself only refuses unknown fields. ``overrides`` entries are ``(regex, weights)`` pairs or
+    ``{filter: REGEX, weights: [...]}`` mappings.
 
     Example:
         >>> WeightSchedule(default=[0.5, 0.5], kinds={"feedforward": [1.0, 0.0]},
@@ -38,9 +52,36 @@ class WeightSchedule:
         WeightSchedule(...)
     """
 
-    default: Optional[PerAdapter] = None
-    kinds: Mapping[str, PerAdapter] = field(default_factory=dict)
-    overrides: Sequence[tuple[str, PerAdapter]] = ()
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    default: Any = None
+    kinds: Any = Field(default_factory=dict)
+    overrides: Any = ()
+
+    def plain(self) -> dict[str, Any]:
+        """The schedule as YAML/JSON data, in the recipe's form (fields at their defaults left out)."""
+        out: dict[str, Any] = {}
+        if self.default is not None:
+            out["default"] = weights_to_plain(self.default)
+        if self.kinds:
+            out["kinds"] = {str(k): weights_to_plain(v) for k, v in dict(self.kinds).items()}
+        if self.overrides:
+            out["overrides"] = [{"filter": f, "weights": weights_to_plain(w)} for f, w in _pairs(self.overrides)]
+        return out
+
+
+def weights_to_plain(weights: Any) -> Any:
+    """Weights (any form `plan_weights` takes) as plain YAML/JSON data, for recipes and model cards."""
+    if weights is None:
+        return None
+    if isinstance(weights, WeightSchedule):
+        return weights.plain()
+    if isinstance(weights, Mapping):
+        return {str(k): weights_to_plain(v) for k, v in weights.items()}
+    if isinstance(weights, (list, tuple)):
+        return [weights_to_plain(v) for v in weights]
+    if isinstance(weights, Tensor):
+        return weights.tolist()
+    return float(weights) if isinstance(weights, (int, float)) else weights
 
 
 WeightsArg = Union[None, PerAdapter, WeightSchedule, Mapping[str, Any]]
@@ -182,6 +223,7 @@ def plan_weights(weights: WeightsArg, names: Sequence[str]) -> WeightPlan:
         )
     if not isinstance(weights, WeightSchedule):
         return WeightPlan(_per_adapter(weights, names, "weights"), {}, ())
+    pairs = _pairs(weights.overrides)  # the form of the list first, as a recipe's YAML is read
     default = (
         _per_adapter(weights.default, names, "weights.default")
         if weights.default is not None
@@ -197,7 +239,7 @@ def plan_weights(weights: WeightsArg, names: Sequence[str]) -> WeightPlan:
             raise InvalidWeightsError(f"weights.kinds has unknown kind {kind!r}; valid kinds are {', '.join(KINDS)}")
         kinds[kind] = _per_adapter(values, names, f"weights.kinds[{kind!r}]")
     overrides = []
-    for i, (pattern, values) in enumerate(_pairs(weights.overrides)):
+    for i, (pattern, values) in enumerate(pairs):
         try:
             compiled = re.compile(pattern)
         except (re.error, TypeError) as exc:
