@@ -676,7 +676,7 @@ def test_fold_refuses_a_tied_weight(setups, feedforward):
     )
     with pytest.raises(FoldError, match=re.escape(tied)):  # a plain model and the adapter's directory
         ia3fuse.fold(s.fresh(), adapter)
-    with pytest.raises(FoldError, match=re.escape("'lm_head' has its weight tied to")):
+    with pytest.raises(FoldError, match=re.escape(tied)):  # the same planner, the same words
         ia3fuse.fold_checkpoint(s.base_dir, adapter, s.root / "tied-out", progress=False)
     assert not (s.root / "tied-out").exists()
     if not feedforward:
@@ -684,7 +684,7 @@ def test_fold_refuses_a_tied_weight(setups, feedforward):
             TIED,
             "checkpoint",
             "unsupported",
-            "FoldError: 'lm_head' has its weight tied to 'transformer.wte.weight'",
+            f"FoldError: {tied}",
             "folding into a weight tied to another module would change that module too (here the token embeddings)",
         )
 

@@ -412,7 +412,10 @@ def _adapter(vectors: dict[str, torch.Tensor], **kw: Any) -> IA3Adapter:
             ),
         ),
         ("ambiguous", r"'self_attn\.k_proj' matches 2 modules .*'model\.layers\.0\.self_attn\.k_proj'.*ambiguous"),
-        ("tied", r"'lm_head' has its weight tied to 'transformer\.wte\.weight'"),
+        (
+            "tied",
+            r"'lm_head' \(model type 'gpt2'\) has its weight tied to 'transformer\.wte\.weight'; folding it would change",
+        ),
         (
             "extras",
             (

@@ -16,11 +16,14 @@ from torch import Tensor, nn
 from .._text import summarize
 from ..adapter import IA3Adapter
 from ..errors import FoldError
+from .base import FoldBackend
 from .dense import DenseBackend
+from .plan import BackendFor, plan_fold
 from .misfit import refusal
 from .checkpoint_files import CONFIG_FILE
 from .safetensors_io import _CASTABLE, _Scale, _Source
 
+_DENSE = DenseBackend()
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -119,14 +122,6 @@ def _resolve(paths: list[str], names: Any, what: str) -> tuple[dict[str, str], l
     return found, absent, problems
 
 
-def _tied(skeleton: nn.Module) -> dict[str, list[str]]:
-    """Parameter name -> the other names that share its tensor (tied weights)."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in skeleton.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return {n: [o for o in names if o != n] for names in by_id.values() if len(names) > 1 for n in names}
-
-
 def _layout(module: nn.Module) -> tuple[bool, int]:
     """(weight stored (in, out), groups) of a module that the dense backend handles."""
     from transformers.pytorch_utils import Conv1D
@@ -164,53 +159,54 @@ def _plan_trained(extras: dict[str, Tensor], sources: dict[str, _Source]) -> dic
     return out
 
 
-def _plan(adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source]) -> tuple[dict[str, _Scale], str]:
+def _dense_only(module: nn.Module, path: str) -> Optional[FoldBackend]:
+    return _DENSE if _DENSE.handles(module) else None
+
+
+def _plan(
+    adapter: IA3Adapter,
+    skeleton: nn.Module,
+    sources: dict[str, _Source],
+    backends: BackendFor = _dense_only,
+    supported: str = "the streaming fold scales nn.Linear, Conv1D and Conv2d/Conv3d weights",
+) -> tuple[dict[str, _Scale], str]:
     """Checkpoint tensor name -> its scale; checks every module before anything is written.
 
-    The decisions are the in-memory fold's for full-precision layers (`DenseBackend`): an
-    output-side vector scales its module's rows and bias, a feed-forward one its columns.
+    The decisions are `plan_fold`'s on the meta-device skeleton, with the checkpoint format's
+    backends (full precision: `DenseBackend`, where an output-side vector scales its module's
+    rows and bias and a feed-forward one its columns); here they are only mapped to tensor names.
     """
     model_type = getattr(getattr(skeleton, "config", None), "model_type", type(skeleton).__name__)
     weighted = {n for n, m in skeleton.named_modules() if isinstance(getattr(m, "weight", None), Tensor)}
     what = f"the model built from config.json ({type(skeleton).__name__}, model type {model_type!r})"
     to_skel, absent, problems = _resolve(list(adapter.vectors), weighted, what)
-    tied = _tied(skeleton)
-    dense = DenseBackend()
-    misfits = []
-    for path, vec in adapter.vectors.items():
-        if path in absent:
-            misfits.append(f"{path!r} (absent)")
-            continue
-        if path not in to_skel:
-            continue
-        module = skeleton.get_submodule(to_skel[path])
-        if f"{to_skel[path]}.weight" in tied:
-            others = ", ".join(map(repr, tied[f"{to_skel[path]}.weight"]))
-            problems.append(f"{path!r} has its weight tied to {others}; folding it would change those too")
-        elif not dense.handles(module):
-            problems.append(
-                f"{path!r} is a {type(module).__name__} (model type {model_type!r}); the streaming fold scales "
-                "nn.Linear, Conv1D and Conv2d/Conv3d weights"
+    if problems:
+        raise FoldError(
+            refusal(
+                "this checkpoint",
+                misfits=[],
+                problems=problems,
+                modules=len(adapter.vectors),
+                where=what,
+                trained_on=None,
             )
-        else:
-            out_f, in_f = dense.features(module)
-            want = in_f if adapter.feedforward[path] else out_f
-            if vec.numel() != want:
-                side = "input" if adapter.feedforward[path] else "output"
-                misfits.append(f"{path!r} ({want} {side} features, the adapter's vector {vec.numel()})")
-    message = refusal(
-        "this checkpoint",
-        misfits=misfits,
-        problems=problems,
-        modules=len(adapter.vectors),
-        where=what,
+        )
+    renamed = {to_skel.get(p, p): v for p, v in adapter.vectors.items()}
+    feedforward = {to_skel.get(p, p): adapter.feedforward[p] for p in adapter.vectors}
+    works = plan_fold(
+        skeleton,
+        renamed,
+        feedforward,
         trained_on=adapter.base_model,
+        backends=backends,
+        supported=supported,
+        target="this checkpoint",
+        where=what,
     )
-    if message:
-        raise FoldError(message)
+    from_skel = {v: k for k, v in to_skel.items()}
 
     ckpt_modules = {n[: -len(".weight")] for n in sources if n.endswith(".weight")}
-    to_ckpt, absent, problems = _resolve(list(to_skel.values()), ckpt_modules, "the checkpoint's tensors")
+    to_ckpt, absent, problems = _resolve([w.path for w in works], ckpt_modules, "the checkpoint's tensors")
     problems = [
         f"the checkpoint has no tensor of {p!r}, which config.json builds; the checkpoint and its config.json disagree"
         for p in absent
@@ -227,22 +223,19 @@ def _plan(adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source])
             )
         )
     scales: dict[str, _Scale] = {}
-    for path, vec in adapter.vectors.items():
-        skel = to_skel[path]
-        module = skeleton.get_submodule(skel)
-        l = vec.detach().reshape(-1).to("cpu", torch.float32)
-        rows, cols = (None, l) if adapter.feedforward[path] else (l, None)
-        transposed, groups = _layout(module)
+    for w in works:
+        modules = tuple(from_skel.get(p, p) for p in w.sources)
+        transposed, groups = _layout(w.module)
         for role in ("weight", "bias"):
-            param = getattr(module, role, None)
-            key = f"{to_ckpt[skel]}.{role}"
+            param = getattr(w.module, role, None)
+            key = f"{to_ckpt[w.path]}.{role}"
             src = sources.get(key)
             if param is None:
                 if src is not None:
-                    problems.append(f"the checkpoint holds {key!r} but config.json builds {skel!r} without a bias")
+                    problems.append(f"the checkpoint holds {key!r} but config.json builds {w.path!r} without a bias")
                 continue
             if src is None:
-                problems.append(f"the checkpoint lacks {key!r}, which config.json's {skel!r} has")
+                problems.append(f"the checkpoint lacks {key!r}, which config.json's {w.path!r} has")
             elif src.shape != tuple(param.shape):
                 problems.append(
                     f"the checkpoint's {key!r} has shape {src.shape} but config.json builds {tuple(param.shape)}; "
@@ -252,9 +245,9 @@ def _plan(adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source])
                 problems.append(
                     f"the checkpoint's {key!r} is {src.dtype}; the streaming fold scales float tensors only"
                 )
-            elif role == "weight" or rows is not None:  # an input-side scale leaves the bias alone
+            elif role == "weight" or w.rows is not None:  # an input-side scale leaves the bias alone
                 scales[key] = _Scale(
-                    rows, cols if role == "weight" else None, role == "bias", transposed, groups, (path,)
+                    w.rows, w.cols if role == "weight" else None, role == "bias", transposed, groups, modules
                 )
     if problems:
         raise FoldError(f"cannot fold the adapter into this checkpoint: {summarize(problems)}")

@@ -27,6 +27,7 @@ import numpy as np
 from .._text import summarize
 from ..errors import FoldError
 from .misfit import refusal
+from .plan import place_input, relu_blocked
 
 __all__ = ["GGUFTensor", "Arch", "Job", "plan_gguf", "PERMUTED_QK", "UNPERMUTED_QK"]
 
@@ -305,11 +306,17 @@ def plan_gguf(
         if l.size != t.ne[0]:
             misfits.append(f"{path!r} ({t.name!r} has {t.ne[0]} input features, the adapter's vector {l.size})")
             continue
-        if t.qtype in float_types and expert is None:
-            job(t.name).add_cols(l, path, "cols")
-            continue
-        up, why = _neighbour(base, kind, tensors, arch, l)
-        if up is not None and (up[0].qtype in exact_types or up[0].qtype in float_types):
+        cols_reason = None if t.qtype in float_types and expert is None else f"{t.type_name} blocks span input columns"
+        up, why = (None, "") if cols_reason is None else _neighbour(base, kind, tensors, arch, l)
+        if up is None:
+            nbr_reason: Optional[str] = why
+        elif up[0].qtype in exact_types or up[0].qtype in float_types:
+            nbr_reason = None
+        else:
+            nbr_reason = f"the neighbour {up[0].name!r} is {up[0].type_name}"
+        place, lossy = place_input(cols_reason, nbr_reason)
+        if place == "neighbour":
+            assert up is not None  # place_input chose the neighbour found
             ut, sl = up
             scale = np.ones(ut.rows, dtype=np.float32)
             per = scale.reshape(ut.ne[2], -1) if expert is not None else scale.reshape(1, -1)
@@ -321,15 +328,12 @@ def plan_gguf(
             if bias in tensors:
                 job(bias).add_rows(scale, path, f"bias of the neighbour ({why})")
             continue
-        if expert is not None:
+        if lossy is not None and expert is not None:
             problems.append(f"{path!r}: the input-side scale of one expert has no exact path in {t.name!r} ({why})")
             continue
-        reason = f"{t.type_name} blocks span input columns; {why}"
-        if up is not None:
-            reason = f"{t.type_name} blocks span input columns; the neighbour {up[0].name!r} is {up[0].type_name}"
         j = job(t.name)
         j.add_cols(l, path, "cols")
-        j.lossy = reason
+        j.lossy = lossy
     message = refusal(
         "this GGUF file",
         misfits=misfits,
@@ -417,7 +421,8 @@ def _neighbour(
     if up is not None and arch.name in _FUSED_GATE_UP and up.ne[1] == 2 * n:
         return (up, slice(n, 2 * n)), "gated MLP: up half of the fused ffn_up rows"
     if up is not None and arch.name in _RELU_MLP:
-        if not bool((l > 0).all()):
-            return None, "the ReLU rewrite (relu(z) * l = relu(z * l)) needs every l > 0"
+        blocked = relu_blocked(l)
+        if blocked is not None:
+            return None, blocked
         return (up, slice(0, n)), "ReLU MLP: ffn_up rows"
     return None, "no exact rewrite for this input (the MLP has no gate and is not ReLU)"

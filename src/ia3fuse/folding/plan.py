@@ -15,7 +15,7 @@ Anything else needs the lossy dequantize-scale-requantize fallback.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +24,40 @@ from ..errors import FoldError
 from .base import FoldBackend, backend_for
 from .misfit import refusal
 
-__all__ = ["Work", "plan_fold"]
+__all__ = ["Work", "plan_fold", "place_input", "relu_blocked", "BackendFor"]
 
 # down-projection name -> (name of the module whose rows feed it, name of the gate beside it)
 _GATED = {"down_proj": ("up_proj", "gate_proj"), "w2": ("w3", "w1")}
 _RELU_PAIRS = {"fc2": "fc1"}
 _RELU_NAMES = {"relu"}
+_SUPPORTED = "ia3fuse folds into nn.Linear, Conv1D, Conv2d/Conv3d and bitsandbytes Linear8bitLt/Linear4bit"
+
+# (module, its path) -> the backend that folds into it, or None when none does
+BackendFor = Callable[[nn.Module, str], Optional[FoldBackend]]
+
+
+def relu_blocked(l: Any) -> Optional[str]:
+    """None when ``relu(z) * l = relu(z * l)`` holds for every entry (all l > 0), else why not."""
+    return None if bool((l > 0).all()) else "the ReLU rewrite (relu(z) * l = relu(z * l)) needs every l > 0"
+
+
+def place_input(cols: Optional[str], neighbour: Optional[str]) -> tuple[str, Optional[str]]:
+    """The one decision for an input-side (feed-forward) vector, shared by every fold.
+
+    Args:
+        cols: None when the module's own columns take the scale exactly, else why not.
+        neighbour: None when a neighbour's rows produce this input and take the scale exactly,
+            else why not.
+
+    Returns:
+        ``("cols", None)``, ``("neighbour", None)``, or ``("cols", reason)``: the lossy fallback,
+        with both reasons.
+    """
+    if cols is None:
+        return "cols", None
+    if neighbour is None:
+        return "neighbour", None
+    return "cols", f"{cols}; {neighbour}"
 
 
 @dataclass
@@ -93,19 +121,39 @@ def _neighbour(model: nn.Module, path: str, l: Tensor) -> tuple[Optional[tuple[s
         act = _activation(model)
         if act not in _RELU_NAMES:
             return None, f"{_RELU_PAIRS[name]} -> {name} has activation {act!r}, not ReLU"
-        if not bool((l > 0).all()):
-            return None, "the ReLU rewrite needs every l > 0"
+        blocked = relu_blocked(l)
+        if blocked is not None:
+            return None, blocked
         return (prefix + _RELU_PAIRS[name], None), "ReLU MLP: fc1 rows and bias"
     return None, "no exact rewrite for this module's input (not a gated or ReLU MLP)"
 
 
+def _registered(module: nn.Module, path: str) -> Optional[FoldBackend]:
+    return backend_for(module)
+
+
 def plan_fold(
-    model: nn.Module, vectors: dict[str, Tensor], feedforward: dict[str, bool], *, trained_on: Optional[str] = None
+    model: nn.Module,
+    vectors: dict[str, Tensor],
+    feedforward: dict[str, bool],
+    *,
+    trained_on: Optional[str] = None,
+    backends: BackendFor = _registered,
+    supported: str = _SUPPORTED,
+    target: str = "this model",
+    where: Optional[str] = None,
 ) -> list[Work]:
     """Decide, for every IA3 vector, which weight module takes it and how; check shapes.
 
+    The one planner of every fold into a model's structure: `ia3fuse.fold` plans on the loaded
+    model, the checkpoint fold on the meta-device skeleton built from ``config.json`` with the
+    backends of the checkpoint's format.
+
     Args:
         trained_on: the adapter's base model name, for the message when its modules do not fit.
+        backends: the backend of each module (default: the registered in-memory backends).
+        supported: what those backends fold into, for the message naming an unsupported layer.
+        target, where: what the refusal names as the fold's target and the model matched against.
 
     Raises:
         FoldError: modules the model lacks or of another length (counted once, with two
@@ -123,12 +171,9 @@ def plan_fold(
     def work(path: str) -> Optional[Work]:
         if path not in works:
             module = _module(model, path)
-            backend = backend_for(module)
+            backend = backends(module, path)
             if backend is None:
-                problems.append(
-                    f"{path!r} is a {type(module).__name__} (model type {model_type!r}); ia3fuse folds into "
-                    "nn.Linear, Conv1D, Conv2d/Conv3d and bitsandbytes Linear8bitLt/Linear4bit"
-                )
+                problems.append(f"{path!r} is a {type(module).__name__} (model type {model_type!r}); {supported}")
                 return None
             tied = [n for n in names.get(id(getattr(module, "weight", None)), []) if not n.startswith(f"{path}.")]
             if tied:
@@ -163,26 +208,27 @@ def plan_fold(
             w.sources.append(path)
             w.how.append("rows")
             continue
-        if w.backend.exact_cols(w.module) is None:
-            w.add_cols(l)
-            w.sources.append(path)
-            w.how.append("cols")
-            continue
-        target, why = _neighbour(model, path, l)
+        cols_reason = w.backend.exact_cols(w.module)
+        target_, why = (None, "") if cols_reason is None else _neighbour(model, path, l)
         nbr = None
-        if target is not None:
+        if target_ is not None:
             try:
-                nbr = work(target[0])
+                nbr = work(target_[0])
             except (FoldError, _Absent):
                 nbr = None
-        if nbr is not None and nbr.backend.exact_rows(nbr.module) is None:
-            assert target is not None  # nbr is its module
+        if nbr is None:
+            nbr_reason = why if target_ is None else f"the neighbour {target_[0]!r} cannot take its rows"
+        else:
+            nbr_reason = nbr.backend.exact_rows(nbr.module)
+        place, lossy = place_input(cols_reason, nbr_reason)
+        if place == "neighbour":
+            assert nbr is not None and target_ is not None  # place_input chose an existing neighbour
             n_out = nbr.backend.features(nbr.module)[0]
             scale = torch.ones(n_out)
-            sl = target[1] if target[1] is not None else slice(0, n_out)
+            sl = target_[1] if target_[1] is not None else slice(0, n_out)
             if scale[sl].numel() != l.numel():
                 problems.append(
-                    f"{target[0]!r} has {n_out} output rows, which do not match {path!r}'s {l.numel()} inputs"
+                    f"{target_[0]!r} has {n_out} output rows, which do not match {path!r}'s {l.numel()} inputs"
                 )
                 continue
             scale[sl] = l
@@ -190,24 +236,22 @@ def plan_fold(
             nbr.sources.append(path)
             nbr.how.append(f"neighbour ({why})")
             continue
-        reason = w.backend.exact_cols(w.module) or ""
-        if target is None:
-            reason = f"{reason}; {why}"
         w.add_cols(l)
         w.sources.append(path)
         w.how.append("cols")
-        w.lossy = reason
+        if lossy is not None:
+            w.lossy = cols_reason if target_ is not None else lossy
     for w in works.values():
         if w.rows is not None and w.lossy is None:
             rows_reason = w.backend.exact_rows(w.module)
             if rows_reason is not None:
                 w.lossy = rows_reason
     message = refusal(
-        "this model",
+        target,
         misfits=misfits,
         problems=problems,
         modules=len(vectors),
-        where=f"the model (model type {model_type!r})",
+        where=where or f"the model (model type {model_type!r})",
         trained_on=trained_on,
     )
     if message:
