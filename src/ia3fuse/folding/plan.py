@@ -216,6 +216,7 @@ def plan_fold(
                 nbr = work(target_[0])
             except (FoldError, _Absent):
                 nbr = None
+        nbr_reason: Optional[str]
         if nbr is None:
             nbr_reason = why if target_ is None else f"the neighbour {target_[0]!r} cannot take its rows"
         else:
