@@ -196,6 +196,11 @@ def test_streamed_fold_equals_peft_and_the_in_memory_fold(tiny: Any, tmp_path: P
         assert e.scaled == ("cols" if vectors.feedforward[e.modules[0]] else "rows")
     assert report.changed == len(expect) and report.tensors == len(base) and report.shards == 1
     assert report.modules == len(vectors.vectors)
+    # the one report type: a FileFoldReport whose entries are FoldEntry records like fold()'s
+    assert isinstance(report, ia3fuse.FileFoldReport) and isinstance(report, ia3fuse.FoldReport)
+    assert all(isinstance(e, ia3fuse.FoldEntry) and e.module == e.tensor for e in report.entries)
+    assert report.exact and report.max_error is None and {e.path for e in report.entries} == {"dense"}
+    assert report.to_dict()["exact"] is True and report.to_dict()["modules"] == len(vectors.vectors)
     for name in os.listdir(tiny.base_dir):  # config, generation config: copied as they are
         if name.endswith(".json"):
             assert (out / name).read_bytes() == (tiny.base_dir / name).read_bytes()

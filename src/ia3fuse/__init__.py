@@ -34,7 +34,17 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .adapter import IA3Adapter, load_adapter
-    from .folding import FoldReport, GGUFFoldReport, fold, fold_checkpoint, fold_gguf, unfold
+    from .folding import (
+        CheckpointFoldReport,
+        FileFoldReport,
+        FoldEntry,
+        FoldReport,
+        GGUFFoldReport,
+        fold,
+        fold_checkpoint,
+        fold_gguf,
+        unfold,
+    )
     from .fusion import get_method, methods
     from .live import adapter_from_peft, add_weighted_adapter
     from .merging import merge, run_recipe
@@ -47,7 +57,17 @@ if TYPE_CHECKING:
 # Where each lazily loaded public name lives (the imports above, for type checkers).
 _LAZY = {
     ".adapter": ("IA3Adapter", "load_adapter"),
-    ".folding": ("FoldReport", "fold", "unfold", "fold_checkpoint", "GGUFFoldReport", "fold_gguf"),
+    ".folding": (
+        "FoldReport",
+        "FoldEntry",
+        "FileFoldReport",
+        "CheckpointFoldReport",
+        "fold",
+        "unfold",
+        "fold_checkpoint",
+        "GGUFFoldReport",
+        "fold_gguf",
+    ),
     ".merging": ("merge", "run_recipe"),
     ".recipe": ("Recipe", "load_recipe"),
     ".fusion": ("get_method", "methods"),
@@ -82,6 +102,9 @@ __all__ = [
     "fold_checkpoint",
     "fold_gguf",
     "GGUFFoldReport",
+    "CheckpointFoldReport",
+    "FileFoldReport",
+    "FoldEntry",
     "FoldReport",
     "FoldError",
     "DataError",

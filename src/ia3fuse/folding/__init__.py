@@ -1,16 +1,18 @@
 """Fold IA3 vectors into base weights: in memory (`model`), on a safetensors checkpoint on disk
 (`checkpoint`), or into a llama.cpp GGUF file (`gguf`); backends per weight format (`dense`,
-`bnb`) behind one interface (`base`)."""
+`bnb`) behind one interface (`base`), one planner (`plan`) and one report type (`report`)."""
 
 from typing import Any
 
-from .model import FoldEntry, FoldReport, backends, fold, unfold
+from .model import backends, fold, unfold
+from .report import FileFoldReport, FoldEntry, FoldReport
 
 __all__ = [
     "fold",
     "unfold",
     "FoldReport",
     "FoldEntry",
+    "FileFoldReport",
     "backends",
     "fold_checkpoint",
     "CheckpointFoldReport",

@@ -24,6 +24,7 @@ from .._text import count, format_table
 from .base import check_options
 from .checkpoint_files import CARD_FILE, copy_files, write_card
 from .provenance import Provenance
+from .report import FileFoldReport, FoldEntry
 from .checkpoint_plan import _keep_fp32, _parse_dtype, _plan, _plan_trained, _read_config, _skeleton
 from .safetensors_io import (
     _ST_TO_TORCH,
@@ -46,40 +47,40 @@ PathLike = Union[str, Path]
 # --- report --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ChangedTensor:
-    """One checkpoint tensor that the fold changed."""
+@dataclass
+class ChangedTensor(FoldEntry):
+    """One checkpoint tensor that the fold changed: a `FoldEntry` whose ``module`` is the tensor's
+    name, with the checkpoint's own view of it."""
 
-    tensor: str  # its name in the checkpoint
-    scaled: str  # "rows", "cols", "rows, cols", or "trained copy" (a modules_to_save tensor written over it)
-    modules: tuple[str, ...]  # the IA3 module path(s) of the adapter it carries
-    shape: tuple[int, ...]
-    dtype: str  # as written
+    tensor: str = ""  # its name in the checkpoint
+    scaled: str = ""  # "rows", "cols", "rows, cols", or "trained copy" (a modules_to_save tensor written over it)
+    modules: tuple[str, ...] = ()  # the IA3 module path(s) of the adapter it carries
+    shape: tuple[int, ...] = ()
+    dtype: str = ""  # as written
+
+    @classmethod
+    def of(
+        cls, tensor: str, scaled: str, modules: tuple[str, ...], shape: tuple[int, ...], dtype: str, path: str
+    ) -> "ChangedTensor":
+        carries = "trained copy" if scaled == "trained copy" else f"{scaled} for {', '.join(modules)}"
+        layer = f"{dtype} {'x'.join(map(str, shape))}"
+        return cls(
+            tensor, layer, path, carries, None, tensor=tensor, scaled=scaled, modules=modules, shape=shape, dtype=dtype
+        )
 
 
 @dataclass
-class CheckpointFoldReport:
+class CheckpointFoldReport(FileFoldReport):
     """What `fold_checkpoint` wrote."""
 
-    output: Path
-    model_type: str
-    entries: list[ChangedTensor]
-    tensors: int  # tensors written (changed or not)
-    shards: int
-    total_size: int  # bytes of tensor data
-    dtype: Optional[str]  # the requested output dtype, None when every tensor kept its own
+    shards: int = 0
+    total_size: int = 0  # bytes of tensor data
+    dtype: Optional[str] = None  # the requested output dtype, None when every tensor kept its own
     copied_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
 
-    @property
-    def changed(self) -> int:
-        """How many tensors the fold changed."""
-        return len(self.entries)
-
-    @property
-    def modules(self) -> int:
-        """How many IA3 modules of the adapter were folded."""
-        return len({m for e in self.entries for m in e.modules})
+    def _changes(self) -> list[ChangedTensor]:
+        return [e for e in self.entries if isinstance(e, ChangedTensor)]
 
     def summary(self) -> str:
         """One line: where, what changed, how it was written."""
@@ -98,18 +99,18 @@ class CheckpointFoldReport:
                 tensor, for a markdown file. The IA3 module column is left out when every tensor
                 belongs to the module of the same path (the checkpoint adds or drops no prefix).
         """
-        own = all(e.modules == (e.tensor.rsplit(".", 1)[0],) for e in self.entries)
+        own = all(e.modules == (e.tensor.rsplit(".", 1)[0],) for e in self._changes())
         headers = ["tensor", "scaled", "shape", "dtype"] + ([] if own else ["IA3 module"])
         rows = [
             [e.tensor, e.scaled, "x".join(map(str, e.shape)), e.dtype] + ([] if own else [", ".join(e.modules)])
-            for e in self.entries
+            for e in self._changes()
         ]
         return format_table(headers, rows, max_width=max_width, wrap=(1, 4))
 
     def breakdown(self) -> str:
         """One line: how many tensors were scaled by rows and by columns (every one exactly)."""
         counts: dict[str, int] = {}
-        for e in self.entries:
+        for e in self._changes():
             counts[e.scaled] = counts.get(e.scaled, 0) + 1
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         shown = (
@@ -125,9 +126,7 @@ class CheckpointFoldReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "output": str(self.output),
-            "model_type": self.model_type,
-            "tensors": self.tensors,
+            **super().to_dict(),
             "shards": self.shards,
             "total_size": self.total_size,
             "dtype": self.dtype,
@@ -140,8 +139,9 @@ class CheckpointFoldReport:
                     "modules": list(e.modules),
                     "shape": list(e.shape),
                     "dtype": e.dtype,
+                    "path": e.path,
                 }
-                for e in self.entries
+                for e in self._changes()
             ],
         }
 
@@ -255,22 +255,27 @@ def fold_checkpoint(
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
-    entries = []
+    entries: list[FoldEntry] = []
     for job in jobs:
         if job.trained is not None:
             dtype_name = str(_ST_TO_TORCH[job.dtype]).removeprefix("torch.")
-            entries.append(ChangedTensor(job.src.name, "trained copy", ("modules_to_save",), job.src.shape, dtype_name))
+            entries.append(
+                ChangedTensor.of(
+                    job.src.name, "trained copy", ("modules_to_save",), job.src.shape, dtype_name, "trained copy"
+                )
+            )
         if job.scale is None:
             continue
         s = job.scale
         scaled = ", ".join(k for k, v in (("rows", s.rows), ("cols", s.cols)) if v is not None)
         dtype_name = str(_ST_TO_TORCH[job.dtype]).removeprefix("torch.")
-        entries.append(ChangedTensor(job.src.name, scaled, s.modules, job.src.shape, dtype_name))
+        entries.append(ChangedTensor.of(job.src.name, scaled, s.modules, job.src.shape, dtype_name, "dense"))
     return CheckpointFoldReport(
         output=out,
         model_type=model_type,
         entries=entries,
         tensors=len(jobs),
+        modules=folded,
         shards=n_shards,
         total_size=sum(j.nbytes for j in jobs),
         dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),

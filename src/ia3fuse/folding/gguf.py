@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -21,13 +21,13 @@ import numpy as np
 from .._io import atomic_output_file, check_output_path
 from ..adapter import IA3Adapter, load_adapter
 from ..errors import FoldError, MissingDependencyError
-from .._text import count
 from ..errors import IA3FuseWarning
 from . import gguf_blocks as blocks
 from .gguf_header import header_with_strings
 from .provenance import GGUF_KEYS, Provenance
 from .base import check_options
-from .model import FoldEntry, FoldReport, refuse_lossy
+from .model import refuse_lossy
+from .report import FileFoldReport, FoldEntry
 from .gguf_map import Arch, GGUFTensor, Job, plan_gguf
 
 __all__ = ["fold_gguf", "GGUFFoldReport"]
@@ -40,38 +40,22 @@ _SUBNORMAL_PRONE = ("Q6_K", "Q5_K", "IQ4_XS")
 
 
 @dataclass
-class GGUFFoldReport(FoldReport):
+class GGUFFoldReport(FileFoldReport):
     """What `fold_gguf` wrote: one entry per changed tensor.
 
     Each entry's ``module`` is the GGUF tensor name and its ``layer`` the type and shape in ggml
     order, ``ne0`` (the input features) first, as llama.cpp prints it.
     """
 
-    output: Optional[Path] = None
-    tensors: int = 0  # tensors in the file
-    modules: int = 0  # IA3 modules of the adapter folded
     permuted_qk: bool = False
-    notes: list[str] = field(default_factory=list)  # warnings raised during the fold
 
     def summary(self) -> str:
         """One line: where, what changed, how."""
-        exact = sum(1 for e in self.entries if e.exact)
         perm = "; q/k rows permuted as llama.cpp's converter does" if self.permuted_qk else ""
-        return (
-            f"wrote {self.output}: folded {count(self.modules, 'IA3 module')} into {len(self.entries)} of {self.tensors} tensors "
-            f"({self.model_type}), {exact} exact, {len(self.entries) - exact} requantized{perm}"
-        )
+        return super().summary() + perm
 
     def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out.update(
-            output=str(self.output),
-            tensors=self.tensors,
-            modules=self.modules,
-            permuted_qk=self.permuted_qk,
-            notes=list(self.notes),
-        )
-        return out
+        return {**super().to_dict(), "permuted_qk": self.permuted_qk}
 
 
 def _read(path: Path) -> Any:
