@@ -25,6 +25,7 @@ from .base import check_options
 from .checkpoint_files import CARD_FILE, copy_files, write_card
 from .provenance import Provenance
 from .report import FileFoldReport, FoldEntry
+from .checkpoint_formats import checkpoint_format
 from .checkpoint_plan import _keep_fp32, _parse_dtype, _plan, _plan_trained, _read_config, _skeleton
 from .safetensors_io import (
     _ST_TO_TORCH,
@@ -216,10 +217,11 @@ def fold_checkpoint(
     out = check_output_path(Path(out_dir), inputs, overwrite=overwrite)
 
     config = _read_config(base)
+    fmt = checkpoint_format(config, repr(str(base)))
     sources = _sources(_checkpoint_files(base))
     skeleton = _skeleton(base)
     by_name = {s.name: s for s in sources}
-    scales, model_type = _plan(loaded, skeleton, by_name)
+    scales, model_type = _plan(loaded, skeleton, by_name, fmt)
     trained = _plan_trained(loaded.extras, by_name) if extras == "keep" else {}
     jobs = list(_iter_jobs(sources, scales, out_dtype, _keep_fp32(skeleton, out_dtype)))
     for job in jobs:

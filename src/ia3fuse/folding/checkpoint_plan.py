@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +17,9 @@ from .._text import summarize
 from ..adapter import IA3Adapter
 from ..errors import FoldError
 from .base import FoldBackend
+from .checkpoint_formats import SUPPORTED, CheckpointFormat, QuantBackend, QuantModule, negative_refusal
 from .dense import DenseBackend
-from .plan import BackendFor, plan_fold
+from .plan import plan_fold
 from .misfit import refusal
 from .checkpoint_files import CONFIG_FILE
 from .safetensors_io import _CASTABLE, _Scale, _Source
@@ -45,16 +46,6 @@ def _read_config(base: Path) -> dict[str, Any]:
         raise FoldError(f"{str(path)!r} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise FoldError(f"{str(path)!r} holds a {type(config).__name__}, not a JSON object")
-    if config.get("quantization_config"):
-        method = (
-            config["quantization_config"].get("quant_method", "?")
-            if isinstance(config["quantization_config"], dict)
-            else "?"
-        )
-        raise FoldError(
-            f"{str(base)!r} is a quantized checkpoint ({method}); the streaming fold handles full-precision "
-            "checkpoints: load the model and use ia3fuse.fold instead"
-        )
     return config
 
 
@@ -159,27 +150,37 @@ def _plan_trained(extras: dict[str, Tensor], sources: dict[str, _Source]) -> dic
     return out
 
 
-def _dense_only(module: nn.Module, path: str) -> Optional[FoldBackend]:
-    return _DENSE if _DENSE.handles(module) else None
+def _rewriter(found: dict[str, str]) -> Callable[[str], str]:
+    """Skeleton path -> checkpoint name, by the one prefix rewrite that ``found`` shows."""
+    for path, name in found.items():
+        if name == path:
+            break
+        if name.endswith("." + path):
+            prefix = name[: -len(path)]
+            return lambda p: prefix + p
+        dropped = path[: -len(name)]
+        return lambda p: p.removeprefix(dropped)
+    return lambda p: p
 
 
 def _plan(
-    adapter: IA3Adapter,
-    skeleton: nn.Module,
-    sources: dict[str, _Source],
-    backends: BackendFor = _dense_only,
-    supported: str = "the streaming fold scales nn.Linear, Conv1D and Conv2d/Conv3d weights",
+    adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source], fmt: Optional[CheckpointFormat] = None
 ) -> tuple[dict[str, _Scale], str]:
     """Checkpoint tensor name -> its scale; checks every module before anything is written.
 
     The decisions are `plan_fold`'s on the meta-device skeleton, with the checkpoint format's
-    backends (full precision: `DenseBackend`, where an output-side vector scales its module's
-    rows and bias and a feed-forward one its columns); here they are only mapped to tensor names.
+    backends: `DenseBackend` for full-precision modules (an output-side vector scales its rows and
+    bias, a feed-forward one its columns), a `QuantBackend` for each quantized module (rows scale
+    its statistics; a feed-forward vector moves to the neighbour's rows); here they are only mapped
+    to tensor names.
     """
     model_type = getattr(getattr(skeleton, "config", None), "model_type", type(skeleton).__name__)
     weighted = {n for n, m in skeleton.named_modules() if isinstance(getattr(m, "weight", None), Tensor)}
     what = f"the model built from config.json ({type(skeleton).__name__}, model type {model_type!r})"
     to_skel, absent, problems = _resolve(list(adapter.vectors), weighted, what)
+    ckpt_modules = {n.rsplit(".", 1)[0] for n in sources}
+    found, _, more = _resolve(sorted(set(to_skel.values())), ckpt_modules, "the checkpoint's tensors")
+    problems += more
     if problems:
         raise FoldError(
             refusal(
@@ -191,8 +192,25 @@ def _plan(
                 trained_on=None,
             )
         )
+    to_ckpt = _rewriter(found)
+    quant: dict[str, QuantModule] = {}
+
+    def backends(module: nn.Module, path: str) -> Optional[FoldBackend]:
+        if not _DENSE.handles(module):
+            return None
+        if fmt is None:
+            return _DENSE
+        q = fmt.module(to_ckpt(path), *_DENSE.features(module), sources)
+        if q is None:
+            return _DENSE
+        quant[path] = q
+        return QuantBackend(q, _DENSE.features(module))
+
     renamed = {to_skel.get(p, p): v for p, v in adapter.vectors.items()}
     feedforward = {to_skel.get(p, p): adapter.feedforward[p] for p in adapter.vectors}
+    supported = "the streaming fold scales nn.Linear, Conv1D and Conv2d/Conv3d weights" + (
+        f" and the quantized modules of {SUPPORTED} checkpoints" if fmt is not None else ""
+    )
     works = plan_fold(
         skeleton,
         renamed,
@@ -205,30 +223,40 @@ def _plan(
     )
     from_skel = {v: k for k, v in to_skel.items()}
 
-    ckpt_modules = {n[: -len(".weight")] for n in sources if n.endswith(".weight")}
-    to_ckpt, absent, problems = _resolve([w.path for w in works], ckpt_modules, "the checkpoint's tensors")
-    problems = [
-        f"the checkpoint has no tensor of {p!r}, which config.json builds; the checkpoint and its config.json disagree"
-        for p in absent
-    ] + problems
-    if problems:
-        raise FoldError(
-            refusal(
-                "this checkpoint",
-                misfits=[],
-                problems=problems,
-                modules=len(adapter.vectors),
-                where=what,
-                trained_on=None,
-            )
-        )
     scales: dict[str, _Scale] = {}
     for w in works:
         modules = tuple(from_skel.get(p, p) for p in w.sources)
+        ckpt = to_ckpt(w.path)
+        q = quant.get(w.path)
+        if q is not None:
+            if w.lossy is not None:
+                problems.append(
+                    f"{ckpt!r} ({q.format}) cannot take its IA3 scale exactly ({w.lossy}); the streaming fold writes "
+                    "no lossy tensor: keep this adapter unmerged (PEFT or ia3fuse.Mixture) or fold it into the "
+                    "full-precision checkpoint and quantize that"
+                )
+                continue
+            assert w.rows is not None and w.cols is None  # a quantized module takes rows only, else lossy
+            negative = int((w.rows < 0).sum())
+            if negative and not q.negative_ok:
+                problems.append(negative_refusal(q, ckpt, negative))
+                continue
+            for stat in q.stats:
+                scales[stat.name] = _Scale(w.rows, None, False, False, 1, modules, view=stat.view, axis=stat.axis)
+            bias = sources.get(f"{ckpt}.bias")
+            if bias is not None and bias.dtype in _CASTABLE:
+                scales[bias.name] = _Scale(w.rows, None, True, False, 1, modules)
+            continue
+        if f"{ckpt}.weight" not in sources:
+            problems.append(
+                f"the checkpoint has no tensor of {w.path!r}, which config.json builds; the checkpoint and its "
+                "config.json disagree"
+            )
+            continue
         transposed, groups = _layout(w.module)
         for role in ("weight", "bias"):
             param = getattr(w.module, role, None)
-            key = f"{to_ckpt[w.path]}.{role}"
+            key = f"{ckpt}.{role}"
             src = sources.get(key)
             if param is None:
                 if src is not None:

@@ -76,6 +76,9 @@ class _Scale:
     transposed: bool
     groups: int
     modules: tuple[str, ...]
+    # a quantized module's statistic: the tensor viewed as ``view``, its rows along ``axis``
+    view: Optional[tuple[int, ...]] = None
+    axis: int = 0
 
 
 @dataclass
@@ -210,6 +213,22 @@ def _header(jobs: list[_Job]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def scale_stat(stat: Tensor, rows: Tensor, view: tuple[int, ...], axis: int) -> Tensor:
+    """A quantized module's per-row statistic times its row scale, in float32 (stored shape)."""
+    new = stat.to(torch.float32, copy=True).reshape(view)
+    shape = [1] * new.dim()
+    shape[axis] = -1
+    return new.mul_(rows.to(torch.float32).reshape(shape)).reshape(stat.shape)
+
+
+def _read_tensor_at(src: _Source) -> Tensor:
+    """One (small) tensor of the checkpoint, read on its own."""
+    from safetensors import safe_open
+
+    with safe_open(str(src.file), framework="pt") as handle:
+        return handle.get_tensor(src.name)
+
+
 def _read_tensor(handle: Any, name: str) -> Tensor:
     """One tensor of an open input shard (the only place input tensors are decoded)."""
     return handle.get_tensor(name)
@@ -243,6 +262,9 @@ def _write_tensor(out: BinaryIO, job: _Job, raw: BinaryIO, handle: Any) -> None:
     s = job.scale
     if s is None:
         tensor = tensor.to(dtype)
+    elif s.view is not None:
+        assert s.rows is not None  # a statistic only takes row scales
+        tensor = scale_stat(tensor, s.rows, s.view, s.axis).to(dtype)
     elif s.bias:
         assert s.rows is not None  # a bias only takes row scales
         tensor = scale_bias(tensor, s.rows).to(dtype)
