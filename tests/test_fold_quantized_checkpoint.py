@@ -154,3 +154,124 @@ def test_missing_statistic_is_refused_naming_the_tensor(bnb_files, tmp_path):
         "pass the folder the quantizer wrote"
     )
     assert not (tmp_path / "out").exists()
+
+
+# --- compressed-tensors (llm-compressor's output, vLLM's native format) ---------------------------
+
+ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+
+from ct_checkpoints import build_ct_checkpoint, load_ct  # noqa: E402
+
+EXACT_CT = ("w4a16_group", "w4a16_asym", "w8a16_channel", "w8a8_int_dynamic", "w8a8_int_static", "fp8_channel")
+TARGETS = {
+    "llama": LLAMA_TARGETS,
+    "qwen2": LLAMA_TARGETS,
+    "opt": dict(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"]),
+}
+# The neighbour that takes each architecture's feed-forward vector on its rows.
+NEIGHBOUR = {"llama": "mlp.up_proj", "qwen2": "mlp.up_proj", "opt": "fc1"}
+
+
+@pytest.fixture(scope="module")
+def ct_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ct")
+
+
+def _ct_setup(
+    root: Path, scheme: str, arch: str, *, dtype: torch.dtype = torch.float32, spread: float = 0.2
+) -> tuple[Path, Path]:
+    base = root / f"{scheme}-{arch}-{str(dtype)[6:]}"
+    if not base.exists():
+        build_ct_checkpoint(base, scheme, arch, seed=1, dtype=dtype)
+    adapter = root / f"adapter-{arch}-{spread}"
+    if not adapter.exists():  # the adapter is trained on the base's dense twin (same module paths)
+        random_ia3_adapter(load_ct(base), adapter, seed=5, spread=spread, **TARGETS[arch])
+    return base, adapter
+
+
+def _ct_logits(folder: Path, adapter: Path | None = None) -> torch.Tensor:
+    from peft import PeftModel
+
+    model = load_ct(folder)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("scheme", EXACT_CT)
+def test_compressed_tensors_fold_matches_peft_on_the_quantized_base(ct_root, tmp_path, scheme, arch):
+    base, adapter = _ct_setup(ct_root, scheme, arch)
+    report = ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    changed = assert_only_statistics_changed(base, tmp_path / "out", report)
+    prefix = "model.decoder.layers" if arch == "opt" else "model.layers"
+    modules = {f"{prefix}.{i}.{m}" for i in range(2) for m in ("self_attn.k_proj", "self_attn.v_proj", NEIGHBOUR[arch])}
+    stats = {f"{m}.weight_scale" for m in modules}
+    biases = {f"{m}.bias" for m in modules if f"{m}.bias" in tensors(base)}  # OPT: all; Qwen2: k and v
+    assert changed == stats | biases
+    assert {e.path for e in report.entries} == ({"statistic", "dense"} if biases else {"statistic"})
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    # float32 scales: the products round once at 2^-24
+    assert rel(_ct_logits(tmp_path / "out"), _ct_logits(base, adapter)) < 2e-6
+
+
+def test_compressed_tensors_bf16_scales_fold_at_the_storage_floor(ct_root, tmp_path):
+    """llm-compressor writes bf16 scales: each product rounds to bf16 once (relative 2^-9 per row)."""
+    base, adapter = _ct_setup(ct_root, "w4a16_group", "llama", dtype=torch.bfloat16)
+    ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    before, after = tensors(base), tensors(tmp_path / "out")
+    vectors = ia3fuse.load_adapter(adapter).vectors
+    l = vectors["model.layers.0.self_attn.k_proj"].reshape(-1, 1).float()
+    name = "model.layers.0.self_attn.k_proj.weight_scale"
+    assert after[name].dtype == torch.bfloat16
+    assert torch.equal(after[name], (before[name].float() * l).to(torch.bfloat16))
+    assert rel(_ct_logits(tmp_path / "out"), _ct_logits(base, adapter)) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "scheme, why",
+    [
+        ("fp8_tensor", r"is one scale for the whole tensor \(strategy 'tensor'\)"),
+        ("fp8_block", r"holds one scale per block of 32 rows \(strategy 'block'\)"),
+    ],
+)
+def test_compressed_tensors_scales_that_span_rows_are_refused(ct_root, tmp_path, scheme, why):
+    base, adapter = _ct_setup(ct_root, scheme, "llama")
+    with pytest.raises(FoldError, match=why + r".*the streaming fold writes no lossy tensor"):
+        ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_scales_are_refused_where_the_kernels_are_not_verified(ct_root, tmp_path):
+    base, _ = _ct_setup(ct_root, "w4a16_group", "llama")
+    adapter = random_ia3_adapter(load_ct(base), tmp_path / "neg", seed=5, spread=3.0, **LLAMA_TARGETS)
+    with pytest.raises(FoldError, match=r"would take \d+ negative scale\(s\): a negative statistic is not verified"):
+        ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme", ["w8a8_int_static", "w8a8_int_dynamic", "fp8_channel"])
+def test_activation_scales_stay_valid_in_the_quantized_forward(ct_root, tmp_path, scheme):
+    """transformers' default compressed-tensors load runs the format's quantized forward: inputs are
+    quantized at run time, with the stored static ``input_scale`` for W8A8-static. The fold leaves
+    every layer's input as PEFT's unmerged IA3 feeds it, so the same scales stay valid."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = _ct_setup(ct_root, scheme, "llama")
+    ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert torch.equal(  # the stored activation scales are copied as they are
+        *(tensors(p).get("model.layers.0.mlp.down_proj.input_scale", torch.zeros(1)) for p in (base, tmp_path / "out"))
+    )
+
+    def logits(path: Path, adapter: Path | None = None) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        with torch.no_grad():
+            return model(input_ids=IDS).logits
+
+    ref = logits(base, adapter)
+    assert rel(logits(base), ref) > 0.05  # the adapter matters
+    assert rel(logits(tmp_path / "out"), ref) < 2e-6

@@ -271,7 +271,8 @@ def fold_checkpoint(
         s = job.scale
         scaled = ", ".join(k for k, v in (("rows", s.rows), ("cols", s.cols)) if v is not None)
         dtype_name = str(_ST_TO_TORCH[job.dtype]).removeprefix("torch.")
-        entries.append(ChangedTensor.of(job.src.name, scaled, s.modules, job.src.shape, dtype_name, "dense"))
+        path = "dense" if s.view is None else "statistic"
+        entries.append(ChangedTensor.of(job.src.name, scaled, s.modules, job.src.shape, dtype_name, path))
     return CheckpointFoldReport(
         output=out,
         model_type=model_type,
