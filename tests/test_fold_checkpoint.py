@@ -527,7 +527,7 @@ def test_cli_fold_writes_the_api_result(inputs: Inputs, tmp_path: Path) -> None:
     # a summary by default, not a row per tensor (a 7B model changes ~200)
     assert res.stdout.splitlines() == [
         report.summary().replace(str(api), str(out)),
-        "exact: 4 by rows, 2 by cols (float32 products, rounded once to the output dtype)",
+        "exact: 4 by rows, 2 by cols (float32 products, each rounded once to its tensor's dtype)",
         "(per-tensor table: --verbose, or --report FILE for a markdown file)",
     ]
     assert (out / "model.safetensors").read_bytes() == (api / "model.safetensors").read_bytes()

@@ -275,3 +275,27 @@ def test_activation_scales_stay_valid_in_the_quantized_forward(ct_root, tmp_path
     ref = logits(base, adapter)
     assert rel(logits(base), ref) > 0.05  # the adapter matters
     assert rel(logits(tmp_path / "out"), ref) < 2e-6
+
+
+def test_dtype_conversion_of_a_quantized_checkpoint_is_refused(ct_root, tmp_path):
+    base, adapter = _ct_setup(ct_root, "w4a16_group", "llama")
+    with pytest.raises(FoldError) as info:
+        ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", dtype="bfloat16", progress=False)
+    assert str(info.value) == (
+        f"dtype='bfloat16' converts a full-precision checkpoint; {str(base)!r} is quantized (compressed-tensors "
+        "pack-quantized) and its scales keep the dtypes its kernels read: leave dtype unset (no --dtype)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_folds_a_quantized_checkpoint_and_names_its_format(ct_root, tmp_path):
+    from cli_runner import run_cli
+
+    base, adapter = _ct_setup(ct_root, "w4a16_group", "llama")
+    result = run_cli("fold", "--base", base, "--adapter", adapter, "-o", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "6 of " in result.stdout and "(llama, compressed-tensors pack-quantized)" in result.stdout
+    assert (
+        "exact: 6 quantization statistics by rows (float32 products, each rounded once to its tensor's dtype); "
+        "packed weights copied byte for byte" in result.stdout
+    )

@@ -77,6 +77,7 @@ class CheckpointFoldReport(FileFoldReport):
     shards: int = 0
     total_size: int = 0  # bytes of tensor data
     dtype: Optional[str] = None  # the requested output dtype, None when every tensor kept its own
+    quantization: Optional[str] = None  # the checkpoint's quantization method, None for full precision
     copied_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
 
@@ -88,7 +89,8 @@ class CheckpointFoldReport(FileFoldReport):
         dtype = f", dtype {self.dtype}" if self.dtype else ""
         return (
             f"wrote {self.output}: folded {count(self.modules, 'IA3 module')} into {self.changed} of {self.tensors} tensors "
-            f"({self.model_type}), {self.shards} shard{'s' if self.shards != 1 else ''}, "
+            f"({self.model_type}{', ' + self.quantization if self.quantization else ''}), "
+            f"{self.shards} shard{'s' if self.shards != 1 else ''}, "
             f"{self.total_size / 1e6:.1f} MB{dtype}"
         )
 
@@ -112,18 +114,22 @@ class CheckpointFoldReport(FileFoldReport):
         """One line: how many tensors were scaled by rows and by columns (every one exactly)."""
         counts: dict[str, int] = {}
         for e in self._changes():
-            counts[e.scaled] = counts.get(e.scaled, 0) + 1
+            key = "statistic" if e.path == "statistic" else e.scaled
+            counts[key] = counts.get(key, 0) + 1
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         shown = (
             ", ".join(
                 f"{n} replaced by the adapter's trained copies (modules_to_save)"
                 if k == "trained copy"
+                else f"{n} quantization statistics by rows"
+                if k == "statistic"
                 else f"{n} by {k.replace(', ', ' and ')}"
                 for k, n in ordered
             )
             or "no tensor"
         )
-        return f"exact: {shown} (float32 products, rounded once to the output dtype)"
+        packed = "; packed weights copied byte for byte" if "statistic" in counts else ""
+        return f"exact: {shown} (float32 products, each rounded once to its tensor's dtype){packed}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,6 +137,7 @@ class CheckpointFoldReport(FileFoldReport):
             "shards": self.shards,
             "total_size": self.total_size,
             "dtype": self.dtype,
+            "quantization": self.quantization,
             "copied_files": self.copied_files,
             "skipped_files": self.skipped_files,
             "entries": [
@@ -218,6 +225,11 @@ def fold_checkpoint(
 
     config = _read_config(base)
     fmt = checkpoint_format(config, repr(str(base)))
+    if fmt is not None and out_dtype is not None:
+        raise FoldError(
+            f"dtype={dtype!r} converts a full-precision checkpoint; {str(base)!r} is quantized ({fmt.label}) and its "
+            "scales keep the dtypes its kernels read: leave dtype unset (no --dtype)"
+        )
     sources = _sources(_checkpoint_files(base))
     skeleton = _skeleton(base)
     by_name = {s.name: s for s in sources}
@@ -284,4 +296,5 @@ def fold_checkpoint(
         dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),
         copied_files=copied,
         skipped_files=skipped,
+        quantization=None if fmt is None else fmt.label,
     )

@@ -120,6 +120,22 @@ class CheckpointFormat:
         self.method = method
         self.config = config
 
+    @property
+    def label(self) -> str:
+        """The method in words, e.g. ``"gptq 4-bit"`` or ``"compressed-tensors pack-quantized"``."""
+        c = self.config
+        if self.method == "compressed-tensors":
+            return f"compressed-tensors {c.get('format') or 'mixed'}"
+        if self.method == "bitsandbytes":
+            return (
+                "bitsandbytes 8-bit"
+                if c.get("load_in_8bit")
+                else f"bitsandbytes 4-bit {c.get('bnb_4bit_quant_type', 'fp4')}"
+            )
+        if self.method == "awq":
+            return f"awq {c.get('bits', c.get('w_bit', '?'))}-bit {c.get('version', 'gemm')}"
+        return f"{self.method} {c.get('bits', '?')}-bit"
+
     def module(self, prefix: str, out_f: int, in_f: int, sources: Mapping[str, Any]) -> Optional[QuantModule]:
         """The quantized module at ``prefix`` (its checkpoint name), or None when it is stored in
         full precision (``prefix.weight`` a float tensor: an ignored module).
