@@ -102,14 +102,14 @@ def tiny_ct_config(arch: str) -> Any:
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
-def quantization_scheme(scheme: str) -> Any:
+def quantization_scheme(scheme: str, group_size: int = GROUP_SIZE) -> Any:
     """The ``compressed_tensors`` ``QuantizationScheme`` (targets ``Linear``) of one of `SCHEMES`."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     def args(**kw: Any) -> QuantizationArgs:
         return QuantizationArgs(**kw)
 
-    int4_group = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": GROUP_SIZE, "dynamic": False}
+    int4_group = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": group_size, "dynamic": False}
     int8_channel = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}
     fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
     table = {
@@ -201,14 +201,20 @@ def build_ct_checkpoint(
             are bfloat16).
     """
     import transformers
+
+    config = tiny_ct_config(arch)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    return quantize_ct(model, scheme, out_dir, seed=seed)
+
+
+def quantize_ct(model: Any, scheme: str, out_dir: Path, *, seed: int = 0, group_size: int = GROUP_SIZE) -> Path:
+    """Quantize ``model`` (changed in place) with one of `SCHEMES` and save it compressed to ``out_dir``."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
-    config = tiny_ct_config(arch)
-    qscheme = quantization_scheme(scheme)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-
+    config = model.config
+    qscheme = quantization_scheme(scheme, group_size)
     qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"])
     with _quiet():
         apply_quantization_config(model, qconfig)

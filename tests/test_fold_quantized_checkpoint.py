@@ -299,3 +299,148 @@ def test_cli_folds_a_quantized_checkpoint_and_names_its_format(ct_root, tmp_path
         "exact: 6 quantization statistics by rows (float32 products, each rounded once to its tensor's dtype); "
         "packed weights copied byte for byte" in result.stdout
     )
+
+
+# --- formats written per their specification: GPTQ, AWQ, MLX --------------------------------------
+# No GPTQ/AWQ loader installs next to torch 2.13 on a CPU (gptqmodel builds CUDA kernels, AutoGPTQ and
+# AutoAWQ import transformers-4 code) and MLX runs on Apple silicon: ``tests/quant_specs.py`` writes
+# their layouts and dequantizes them with ports of their own code (checked against the libraries'
+# sources in tests/test_quant_specs.py). The folded checkpoint is read back through those ports.
+
+import quant_specs as qs  # noqa: E402
+
+SPEC = {
+    # name: (format, quantizer keywords, the statistics' suffixes)
+    "gptq-4bit-g32-sym": ("gptq", dict(bits=4, group_size=32, sym=True, desc_act=False), ("scales",)),
+    "gptq-4bit-g32-asym-act-order": ("gptq", dict(bits=4, group_size=32, sym=False, desc_act=True), ("scales",)),
+    "gptq-3bit-g32-asym": ("gptq", dict(bits=3, group_size=32, sym=False, desc_act=False), ("scales",)),
+    "gptq-2bit-g64-sym-act-order": ("gptq", dict(bits=2, group_size=64, sym=True, desc_act=True), ("scales",)),
+    "gptq-8bit-one-group": ("gptq", dict(bits=8, group_size=-1, sym=False, desc_act=False), ("scales",)),
+    "awq-gemm-g32": ("awq", dict(bits=4, group_size=32, version="gemm"), ("scales",)),
+    "awq-gemv-g32": ("awq", dict(bits=4, group_size=32, version="gemv"), ("scales",)),
+    "mlx-4bit-g32-fp16": ("mlx", dict(bits=4, group_size=32, dtype=torch.float16), ("scales", "biases")),
+    "mlx-3bit-g64-fp16": ("mlx", dict(bits=3, group_size=64, dtype=torch.float16), ("scales", "biases")),
+    "mlx-8bit-g32-fp32": ("mlx", dict(bits=8, group_size=32, dtype=torch.float32), ("scales", "biases")),
+}
+_PARTS = {
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "awq": ("qweight", "qzeros", "scales"),
+    "mlx": ("weight", "scales", "biases"),
+}
+
+
+def write_spec_checkpoint(out: Path, fmt: str, kw: dict[str, Any], model: Any) -> Path:
+    """``model``'s decoder Linears quantized per the format's specification, the rest as they are."""
+    from safetensors.torch import save_file
+
+    quantize = {"gptq": qs.gptq_quantize, "awq": qs.awq_quantize, "mlx": qs.mlx_quantize}[fmt]
+    data = {}
+    for name, t in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if ".layers." in name and name.endswith(".weight") and t.dim() == 2:
+            data.update({f"{module}.{k}": v.contiguous() for k, v in quantize(t.float(), **kw).items()})
+        else:
+            data[name] = t.detach().clone().contiguous()
+    out.mkdir(parents=True)
+    save_file(data, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    extra = {k: v for k, v in kw.items() if k in ("bits", "group_size", "sym", "desc_act", "version")}
+    if fmt == "mlx":
+        config.update(qs.quant_config("mlx", **extra))
+    else:
+        config["quantization_config"] = qs.quant_config(fmt, **extra)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def spec_dense_model(folder: Path, fmt: str, kw: dict[str, Any]) -> Any:
+    """The checkpoint's dequantized weights (through the format's ported dequantizer) in a float32 model."""
+    import transformers
+
+    data = tensors(folder)
+    dense = {}
+    for name in data:
+        module = name.rsplit(".", 1)[0]
+        if name.endswith("." + _PARTS[fmt][0]) and f"{module}.scales" in data:
+            parts = {k: data[f"{module}.{k}"] for k in _PARTS[fmt]}
+            if fmt == "gptq":
+                w = qs.gptq_dequantize(parts, kw["bits"])
+            elif fmt == "awq":
+                w = qs.awq_dequantize(parts, kw["version"], kw["group_size"])
+            else:
+                w = qs.mlx_dequantize(parts, kw["bits"], kw["group_size"])
+            dense[f"{module}.weight"] = w.float()
+        elif name.rsplit(".", 1)[0] + ".weight" not in dense and not any(
+            name.endswith("." + p) for p in _PARTS[fmt][1:]
+        ):
+            dense[name] = data[name].float()
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    model.load_state_dict(dense, strict=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def spec_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    root = tmp_path_factory.mktemp("spec")
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128, head_dim=16)
+    return model, random_ia3_adapter(model, root / "adapter", seed=7, spread=0.2, **LLAMA_TARGETS)
+
+
+@pytest.mark.parametrize("name", list(SPEC))
+def test_spec_format_fold_scales_only_the_statistics_and_matches_peft(spec_model, tmp_path, name):
+    from peft import PeftModel
+
+    fmt, kw, stats = SPEC[name]
+    model, adapter = spec_model
+    base = write_spec_checkpoint(tmp_path / "base", fmt, kw, model)
+    report = ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    changed = assert_only_statistics_changed(base, tmp_path / "out", report)
+    modules = {
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj")
+    }
+    assert changed == {f"{m}.{s}" for m in modules for s in stats}
+    # each statistic is the float32 product rounded once to its dtype
+    vectors = ia3fuse.load_adapter(adapter).vectors
+    before, after = tensors(base), tensors(tmp_path / "out")
+    l = vectors["model.layers.1.self_attn.v_proj"].reshape(-1).float()
+    for s in stats:
+        key = f"model.layers.1.self_attn.v_proj.{s}"
+        axis = 1 if fmt == "gptq" or (fmt == "awq" and kw["version"] == "gemm") else 0
+        shape = [1, 1]
+        shape[axis] = -1
+        assert torch.equal(after[key], (before[key].float() * l.reshape(shape)).to(before[key].dtype))
+    # through the format's dequantizer: PEFT's unmerged IA3 on the same quantized base
+    ref_model = PeftModel.from_pretrained(spec_dense_model(base, fmt, kw), str(adapter)).eval()
+    with torch.no_grad():
+        ref = ref_model(input_ids=IDS).logits
+        out = spec_dense_model(tmp_path / "out", fmt, kw)(input_ids=IDS).logits
+        plain = spec_dense_model(base, fmt, kw)(input_ids=IDS).logits
+    floor = 2e-6 if before[f"model.layers.1.self_attn.v_proj.{stats[0]}"].dtype == torch.float32 else 2e-3
+    assert rel(out, ref) < floor < rel(plain, ref)
+
+
+def test_kernel_repacked_gptq_layouts_are_refused(spec_model, tmp_path):
+    model, adapter = spec_model
+    base = write_spec_checkpoint(
+        tmp_path / "base", "gptq", dict(bits=4, group_size=32, sym=True, desc_act=False), model
+    )
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"]["checkpoint_format"] = "marlin"
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FoldError, match=r"checkpoint_format is 'marlin'; ia3fuse folds the 'gptq' and 'gptq_v2'"):
+        ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_scale_overflow_is_refused_and_nothing_is_written(spec_model, tmp_path):
+    model, _ = spec_model
+    base = write_spec_checkpoint(
+        tmp_path / "base", "gptq", dict(bits=4, group_size=32, sym=True, desc_act=False), model
+    )
+    adapter = ia3fuse.load_adapter(random_ia3_adapter(model, tmp_path / "a", seed=7, spread=0.2, **LLAMA_TARGETS))
+    key = "model.layers.0.self_attn.k_proj"
+    adapter.vectors[key] = torch.full_like(adapter.vectors[key], 1e9)
+    with pytest.raises(FoldError, match=r"'model\.layers\.0\.self_attn\.k_proj\.scales' overflows float16 once scaled"):
+        ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

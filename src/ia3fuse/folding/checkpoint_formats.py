@@ -281,8 +281,15 @@ def checkpoint_format(config: Mapping[str, Any], where: str) -> Optional[Checkpo
         FoldError: a quantization method ia3fuse does not fold, named with the supported ones.
     """
     quant = config.get("quantization_config")
-    if quant is None and isinstance(config.get("quantization"), dict):  # mlx-lm's key
-        return CheckpointFormat("mlx", config["quantization"])
+    mlx = config.get("quantization")
+    if isinstance(mlx, dict) and not (isinstance(quant, dict) and quant.get("quant_method")):  # mlx-lm's key
+        mode = mlx.get("mode", "affine")
+        if mode != "affine":
+            raise FoldError(
+                f"{where} is an MLX checkpoint quantized in mode {mode!r}; ia3fuse folds the 'affine' mode "
+                "(scales and biases per group)"
+            )
+        return CheckpointFormat("mlx", mlx)
     if not quant:
         return None
     if not isinstance(quant, dict):

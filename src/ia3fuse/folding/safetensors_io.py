@@ -265,6 +265,12 @@ def _write_tensor(out: BinaryIO, job: _Job, raw: BinaryIO, handle: Any) -> None:
     elif s.view is not None:
         assert s.rows is not None  # a statistic only takes row scales
         tensor = scale_stat(tensor, s.rows, s.view, s.axis).to(dtype)
+        if not bool(torch.isfinite(tensor).all()):
+            raise FoldError(
+                f"{job.src.name!r} overflows {str(dtype).removeprefix('torch.')} once scaled (largest |l| "
+                f"{float(s.rows.abs().max()):.3g}); this adapter cannot be folded into this checkpoint: keep it "
+                "unmerged (PEFT or ia3fuse.Mixture)"
+            )
     elif s.bias:
         assert s.rows is not None  # a bias only takes row scales
         tensor = scale_bias(tensor, s.rows).to(dtype)
