@@ -111,10 +111,29 @@ def test_bnb_checkpoint_fold_matches_peft_on_the_quantized_base(bnb_files, tmp_p
     assert rel(_bnb_logits(tmp_path / "out"), ref) < 1e-5
 
 
-def test_bnb_double_quant_checkpoint_is_refused_with_the_way_out(bnb_files, tmp_path):
-    with pytest.raises(FoldError, match=r"double-quantized \(bnb_4bit_use_double_quant\): the streaming fold"):
-        ia3fuse.fold_checkpoint(bnb_files["nf4-double"], bnb_files["adapter"], tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+def test_bnb_double_quant_checkpoint_is_unnested_exactly_where_rows_are_scaled(bnb_files, tmp_path):
+    """Each nested block of absmax spans many rows (and adds an offset): the scaled modules' absmax
+    is decoded to float32 first (the values bitsandbytes computes), their nested tensors dropped."""
+    base, adapter = bnb_files["nf4-double"], bnb_files["adapter"]
+    report = ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    before, after = tensors(base), tensors(tmp_path / "out")
+    scaled = {
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj")
+    }
+    nested = {f"{m}.weight.{k}" for m in scaled for k in ("nested_absmax", "nested_quant_map")}
+    assert set(before) - set(after) == nested and set(after) <= set(before)
+    for name, t in after.items():
+        module = name.split(".weight")[0]
+        if module in scaled and (name.endswith(".absmax") or ".quant_state." in name):
+            continue
+        assert torch.equal(t.view(torch.uint8), before[name].view(torch.uint8)), name  # packed weights and the rest
+    assert all(after[f"{m}.weight.absmax"].dtype == torch.float32 for m in scaled)
+    assert (
+        "nested"
+        not in bytes(after["model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"].tolist()).decode()
+    )
+    assert report.breakdown().startswith("exact: 6 quantization statistics by rows, 6 4-bit quant states unnested")
+    assert rel(_bnb_logits(tmp_path / "out"), _bnb_logits(base, adapter)) < 1e-5
 
 
 def test_unknown_quantization_method_is_refused(bnb_files, tmp_path):

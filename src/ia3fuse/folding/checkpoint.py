@@ -63,7 +63,7 @@ class ChangedTensor(FoldEntry):
     def of(
         cls, tensor: str, scaled: str, modules: tuple[str, ...], shape: tuple[int, ...], dtype: str, path: str
     ) -> "ChangedTensor":
-        carries = "trained copy" if scaled == "trained copy" else f"{scaled} for {', '.join(modules)}"
+        carries = scaled if scaled in ("trained copy", "unnested") else f"{scaled} for {', '.join(modules)}"
         layer = f"{dtype} {'x'.join(map(str, shape))}"
         return cls(
             tensor, layer, path, carries, None, tensor=tensor, scaled=scaled, modules=modules, shape=shape, dtype=dtype
@@ -114,7 +114,7 @@ class CheckpointFoldReport(FileFoldReport):
         """One line: how many tensors were scaled by rows and by columns (every one exactly)."""
         counts: dict[str, int] = {}
         for e in self._changes():
-            key = "statistic" if e.path == "statistic" else e.scaled
+            key = e.scaled if e.scaled == "unnested" else "statistic" if e.path == "statistic" else e.scaled
             counts[key] = counts.get(key, 0) + 1
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         shown = (
@@ -123,6 +123,8 @@ class CheckpointFoldReport(FileFoldReport):
                 if k == "trained copy"
                 else f"{n} quantization statistics by rows"
                 if k == "statistic"
+                else f"{n} 4-bit quant states unnested (double quantization decoded to float32 absmax, exactly)"
+                if k == "unnested"
                 else f"{n} by {k.replace(', ', ' and ')}"
                 for k, n in ordered
             )
@@ -233,9 +235,9 @@ def fold_checkpoint(
     sources = _sources(_checkpoint_files(base))
     skeleton = _skeleton(base)
     by_name = {s.name: s for s in sources}
-    scales, model_type = _plan(loaded, skeleton, by_name, fmt)
+    scales, model_type, replaced = _plan(loaded, skeleton, by_name, fmt)
     trained = _plan_trained(loaded.extras, by_name) if extras == "keep" else {}
-    jobs = list(_iter_jobs(sources, scales, out_dtype, _keep_fp32(skeleton, out_dtype)))
+    jobs = list(_iter_jobs(sources, scales, out_dtype, _keep_fp32(skeleton, out_dtype), replaced))
     for job in jobs:
         job.trained = trained.get(job.src.name)
     n_shards = _assign_shards(jobs, max_bytes)
@@ -263,7 +265,7 @@ def fold_checkpoint(
             index = {
                 "metadata": {
                     "total_size": sum(j.nbytes for j in jobs),
-                    "total_parameters": sum(_numel(j.src.shape) for j in jobs),
+                    "total_parameters": sum(_numel(j.shape) for j in jobs),
                 },
                 "weight_map": {j.src.name: names[j.shard] for j in sorted(jobs, key=lambda j: j.src.name)},
             }
@@ -279,12 +281,15 @@ def fold_checkpoint(
                 )
             )
         if job.scale is None:
+            if job.replace is not None:  # a format's statistics rewritten whole (bnb double quant unnested)
+                dtype_name = str(_ST_TO_TORCH[job.dtype]).removeprefix("torch.")
+                entries.append(ChangedTensor.of(job.src.name, "unnested", (), job.shape, dtype_name, "statistic"))
             continue
         s = job.scale
         scaled = ", ".join(k for k, v in (("rows", s.rows), ("cols", s.cols)) if v is not None)
         dtype_name = str(_ST_TO_TORCH[job.dtype]).removeprefix("torch.")
         path = "dense" if s.view is None else "statistic"
-        entries.append(ChangedTensor.of(job.src.name, scaled, s.modules, job.src.shape, dtype_name, path))
+        entries.append(ChangedTensor.of(job.src.name, scaled, s.modules, job.shape, dtype_name, path))
     return CheckpointFoldReport(
         output=out,
         model_type=model_type,

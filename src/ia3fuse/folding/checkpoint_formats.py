@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import FoldError
 
@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointFormat",
     "checkpoint_format",
     "negative_refusal",
+    "unnest_bnb",
     "SUPPORTED",
 ]
 
@@ -73,6 +74,8 @@ class QuantModule:
     stats: tuple[Stat, ...]
     rows_reason: Optional[str] = None  # None: rows fold exactly
     negative_ok: bool = False  # the format's kernels take a negative statistic (measured)
+    # bnb 4-bit double quantization: (absmax, nested_absmax, nested_quant_map, quant state) to unnest
+    nested: Optional[tuple[str, str, str, str]] = None
 
     @property
     def cols_reason(self) -> str:
@@ -230,13 +233,12 @@ class CheckpointFormat:
             return QuantModule("bitsandbytes 8-bit", (Stat(f"{prefix}.SCB", shape, 0),), negative_ok=True)
         name = f"{prefix}.weight.absmax"
         shape = self._need(sources, name, "4-bit block statistics (absmax)")
+        blocksize, state = self._blocksize(prefix, sources)
+        nested = None
         if f"{prefix}.weight.nested_absmax" in sources:
-            raise FoldError(
-                f"{prefix!r} stores its 4-bit block statistics double-quantized (bnb_4bit_use_double_quant): the "
-                "streaming fold does not rewrite nested statistics yet; load the model, fold it in memory "
-                "(ia3fuse.fold) and keep it loaded, or quantize without double quantization"
-            )
-        blocksize = self._blocksize(prefix, sources)
+            nested = (name, f"{prefix}.weight.nested_absmax", f"{prefix}.weight.nested_quant_map", state)
+            for part in nested[1:3]:
+                self._need(sources, part, "nested statistics (bnb_4bit_use_double_quant)")
         if in_f % blocksize or shape != (out_f * in_f // blocksize,):
             return QuantModule(
                 "bitsandbytes 4-bit",
@@ -244,17 +246,20 @@ class CheckpointFormat:
                 rows_reason=f"{name!r} has blocks of {blocksize} values that cross rows of {in_f}: a row scale does "
                 "not fit them",
                 negative_ok=True,
+                nested=nested,
             )
-        return QuantModule("bitsandbytes 4-bit", (Stat(name, (out_f, in_f // blocksize), 0),), negative_ok=True)
+        return QuantModule(
+            "bitsandbytes 4-bit", (Stat(name, (out_f, in_f // blocksize), 0),), negative_ok=True, nested=nested
+        )
 
-    def _blocksize(self, prefix: str, sources: Mapping[str, Any]) -> int:
+    def _blocksize(self, prefix: str, sources: Mapping[str, Any]) -> tuple[int, str]:
         from .safetensors_io import _read_tensor_at
 
         for key in sources:
             if key.startswith(f"{prefix}.weight.quant_state.bitsandbytes__"):
                 raw = _read_tensor_at(sources[key])
                 state = json.loads(bytes(raw.tolist()).decode())
-                return int(state.get("blocksize", 64))
+                return int(state.get("blocksize", 64)), key
         raise FoldError(
             f"the checkpoint lacks {prefix + '.weight.quant_state.bitsandbytes__nf4'!r} (or __fp4), the 4-bit quant "
             "state its quantization_config (bitsandbytes) promises; pass the folder transformers wrote"
@@ -327,6 +332,27 @@ def checkpoint_format(config: Mapping[str, Any], where: str) -> Optional[Checkpo
             "default uint8 storage"
         )
     return CheckpointFormat(method, quant)
+
+
+def unnest_bnb(nested: tuple[str, str, str, str], sources: Mapping[str, Any]) -> dict[str, Optional[Tensor]]:
+    """A double-quantized 4-bit module's statistics rewritten flat: ``absmax`` decoded to the float32
+    values bitsandbytes computes from its nested form (``nested_quant_map[absmax] * nested_absmax
+    + offset``, blockwise), the nested tensors dropped (None), the quant state without its nested
+    keys. The module's weight dequantizes to the same values, and its rows can then be scaled exactly."""
+    import torch
+
+    from .safetensors_io import _read_tensor_at
+
+    absmax_name, nested_absmax, nested_map, state_name = nested
+    state = json.loads(bytes(_read_tensor_at(sources[state_name]).tolist()).decode())
+    codes = _read_tensor_at(sources[absmax_name]).long()
+    scales = _read_tensor_at(sources[nested_absmax]).float()
+    code = _read_tensor_at(sources[nested_map]).float()
+    block = int(state.get("nested_blocksize", 256))
+    flat = code[codes] * scales.repeat_interleave(block)[: codes.numel()] + float(state.get("nested_offset", 0.0))
+    flat_state = {k: v for k, v in state.items() if not k.startswith("nested_")}
+    packed = torch.tensor(list(json.dumps(flat_state).encode()), dtype=torch.uint8)
+    return {absmax_name: flat.to(torch.float32), nested_absmax: None, nested_map: None, state_name: packed}
 
 
 def negative_refusal(fmt: QuantModule, name: str, count: int) -> str:

@@ -17,7 +17,7 @@ from .._text import summarize
 from ..adapter import IA3Adapter
 from ..errors import FoldError
 from .base import FoldBackend
-from .checkpoint_formats import SUPPORTED, CheckpointFormat, QuantBackend, QuantModule, negative_refusal
+from .checkpoint_formats import SUPPORTED, CheckpointFormat, QuantBackend, QuantModule, negative_refusal, unnest_bnb
 from .dense import DenseBackend
 from .plan import plan_fold
 from .misfit import refusal
@@ -165,8 +165,11 @@ def _rewriter(found: dict[str, str]) -> Callable[[str], str]:
 
 def _plan(
     adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source], fmt: Optional[CheckpointFormat] = None
-) -> tuple[dict[str, _Scale], str]:
+) -> tuple[dict[str, _Scale], str, dict[str, Optional[Tensor]]]:
     """Checkpoint tensor name -> its scale; checks every module before anything is written.
+
+    Also returns the tensors a format rewrites whole (None: dropped): a double-quantized bnb
+    4-bit module whose rows take a scale is unnested first (`unnest_bnb`).
 
     The decisions are `plan_fold`'s on the meta-device skeleton, with the checkpoint format's
     backends: `DenseBackend` for full-precision modules (an output-side vector scales its rows and
@@ -224,6 +227,7 @@ def _plan(
     from_skel = {v: k for k, v in to_skel.items()}
 
     scales: dict[str, _Scale] = {}
+    replaced: dict[str, Optional[Tensor]] = {}  # tensors written anew (None: dropped), e.g. unnested bnb statistics
     for w in works:
         modules = tuple(from_skel.get(p, p) for p in w.sources)
         ckpt = to_ckpt(w.path)
@@ -241,6 +245,8 @@ def _plan(
             if negative and not q.negative_ok:
                 problems.append(negative_refusal(q, ckpt, negative))
                 continue
+            if q.nested is not None:
+                replaced.update(unnest_bnb(q.nested, sources))
             for stat in q.stats:
                 scales[stat.name] = _Scale(w.rows, None, False, False, 1, modules, view=stat.view, axis=stat.axis)
             bias = sources.get(f"{ckpt}.bias")
@@ -279,7 +285,7 @@ def _plan(
                 )
     if problems:
         raise FoldError(f"cannot fold the adapter into this checkpoint: {summarize(problems)}")
-    return scales, model_type
+    return scales, model_type, replaced
 
 
 def _parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:

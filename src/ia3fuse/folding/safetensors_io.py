@@ -91,11 +91,16 @@ class _Job:
     scale: Optional[_Scale] = None
     shard: int = 0
     trained: Optional[Tensor] = None  # the adapter's trained copy (modules_to_save) written instead
+    replace: Optional[Tensor] = None  # a new tensor (its own dtype and shape) written instead, then scaled
 
     @property
     def raw(self) -> bool:
         """Copied byte for byte (never decoded)."""
-        return self.scale is None and self.trained is None and self.dtype == self.src.dtype
+        return self.scale is None and self.trained is None and self.replace is None and self.dtype == self.src.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.src.shape if self.replace is None else tuple(self.replace.shape)
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -204,7 +209,7 @@ def _header(jobs: list[_Job]) -> bytes:
     for job in jobs:
         header[job.src.name] = {
             "dtype": job.dtype,
-            "shape": list(job.src.shape),
+            "shape": list(job.shape),
             "data_offsets": [offset, offset + job.nbytes],
         }
         offset += job.nbytes
@@ -258,7 +263,7 @@ def _write_tensor(out: BinaryIO, job: _Job, raw: BinaryIO, handle: Any) -> None:
     if job.trained is not None:
         _write_bytes(out, job.trained.to(dtype).contiguous())
         return
-    tensor = _read_tensor(handle, job.src.name)
+    tensor = _read_tensor(handle, job.src.name) if job.replace is None else job.replace
     s = job.scale
     if s is None:
         tensor = tensor.to(dtype)
@@ -345,9 +350,20 @@ def _assign_shards(jobs: list[_Job], max_bytes: int) -> int:
 
 
 def _iter_jobs(
-    sources: list[_Source], scales: dict[str, _Scale], dtype: Optional[torch.dtype], keep: Optional[re.Pattern[str]]
+    sources: list[_Source],
+    scales: dict[str, _Scale],
+    dtype: Optional[torch.dtype],
+    keep: Optional[re.Pattern[str]],
+    replaced: Optional[dict[str, Optional[Tensor]]] = None,
 ) -> Iterator[_Job]:
+    replaced = replaced or {}
     for src in sources:
+        if src.name in replaced:
+            new = replaced[src.name]
+            if new is not None:  # None: the tensor is dropped
+                st = _TORCH_TO_ST[new.dtype]
+                yield _Job(src, st, new.numel() * new.element_size(), scales.get(src.name), replace=new)
+            continue
         out = src.dtype
         if dtype is not None and src.dtype in _CASTABLE and not (keep is not None and keep.search(src.name)):
             out = _TORCH_TO_ST[dtype]
