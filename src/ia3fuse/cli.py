@@ -109,7 +109,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = fp.add_mutually_exclusive_group(required=True)
-    src.add_argument("--base", help="base model directory (config.json + safetensors)")
+    src.add_argument(
+        "--base",
+        help="base model directory (config.json + safetensors), full precision or quantized (compressed-tensors, "
+        "GPTQ, AWQ, bitsandbytes, MLX)",
+    )
     src.add_argument("--gguf", help="base model as a llama.cpp GGUF file (any quant type)")
     fp.add_argument("--adapter", required=True, help="IA3 adapter directory trained on that base")
     fp.add_argument(

@@ -177,6 +177,12 @@ def fold_checkpoint(
     loaded model. Every other tensor (tied embeddings included) is copied unchanged, byte for
     byte unless ``dtype`` converts it. Memory stays bounded by the largest tensor.
 
+    A quantized checkpoint (compressed-tensors, GPTQ, AWQ, bitsandbytes, MLX: its
+    ``quantization_config``) keeps its format: row scales multiply each quantized module's per-row
+    statistics (scales, ``SCB``, ``absmax``), feed-forward vectors move onto the rows of the layer
+    that feeds them (gated ``up_proj``, ReLU ``fc1``), and every packed tensor is copied byte for
+    byte. What cannot be folded exactly is refused. See docs/deploy.md.
+
     The base's other files are copied, sub-folders included (a sentence-transformers model keeps
     ``modules.json``, ``1_Pooling/``, ...), except weight files the fold does not write (other
     formats, ``onnx/`` exports of the unfolded model). ``README.md`` is the base's model card with
@@ -206,8 +212,9 @@ def fold_checkpoint(
 
     Raises:
         FoldError: the adapter's modules are absent, ambiguous, tied or of another size (an
-            adapter from another base), or the checkpoint is not a full-precision safetensors
-            model; nothing is written then.
+            adapter from another base), the checkpoint is not a safetensors model, its
+            quantization method is unknown, or a quantized module cannot take its scale exactly;
+            nothing is written then.
         OutputPathError: ``out_dir`` exists, is or lies inside an input, or writing it failed
             (no partial output is left).
 

@@ -1,7 +1,8 @@
 """Name resolution for the streaming checkpoint fold: the module skeleton built from
 ``config.json`` on the meta device, the adapter's module paths matched to its modules and to the
 checkpoint's tensor names, and each tensor's scale, every problem found before anything is written.
-The decisions are the in-memory fold's for full-precision layers (`DenseBackend`)."""
+The decisions are `plan_fold`'s (the in-memory fold's planner), with the checkpoint format's backends
+(`checkpoint_formats.py`)."""
 
 from __future__ import annotations
 
