@@ -248,18 +248,55 @@ def test_compressed_tensors_bf16_scales_fold_at_the_storage_floor(ct_root, tmp_p
     assert rel(_ct_logits(tmp_path / "out"), _ct_logits(base, adapter)) < 2e-2
 
 
-@pytest.mark.parametrize(
-    "scheme, why",
-    [
-        ("fp8_tensor", r"is one scale for the whole tensor \(strategy 'tensor'\)"),
-        ("fp8_block", r"holds one scale per block of 32 rows \(strategy 'block'\)"),
-    ],
-)
-def test_compressed_tensors_scales_that_span_rows_are_refused(ct_root, tmp_path, scheme, why):
-    base, adapter = _ct_setup(ct_root, scheme, "llama")
-    with pytest.raises(FoldError, match=why + r".*the streaming fold writes no lossy tensor"):
+def test_compressed_tensors_block_scales_are_refused(ct_root, tmp_path):
+    base, adapter = _ct_setup(ct_root, "fp8_block", "llama")
+    with pytest.raises(
+        FoldError,
+        match=r"holds one scale per block of 32 rows \(strategy 'block'\).*the streaming fold writes no lossy tensor",
+    ):
         ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_per_tensor_scales_are_widened_to_channels_exactly(ct_root, tmp_path):
+    """One FP8 scale per tensor cannot take a row scale, but the same value repeated per row can:
+    the scaled modules (and those an engine fuses with them: q/k/v, gate/up) move to per-channel
+    scales under a config group that names them; the fp8 weights stay byte for byte."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = _ct_setup(ct_root, "fp8_tensor", "llama")
+    report = ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    before, after = tensors(base), tensors(tmp_path / "out")
+    mods = [
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    ]
+    assert report.widened == sorted(mods)
+    for name, t in before.items():
+        if name.rsplit(".", 1)[0] in mods and name.endswith(".weight_scale"):
+            assert t.numel() == 1 and after[name].shape[1] == 1 and after[name].shape[0] > 1
+        else:
+            assert torch.equal(after[name].view(torch.uint8), t.view(torch.uint8)), name
+    q = "model.layers.0.self_attn.q_proj.weight_scale"  # fused sibling: widened, unscaled
+    assert torch.equal(after[q], before[q].reshape(1, 1).expand(after[q].shape[0], 1))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["ia3fuse_channel"]
+    assert group["targets"] == sorted(mods) and group["weights"]["strategy"] == "channel"
+    assert group["input_activations"] == config["config_groups"]["group_0"]["input_activations"]
+    assert "moved from per-tensor to per-channel scales (config group 'ia3fuse_channel')" in report.breakdown()
+    # decompressed, and through the runtime-quantized forward (static fp8 input scales)
+    assert rel(_ct_logits(tmp_path / "out"), _ct_logits(base, adapter)) < 2e-6
+
+    def runtime(path: Path, adapter: Path | None = None) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        with torch.no_grad():
+            return model(input_ids=IDS).logits
+
+    assert rel(runtime(tmp_path / "out"), runtime(base, adapter)) < 2e-6
 
 
 def test_negative_scales_are_refused_where_the_kernels_are_not_verified(ct_root, tmp_path):

@@ -63,7 +63,7 @@ class ChangedTensor(FoldEntry):
     def of(
         cls, tensor: str, scaled: str, modules: tuple[str, ...], shape: tuple[int, ...], dtype: str, path: str
     ) -> "ChangedTensor":
-        carries = scaled if scaled in ("trained copy", "unnested") else f"{scaled} for {', '.join(modules)}"
+        carries = scaled if scaled in ("trained copy", "unnested", "widened") else f"{scaled} for {', '.join(modules)}"
         layer = f"{dtype} {'x'.join(map(str, shape))}"
         return cls(
             tensor, layer, path, carries, None, tensor=tensor, scaled=scaled, modules=modules, shape=shape, dtype=dtype
@@ -78,6 +78,7 @@ class CheckpointFoldReport(FileFoldReport):
     total_size: int = 0  # bytes of tensor data
     dtype: Optional[str] = None  # the requested output dtype, None when every tensor kept its own
     quantization: Optional[str] = None  # the checkpoint's quantization method, None for full precision
+    widened: list[str] = field(default_factory=list)  # modules moved from per-tensor to per-channel scales
     copied_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
 
@@ -114,7 +115,9 @@ class CheckpointFoldReport(FileFoldReport):
         """One line: how many tensors were scaled by rows and by columns (every one exactly)."""
         counts: dict[str, int] = {}
         for e in self._changes():
-            key = e.scaled if e.scaled == "unnested" else "statistic" if e.path == "statistic" else e.scaled
+            key = (
+                e.scaled if e.scaled in ("unnested", "widened") else "statistic" if e.path == "statistic" else e.scaled
+            )
             counts[key] = counts.get(key, 0) + 1
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         shown = (
@@ -125,12 +128,19 @@ class CheckpointFoldReport(FileFoldReport):
                 if k == "statistic"
                 else f"{n} 4-bit quant states unnested (double quantization decoded to float32 absmax, exactly)"
                 if k == "unnested"
+                else f"{n} per-tensor scales widened to per-channel unchanged (fused with a scaled module)"
+                if k == "widened"
                 else f"{n} by {k.replace(', ', ' and ')}"
                 for k, n in ordered
             )
             or "no tensor"
         )
         packed = "; packed weights copied byte for byte" if "statistic" in counts else ""
+        if self.widened:
+            packed += (
+                f"; {count(len(self.widened), 'module')} moved from per-tensor to per-channel scales (config group "
+                "'ia3fuse_channel')"
+            )
         return f"exact: {shown} (float32 products, each rounded once to its tensor's dtype){packed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +150,7 @@ class CheckpointFoldReport(FileFoldReport):
             "total_size": self.total_size,
             "dtype": self.dtype,
             "quantization": self.quantization,
+            "widened": list(self.widened),
             "copied_files": self.copied_files,
             "skipped_files": self.skipped_files,
             "entries": [
@@ -242,15 +253,19 @@ def fold_checkpoint(
     sources = _sources(_checkpoint_files(base))
     skeleton = _skeleton(base)
     by_name = {s.name: s for s in sources}
-    scales, model_type, replaced = _plan(loaded, skeleton, by_name, fmt)
+    plan = _plan(loaded, skeleton, by_name, fmt)
+    scales, model_type = plan.scales, plan.model_type
     trained = _plan_trained(loaded.extras, by_name) if extras == "keep" else {}
-    jobs = list(_iter_jobs(sources, scales, out_dtype, _keep_fp32(skeleton, out_dtype), replaced))
+    jobs = list(_iter_jobs(sources, scales, out_dtype, _keep_fp32(skeleton, out_dtype), plan.replaced))
     for job in jobs:
         job.trained = trained.get(job.src.name)
     n_shards = _assign_shards(jobs, max_bytes)
     names = _shard_names(n_shards)
 
     config_text = None
+    if plan.quantization_config is not None:
+        config["quantization_config"] = plan.quantization_config
+        config_text = json.dumps(config, indent=2) + "\n"
     if out_dtype is not None:
         dtype_name = str(out_dtype).removeprefix("torch.")
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
@@ -288,9 +303,10 @@ def fold_checkpoint(
                 )
             )
         if job.scale is None:
-            if job.replace is not None:  # a format's statistics rewritten whole (bnb double quant unnested)
+            if job.replace is not None:  # statistics rewritten whole: bnb double quant unnested, scales widened
                 dtype_name = str(_ST_TO_TORCH[job.dtype]).removeprefix("torch.")
-                entries.append(ChangedTensor.of(job.src.name, "unnested", (), job.shape, dtype_name, "statistic"))
+                how = "widened" if job.src.name.endswith(".weight_scale") else "unnested"
+                entries.append(ChangedTensor.of(job.src.name, how, (), job.shape, dtype_name, "statistic"))
             continue
         s = job.scale
         scaled = ", ".join(k for k, v in (("rows", s.rows), ("cols", s.cols)) if v is not None)
@@ -309,4 +325,5 @@ def fold_checkpoint(
         copied_files=copied,
         skipped_files=skipped,
         quantization=None if fmt is None else fmt.label,
+        widened=plan.widened,
     )

@@ -76,6 +76,8 @@ class QuantModule:
     negative_ok: bool = False  # the format's kernels take a negative statistic (measured)
     # bnb 4-bit double quantization: (absmax, nested_absmax, nested_quant_map, quant state) to unnest
     nested: Optional[tuple[str, str, str, str]] = None
+    # compressed-tensors per-tensor scale: the per-channel shape it is widened to (same values)
+    widen: Optional[tuple[int, ...]] = None
 
     @property
     def cols_reason(self) -> str:
@@ -174,11 +176,14 @@ class CheckpointFormat:
         for s in shape:
             numel *= s
         if numel == 1:
+            reason = self._tensor_group_problem()
+            if reason is None:  # one scale per tensor becomes one per row: the same values, exactly
+                return QuantModule(fmt, (Stat(name, (out_f, 1), 0),), widen=(out_f, 1))
             return QuantModule(
                 fmt,
                 (Stat(name, shape, 0),),
                 rows_reason=f"{name!r} is one scale for the whole tensor (strategy 'tensor'): rows cannot take "
-                "different scales; quantize with strategy 'channel' or 'group' to fold exactly",
+                f"different scales, and {reason}; quantize with strategy 'channel' or 'group' to fold exactly",
             )
         if len(shape) == 2 and shape[0] == out_f:
             if in_f % shape[1]:
@@ -192,6 +197,33 @@ class CheckpointFormat:
                 "rows of a block cannot take different scales",
             )
         raise self._bad(name, shape, f"[{out_f}, 1] (channel), [{out_f}, groups] (group) or [1] (tensor)")
+
+    def _tensor_groups(self) -> list[str]:
+        groups = self.config.get("config_groups") or {}
+        return [
+            k for k, g in groups.items() if isinstance(g, dict) and (g.get("weights") or {}).get("strategy") == "tensor"
+        ]
+
+    def _tensor_group_problem(self) -> Optional[str]:
+        """None when per-tensor scales can be widened to per-channel ones (one config group of
+        strategy 'tensor' whose scheme can be copied), else why not."""
+        found = self._tensor_groups()
+        if len(found) != 1:
+            return f"the quantization_config has {len(found)} config groups of strategy 'tensor' (ia3fuse widens one)"
+        return None
+
+    def widened_config(self, modules: list[str]) -> dict[str, Any]:
+        """The quantization_config with ``modules`` (checkpoint names) moved to per-channel scales:
+        a copy of the per-tensor group with ``strategy: channel``, targeting them by exact name
+        (compressed-tensors and vLLM rank an exact name above a class-name target)."""
+        import copy
+
+        config = copy.deepcopy(dict(self.config))
+        group = copy.deepcopy(config["config_groups"][self._tensor_groups()[0]])
+        group["weights"]["strategy"] = "channel"
+        group["targets"] = sorted(modules)
+        config["config_groups"]["ia3fuse_channel"] = group
+        return config
 
     def _gptq(self, prefix: str, out_f: int, in_f: int, sources: Mapping[str, Any]) -> QuantModule:
         fmt_name = str(self.config.get("checkpoint_format", "gptq")).lower()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -23,7 +24,7 @@ from .dense import DenseBackend
 from .plan import plan_fold
 from .misfit import refusal
 from .checkpoint_files import CONFIG_FILE
-from .safetensors_io import _CASTABLE, _Scale, _Source
+from .safetensors_io import _CASTABLE, _Scale, _Source, _numel, _read_tensor_at
 
 _DENSE = DenseBackend()
 _DTYPES = {
@@ -151,6 +152,41 @@ def _plan_trained(extras: dict[str, Tensor], sources: dict[str, _Source]) -> dic
     return out
 
 
+@dataclass
+class CheckpointPlan:
+    """What the streaming fold writes: each changed tensor's scale, tensors written anew (None:
+    dropped), and a new quantization_config where the fold changes it (None: unchanged)."""
+
+    scales: dict[str, _Scale]
+    model_type: str
+    replaced: dict[str, Optional[Tensor]]
+    quantization_config: Optional[dict[str, Any]] = None
+    widened: list[str] = field(default_factory=list)  # modules moved from per-tensor to per-channel scales
+
+
+# Modules that serving engines fuse into one layer (vLLM's packed_modules_mapping): they must share
+# one quantization scheme, so widening one widens its siblings (their scales unchanged).
+_FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+
+def _to_skel(name: str, skel_path: str, ckpt: str) -> str:
+    """The skeleton path of checkpoint module ``name``, by the prefix rewrite of ``skel_path`` -> ``ckpt``."""
+    if ckpt == skel_path:
+        return name
+    if ckpt.endswith(skel_path):
+        return name.removeprefix(ckpt[: -len(skel_path)])
+    return skel_path[: -len(ckpt)] + name
+
+
+def _fused_siblings(path: str, to_ckpt: Callable[[str], str], skeleton: nn.Module) -> list[str]:
+    parent, _, leaf = path.rpartition(".")
+    for group in _FUSED:
+        if leaf in group:
+            owner = skeleton.get_submodule(parent) if parent else skeleton
+            return [to_ckpt(f"{parent}.{n}" if parent else n) for n in sorted(group - {leaf}) if hasattr(owner, n)]
+    return []
+
+
 def _rewriter(found: dict[str, str]) -> Callable[[str], str]:
     """Skeleton path -> checkpoint name, by the one prefix rewrite that ``found`` shows."""
     for path, name in found.items():
@@ -166,11 +202,13 @@ def _rewriter(found: dict[str, str]) -> Callable[[str], str]:
 
 def _plan(
     adapter: IA3Adapter, skeleton: nn.Module, sources: dict[str, _Source], fmt: Optional[CheckpointFormat] = None
-) -> tuple[dict[str, _Scale], str, dict[str, Optional[Tensor]]]:
+) -> CheckpointPlan:
     """Checkpoint tensor name -> its scale; checks every module before anything is written.
 
-    Also returns the tensors a format rewrites whole (None: dropped): a double-quantized bnb
-    4-bit module whose rows take a scale is unnested first (`unnest_bnb`).
+    Also the tensors a format rewrites whole (None: dropped): a double-quantized bnb 4-bit module
+    whose rows take a scale is unnested first (`unnest_bnb`); a compressed-tensors per-tensor scale
+    is widened to one per row (the same value each), with a config group that says so, and so are
+    the scales of the modules an engine fuses with it (q/k/v, gate/up).
 
     The decisions are `plan_fold`'s on the meta-device skeleton, with the checkpoint format's
     backends: `DenseBackend` for full-precision modules (an output-side vector scales its rows and
@@ -229,6 +267,7 @@ def _plan(
 
     scales: dict[str, _Scale] = {}
     replaced: dict[str, Optional[Tensor]] = {}  # tensors written anew (None: dropped), e.g. unnested bnb statistics
+    widened: list[str] = []  # compressed-tensors modules moved from per-tensor to per-channel scales
     for w in works:
         modules = tuple(from_skel.get(p, p) for p in w.sources)
         ckpt = to_ckpt(w.path)
@@ -248,6 +287,14 @@ def _plan(
                 continue
             if q.nested is not None:
                 replaced.update(unnest_bnb(q.nested, sources))
+            if q.widen is not None:
+                for name in [ckpt, *_fused_siblings(w.path, to_ckpt, skeleton)]:
+                    key = f"{name}.weight_scale"
+                    per_tensor = key in sources and _numel(sources[key].shape) == 1
+                    if per_tensor and name not in widened:
+                        n_out = _DENSE.features(skeleton.get_submodule(_to_skel(name, w.path, ckpt)))[0]
+                        replaced[key] = _read_tensor_at(sources[key]).reshape(1, 1).expand(n_out, 1).clone()
+                        widened.append(name)
             for stat in q.stats:
                 scales[stat.name] = _Scale(w.rows, None, False, False, 1, modules, view=stat.view, axis=stat.axis)
             bias = sources.get(f"{ckpt}.bias")
@@ -286,7 +333,11 @@ def _plan(
                 )
     if problems:
         raise FoldError(f"cannot fold the adapter into this checkpoint: {summarize(problems)}")
-    return scales, model_type, replaced
+    quant_config = None
+    if widened:
+        assert fmt is not None  # only a compressed-tensors format widens
+        quant_config = fmt.widened_config(widened)
+    return CheckpointPlan(scales, model_type, replaced, quant_config, sorted(widened))
 
 
 def _parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
