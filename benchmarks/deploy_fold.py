@@ -124,6 +124,10 @@ def _write_gptq(fp: Path, out: Path, scale: dict[str, Any] | None = None) -> Non
 
 
 def _rss_mib() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -199,7 +203,6 @@ def worker_workaround_gptq(work: Path) -> dict[str, Any]:
 
 def _dequantize_gptq(src: Path, out: Path) -> None:
     """A dense bf16 checkpoint holding the GPTQ checkpoint's dequantized weights (tests/quant_specs)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from quant_specs import gptq_dequantize
@@ -210,7 +213,7 @@ def _dequantize_gptq(src: Path, out: Path) -> None:
         if name.endswith(".qweight"):
             module = name[: -len(".qweight")]
             parts = {k: t[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
-            dense[f"{module}.weight"] = gptq_dequantize(parts, bits=4).to(torch.bfloat16).contiguous()
+            dense[f"{module}.weight"] = gptq_dequantize(parts, bits=4).contiguous()  # float32: no second rounding
         elif name.rsplit(".", 1)[1] not in ("qzeros", "scales", "g_idx"):
             dense[name] = t[name]
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +223,7 @@ def _dequantize_gptq(src: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def worker_logits(work: Path, kind: str, folder: str, adapter: bool) -> dict[str, Any]:
+def worker_logits(work: Path, kind: str, folder: str, adapter: bool, dtype: str = "float32") -> dict[str, Any]:
     import torch
     import transformers
 
@@ -229,14 +232,14 @@ def worker_logits(work: Path, kind: str, folder: str, adapter: bool) -> dict[str
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=transformers.CompressedTensorsConfig(dequantize=True),
-            dtype=torch.float32,
+            dtype=getattr(torch, dtype),
             device_map="cpu",
         )
     else:
         dense = work / f"{folder}-dequantized"
         if not dense.exists():
             _dequantize_gptq(path, dense)
-        model = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=getattr(torch, dtype))
     if adapter:
         from peft import PeftModel
 
@@ -244,8 +247,9 @@ def worker_logits(work: Path, kind: str, folder: str, adapter: bool) -> dict[str
     model.eval()
     ids = torch.randint(1, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    torch.save(logits, work / f"logits-{folder}-{int(adapter)}.pt")
+        logits = model(input_ids=ids).logits.float()
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    torch.save(logits, work / f"logits-{folder}-{int(adapter)}{suffix}.pt")
     return {"peak_rss_mib": _rss_mib()}
 
 
@@ -290,7 +294,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(args.work) / ("quick" if args.quick else "full")
+    work = Path(args.work) if args.worker else Path(args.work) / ("quick" if args.quick else "full")
     if args.worker:
         fn = WORKERS[args.worker]
         rest: list[Any] = [r == "True" if r in ("True", "False") else r for r in args.rest]
@@ -313,6 +317,8 @@ def main() -> None:
         r["error_b"] = rel(work, f"logits-{fmt}-workaround-0.pt", f"logits-{fmt}-1.pt")
         run(work, "logits", fmt, fmt, False)
         r["adapter_effect"] = rel(work, f"logits-{fmt}-0.pt", f"logits-{fmt}-1.pt")
+        run(work, "logits", fmt, fmt, True, "bfloat16")  # PEFT unmerged, run in bf16: the usual compute floor
+        r["bf16_floor"] = rel(work, f"logits-{fmt}-1-bfloat16.pt", f"logits-{fmt}-1.pt")
         res[fmt] = r
     res["fp"] = {"a": run(work, "fold", "fp", "fp-folded"), "c": run(work, "cp", "fp")}
     res["script_s"] = time.perf_counter() - t0
@@ -368,11 +374,16 @@ def report(res: dict[str, Any]) -> str:
         )
         + ". The adapter itself moves the logits by "
         + ", ".join(f"{res[fmt]['adapter_effect']:.2e} ({fmt})" for fmt in ("ct", "gptq"))
-        + " (base vs PEFT unmerged), the scale the errors are read against.",
+        + " (base vs PEFT unmerged), the scale the errors are read against; running PEFT's unmerged model in "
+        "bf16 instead of float32 moves them by "
+        + ", ".join(f"{res[fmt]['bf16_floor']:.2e} ({fmt})" for fmt in ("ct", "gptq"))
+        + " (the compute floor of a bf16 deployment). (a)'s error is the rounding of each new scale to its "
+        "dtype (compressed-tensors: bf16, 2^-9 relative per row; GPTQ: fp16, 2^-11); (b) quantizes the merged "
+        "weights afresh, so every scaled layer gets new 4-bit codes: an error as large as the adapter's effect.",
         "",
         "Wall s of (a) and (d) is the whole command's process: Python start, imports, the config-built "
         "meta-device skeleton, and the fold (in parentheses: `fold_checkpoint` alone). Peak RSS: the process's "
-        "high-water mark (`ru_maxrss`), imports included. Bytes rewritten: the tensors the fold changed; every "
+        "high-water mark (VmHWM), imports included. Bytes rewritten: the tensors the fold changed; every "
         "other tensor is copied byte for byte. Throughput vs cp: `cp -r` + `sync` wall time of the same input "
         "divided by the path's wall time.",
         f"Script run time: {res['script_s']:.0f} s (setup {res['setup_s']:.0f} s).",

@@ -4,7 +4,9 @@ memory stays bounded by the largest tensor). No decisions here: a `_Job` says wh
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import struct
 import sys
@@ -243,7 +245,39 @@ def _write_bytes(out: BinaryIO, tensor: Tensor) -> None:
     out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
+# copy_file_range errors that mean "not here" (other file systems, kernels, special files)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
+
+
+def _fds(src: BinaryIO, out: BinaryIO) -> Optional[tuple[int, int]]:
+    """Both files' descriptors, or None when either is not a plain OS file."""
+    try:
+        return src.fileno(), out.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation: a file-like object without a descriptor
+        return None
+
+
 def _copy_range(src: BinaryIO, out: BinaryIO, start: int, nbytes: int) -> None:
+    """Copy ``nbytes`` of ``src`` from ``start`` to the end of ``out``: in the kernel where it can
+    (``copy_file_range``: no trip through user space, a reflink where the file system shares
+    extents), else through a buffer."""
+    fds = _fds(src, out) if nbytes and hasattr(os, "copy_file_range") else None
+    if fds is not None:
+        out.flush()
+        pos, done = out.tell(), 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(fds[0], fds[1], nbytes - done, start + done, pos + done)
+                if n == 0:
+                    raise FoldError(f"{src.name!r} ended early; the checkpoint is truncated")
+                done += n
+        except OSError as exc:  # not supported between these files: copy the rest through user space
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+        out.seek(pos + done)
+        start, nbytes = start + done, nbytes - done
+        if not nbytes:
+            return
     src.seek(start)
     left = nbytes
     while left:
