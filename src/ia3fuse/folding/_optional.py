@@ -1,4 +1,4 @@
-"""Lazy registration of backends whose libraries are optional (bitsandbytes, ...)."""
+"""Lazy registration of backends whose libraries are optional (bitsandbytes, torchao, HQQ)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ _loaded = False
 
 
 def load() -> None:
-    """Import each optional backend module once, if its library is installed."""
+    """Import each optional backend module once, if its library is installed.
+
+    The torchao and HQQ backends import their library only when a layer holds one of its
+    tensors or layers (each import costs seconds), so registering them costs nothing.
+    """
     global _loaded
     if _loaded:
         return
@@ -17,6 +21,10 @@ def load() -> None:
     if importlib.util.find_spec("bitsandbytes") is not None:
         quiet_bitsandbytes()
         from . import bnb  # noqa: F401  (registers the bitsandbytes backends)
+    if importlib.util.find_spec("torchao") is not None:
+        from . import torchao  # noqa: F401  (registers the torchao backend)
+    if importlib.util.find_spec("hqq") is not None:
+        from . import hqq  # noqa: F401  (registers the HQQ backend)
 
 
 def quiet_bitsandbytes() -> None:

@@ -46,6 +46,7 @@ from bitsandbytes.functional import QuantState
 
 from ..errors import FoldError
 from .base import FoldOptions, Snapshot, register_backend
+from .math import fold_vector
 
 __all__ = ["Int8Backend", "FourBitBackend", "INT8", "FOUR_BIT"]
 
@@ -56,20 +57,6 @@ _PIN = "support_avx512bf16_for_cpu"
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def _vector(values: Tensor, n: int, what: str, module: nn.Module, device: torch.device) -> Tensor:
-    """``values`` as a float64 vector of length ``n`` on ``device`` (float32 where fp64 is missing)."""
-    t = torch.as_tensor(values).detach().reshape(-1)
-    if t.numel() != n:
-        raise FoldError(
-            f"{what} has {t.numel()} values but {type(module).__name__} has {n}; pass one scale per "
-            f"{'output row' if what == 'rows' else 'input column'}"
-        )
-    if not torch.isfinite(t).all():
-        raise FoldError(f"{what} contains NaN or Inf; an IA3 scale must be finite")
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    return t.to(device=device, dtype=dtype)
 
 
 def _check_double_quant(options: FoldOptions) -> str:
@@ -198,7 +185,7 @@ class Int8Backend:
     def scale_rows(self, module: nn.Module, rows: Tensor, *, options: FoldOptions = _DEFAULT) -> str:
         assert isinstance(module, bnb.nn.Linear8bitLt)  # handles() accepted it
         w = module.weight
-        l = _vector(rows, module.out_features, "rows", module, w.device)
+        l = fold_vector(rows, module.out_features, "rows", type(module).__name__, w.device)
         with torch.no_grad():
             if _int8_float_master(module):
                 w.data.copy_((w.data.float() * l.float()[:, None]).to(w.dtype))
@@ -220,11 +207,17 @@ class Int8Backend:
         w = module.weight
         with torch.no_grad():
             dense = self.dequantize(module)
-            l = None if rows is None else _vector(rows, module.out_features, "rows", module, w.device)
+            l = (
+                None
+                if rows is None
+                else fold_vector(rows, module.out_features, "rows", type(module).__name__, w.device)
+            )
             if l is not None:
                 dense.mul_(l.float()[:, None])
             if cols is not None:
-                dense.mul_(_vector(cols, module.in_features, "cols", module, w.device).float()[None, :])
+                dense.mul_(
+                    fold_vector(cols, module.in_features, "cols", type(module).__name__, w.device).float()[None, :]
+                )
             if _int8_float_master(module):
                 w.data.copy_(dense.to(w.dtype))
                 _int8_reset_cache(module)
@@ -412,7 +405,7 @@ class FourBitBackend:
         assert isinstance(module, bnb.nn.Linear4bit)  # handles() accepted it
         qs = _qstate(module)
         assert qs is not None  # exact_rows() refused a layer without one
-        l = _vector(rows, module.out_features, "rows", module, module.weight.device)
+        l = fold_vector(rows, module.out_features, "rows", type(module).__name__, module.weight.device)
         with torch.no_grad():
             if _repacked(qs) and mode == "renest":
                 # Keep bnb's fused CPU layout: bf16 absmax (in/bs, out); costs one bf16 rounding.
@@ -443,11 +436,17 @@ class FourBitBackend:
         dtype = qs.original_dtype if _repacked(qs) else qs.dtype
         with torch.no_grad():
             dense = self.dequantize(module)
-            l = None if rows is None else _vector(rows, module.out_features, "rows", module, w.device)
+            l = (
+                None
+                if rows is None
+                else fold_vector(rows, module.out_features, "rows", type(module).__name__, w.device)
+            )
             if l is not None:
                 dense.mul_(l.float()[:, None])
             if cols is not None:
-                dense.mul_(_vector(cols, module.in_features, "cols", module, w.device).float()[None, :])
+                dense.mul_(
+                    fold_vector(cols, module.in_features, "cols", type(module).__name__, w.device).float()[None, :]
+                )
             data, new = bnbF.quantize_4bit(
                 dense,
                 blocksize=qs.blocksize,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["scale_weight", "scale_bias"]
+__all__ = ["scale_weight", "scale_bias", "fold_vector"]
 
 
 def scale_weight(
@@ -60,3 +60,25 @@ def scale_weight(
 def scale_bias(bias: Tensor, rows: Tensor) -> Tensor:
     """``bias * rows`` in float32 (an output-side IA3 vector scales the bias with the rows)."""
     return bias.float() * rows.to(torch.float32)
+
+
+def fold_vector(values: Tensor, n: int, what: str, layer: str, device: Optional[torch.device] = None) -> Tensor:
+    """``values`` checked as one finite scale per output row (``what="rows"``) or input column
+    (``"cols"``) of ``layer`` (its type name, for the message), as float64 on ``device`` (float32
+    on Apple's MPS, which has no float64).
+
+    Raises:
+        FoldError: a wrong count or a NaN/Inf entry, named.
+    """
+    from ..errors import FoldError
+
+    t = torch.as_tensor(values).detach().reshape(-1)
+    if t.numel() != n:
+        raise FoldError(
+            f"{what} has {t.numel()} values but {layer} has {n}; pass one scale per "
+            f"{'output row' if what == 'rows' else 'input column'}"
+        )
+    if not torch.isfinite(t).all():
+        raise FoldError(f"{what} contains NaN or Inf; an IA3 scale must be finite")
+    dtype = torch.float32 if device is not None and device.type == "mps" else torch.float64
+    return t.to(device=device, dtype=dtype)

@@ -103,7 +103,11 @@ def _layer_name(work: Work) -> str:
     qs = getattr(getattr(m, "weight", None), "quant_state", None)
     if qs is not None:
         extra = f" {getattr(qs, 'quant_type', '')}"
-    return f"{type(m).__name__}{extra} ({str(m.weight.dtype).removeprefix('torch.')})"
+    weight = getattr(m, "weight", None)  # HQQLinear keeps none: its compute dtype then
+    if weight is not None and work.backend.name == "torchao":
+        extra = f" {type(weight).__name__}"  # the torchao tensor subclass: Int8Tensor, Float8Tensor...
+    dtype = getattr(weight, "dtype", None) or getattr(m, "compute_dtype", None)
+    return f"{type(m).__name__}{extra} ({str(dtype).removeprefix('torch.')})"
 
 
 def _expected(before: torch.Tensor, work: Work) -> torch.Tensor:

@@ -30,7 +30,10 @@ __all__ = ["Work", "plan_fold", "place_input", "relu_blocked", "BackendFor"]
 _GATED = {"down_proj": ("up_proj", "gate_proj"), "w2": ("w3", "w1")}
 _RELU_PAIRS = {"fc2": "fc1"}
 _RELU_NAMES = {"relu"}
-_SUPPORTED = "ia3fuse folds into nn.Linear, Conv1D, Conv2d/Conv3d and bitsandbytes Linear8bitLt/Linear4bit"
+_SUPPORTED = (
+    "ia3fuse folds into nn.Linear, Conv1D, Conv2d/Conv3d, bitsandbytes Linear8bitLt/Linear4bit, torchao-quantized "
+    "Linear and HQQLinear"
+)
 
 # (module, its path) -> the backend that folds into it, or None when none does
 BackendFor = Callable[[nn.Module, str], Optional[FoldBackend]]
