@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ia3fuse"
 
 # Lowest first. Within a layer, modules may import each other; a subpackage is its own unit.
 LAYERS: list[set[str]] = [
-    {"errors", "_io", "_runtime", "_text", "_version"},
+    {"errors", "_io", "_logs", "_runtime", "_text", "_version"},
     {"adapter", "weights", "fusion"},
     {"stack", "recipe"},
     {"merging", "scaling", "forms"},

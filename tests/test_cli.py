@@ -548,15 +548,30 @@ def test_public_names_load_on_first_use_and_stay_the_functions() -> None:
 def test_main_restores_the_global_state_it_touches(
     inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ia3fuse.cli.main sets HF_HUB_OFFLINE and its warning printer while it runs, then restores both."""
+    """ia3fuse.cli.main sets HF_HUB_OFFLINE, its warning printer and quieter dependency loggers
+    while it runs, then restores all three."""
+    import logging
     import warnings
 
     from ia3fuse.cli import main
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     hook = warnings.showwarning
+    import ia3fuse.merging
+
+    noisy = logging.getLogger("torchao")  # import noise of a dependency: quiet while the command runs
+    monkeypatch.setattr(noisy, "level", logging.INFO)
+    seen = []
+    real = ia3fuse.merging.run_recipe
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(noisy.level)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ia3fuse.merging, "run_recipe", spy)
     assert main(["merge", str(inputs.a), str(inputs.b), "-o", str(tmp_path / "out")]) == 0
     assert "HF_HUB_OFFLINE" not in os.environ and warnings.showwarning is hook
+    assert seen == [logging.ERROR] and noisy.level == logging.INFO
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert main(["merge", str(inputs.a), str(inputs.lora), "-o", str(tmp_path / "bad")]) == 2
     assert os.environ["HF_HUB_OFFLINE"] == "0" and warnings.showwarning is hook

@@ -500,3 +500,18 @@ def test_fp16_scale_overflow_is_refused_and_nothing_is_written(spec_model, tmp_p
     with pytest.raises(FoldError, match=r"'model\.layers\.0\.self_attn\.k_proj\.scales' overflows float16 once scaled"):
         ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_module_the_quantizer_ignored_is_folded_densely(ct_root, tmp_path):
+    """``ignore: [lm_head]`` keeps lm_head in full precision inside a quantized checkpoint: an IA3
+    vector on it scales its dense rows, next to the statistics of the quantized modules."""
+    base, _ = _ct_setup(ct_root, "w4a16_group", "llama")
+    targets = dict(target_modules=["v_proj", "lm_head"], feedforward_modules=[])
+    adapter = random_ia3_adapter(load_ct(base), tmp_path / "a", seed=9, spread=0.2, **targets)
+    report = ia3fuse.fold_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert {(e.tensor, e.path) for e in report.entries} == {
+        ("lm_head.weight", "dense"),
+        ("model.layers.0.self_attn.v_proj.weight_scale", "statistic"),
+        ("model.layers.1.self_attn.v_proj.weight_scale", "statistic"),
+    }
+    assert rel(_ct_logits(tmp_path / "out"), _ct_logits(base, adapter)) < 2e-6

@@ -425,11 +425,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ia3fuse`` command; returns the exit status.
 
-    It sets ``HF_HUB_OFFLINE`` (ia3fuse never downloads anything) and its own warning printer
-    while it runs, and restores both, so calling it from Python leaves the process as it was.
+    It sets ``HF_HUB_OFFLINE`` (ia3fuse never downloads anything), its own warning printer and
+    quieter loggers for dependencies' import-time noise while it runs, and restores all three, so
+    calling it from Python leaves the process as it was.
     """
+    from ._logs import quiet_dependencies, restore_levels
+
     offline, hook = os.environ.get("HF_HUB_OFFLINE"), warnings.showwarning
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    levels = quiet_dependencies()
     try:
         return _main(argv)
     except BrokenPipeError:  # the reader went away (`ia3fuse methods | head`): not an error
@@ -437,6 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     finally:
         warnings.showwarning = hook
+        restore_levels(levels)
         if offline is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
 
@@ -444,11 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     parser, param_names = _build_parser()  # imports no torch: --help and usage errors stay fast
     args = parser.parse_args(argv)
-    from .errors import IA3FuseError
-    from .folding._optional import quiet_bitsandbytes
-
-    quiet_bitsandbytes()
-    from .errors import IA3FuseWarning
+    from .errors import IA3FuseError, IA3FuseWarning
 
     def show(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
         if issubclass(category, IA3FuseWarning):
