@@ -46,7 +46,7 @@ from bitsandbytes.functional import QuantState
 
 from ..errors import FoldError
 from .base import FoldOptions, Snapshot, register_backend
-from .math import fold_vector
+from .math import fold_vector, scale_dense
 
 __all__ = ["Int8Backend", "FourBitBackend", "INT8", "FOUR_BIT"]
 
@@ -207,17 +207,7 @@ class Int8Backend:
         w = module.weight
         with torch.no_grad():
             dense = self.dequantize(module)
-            l = (
-                None
-                if rows is None
-                else fold_vector(rows, module.out_features, "rows", type(module).__name__, w.device)
-            )
-            if l is not None:
-                dense.mul_(l.float()[:, None])
-            if cols is not None:
-                dense.mul_(
-                    fold_vector(cols, module.in_features, "cols", type(module).__name__, w.device).float()[None, :]
-                )
+            l = scale_dense(dense, rows, cols, type(module).__name__)
             if _int8_float_master(module):
                 w.data.copy_(dense.to(w.dtype))
                 _int8_reset_cache(module)
@@ -436,17 +426,7 @@ class FourBitBackend:
         dtype = qs.original_dtype if _repacked(qs) else qs.dtype
         with torch.no_grad():
             dense = self.dequantize(module)
-            l = (
-                None
-                if rows is None
-                else fold_vector(rows, module.out_features, "rows", type(module).__name__, w.device)
-            )
-            if l is not None:
-                dense.mul_(l.float()[:, None])
-            if cols is not None:
-                dense.mul_(
-                    fold_vector(cols, module.in_features, "cols", type(module).__name__, w.device).float()[None, :]
-                )
+            l = scale_dense(dense, rows, cols, type(module).__name__)
             data, new = bnbF.quantize_4bit(
                 dense,
                 blocksize=qs.blocksize,

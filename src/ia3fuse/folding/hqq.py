@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import FoldError
 from .base import FoldOptions, Snapshot, register_backend
-from .math import fold_vector, scale_bias
+from .math import fold_vector, scale_bias, scale_dense
 
 __all__ = ["HQQBackend", "HQQ"]
 
@@ -213,11 +213,7 @@ class HQQBackend:
         out, in_ = _shape(module)
         with torch.no_grad():
             dense = self.dequantize(module)
-            l = None if rows is None else fold_vector(rows, out, "rows", "HQQLinear").float()
-            if l is not None:
-                dense.mul_(l.to(dense.device)[:, None])
-            if cols is not None:
-                dense.mul_(fold_vector(cols, in_, "cols", "HQQLinear").float().to(dense.device)[None, :])
+            l = scale_dense(dense, rows, cols, "HQQLinear")
             # HQQLinear.quantize assigns a plain tensor to W_q, which a registered Parameter refuses
             codes = layer.W_q
             del layer.W_q

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["scale_weight", "scale_bias", "fold_vector"]
+__all__ = ["scale_weight", "scale_bias", "fold_vector", "scale_dense"]
 
 
 def scale_weight(
@@ -82,3 +82,16 @@ def fold_vector(values: Tensor, n: int, what: str, layer: str, device: Optional[
         raise FoldError(f"{what} contains NaN or Inf; an IA3 scale must be finite")
     dtype = torch.float32 if device is not None and device.type == "mps" else torch.float64
     return t.to(device=device, dtype=dtype)
+
+
+def scale_dense(dense: Tensor, rows: Optional[Tensor], cols: Optional[Tensor], layer: str) -> Optional[Tensor]:
+    """The lossy fallback's middle step: a dequantized float32 weight ``(out, in)`` times
+    ``diag(rows)`` and ``diag(cols)``, in place. Returns the checked row vector (`fold_vector`'s,
+    for the bias) or None."""
+    out, in_ = dense.shape
+    l = None if rows is None else fold_vector(rows, out, "rows", layer, dense.device)
+    if l is not None:
+        dense.mul_(l.float()[:, None])
+    if cols is not None:
+        dense.mul_(fold_vector(cols, in_, "cols", layer, dense.device).float()[None, :])
+    return l

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..errors import FoldError
 from .base import FoldOptions, Snapshot, register_backend
-from .math import fold_vector, scale_bias
+from .math import fold_vector, scale_bias, scale_dense
 
 __all__ = ["TorchaoBackend", "TORCHAO"]
 
@@ -330,11 +330,7 @@ class TorchaoBackend:
         out, in_ = w.shape
         with torch.no_grad():
             dense = fmt.dequantize(w)
-            l = None if rows is None else fold_vector(rows, out, "rows", type(module).__name__).float()
-            if l is not None:
-                dense.mul_(l.to(dense.device)[:, None])
-            if cols is not None:
-                dense.mul_(fold_vector(cols, in_, "cols", type(module).__name__).float().to(dense.device)[None, :])
+            l = scale_dense(dense, rows, cols, type(module).__name__)
             module.weight = nn.Parameter(fmt.requantize(w, dense), requires_grad=False)
             if l is not None:
                 _scale_module_bias(module, l)
