@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["torch_threads", "no_hf_progress_bars"]
+__all__ = ["torch_threads", "no_hf_progress_bars", "model_device"]
 
 
 @contextlib.contextmanager
@@ -40,3 +40,11 @@ def no_hf_progress_bars() -> Iterator[None]:
     finally:
         if was_on:
             tf_logging.enable_progress_bar()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_output_dir, check_output_path
+from ._runtime import model_device
 from .adapter import IA3Adapter, PathLike, as_adapters, load_adapter
 from .errors import IA3FuseError, InvalidParameterError, InvalidWeightsError, MethodInputError
 from .forms import MethodForm, mix
@@ -118,10 +119,7 @@ class Mixture(nn.Module):
             )
         loaded = as_adapters(adapters, allow_pickle=allow_pickle)
         trained = trained_modules(model, loaded, extras)
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        device = model_device(model)
         stack = TaskStack(loaded, device=device)
         agree = None
         if method is not None:  # the method's form (ia3fuse.forms), shared with the weight search

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import FoldError
 from .base import FoldOptions, Snapshot, register_backend
-from .math import fold_vector, scale_bias, scale_dense
+from .math import fold_vector, scale_bias_in_place, scale_dense
 
 __all__ = ["HQQBackend", "HQQ"]
 
@@ -83,12 +83,6 @@ def _groups(module: nn.Module) -> tuple[int, int]:
     out, in_ = _shape(module)
     group = meta.get("group_size") or (in_ if meta["axis"] == 1 else out)
     return int(meta["axis"]), int(group)
-
-
-def _scale_bias(module: nn.Module, rows: Tensor) -> None:
-    bias = _layer(module).bias
-    if isinstance(bias, Tensor):
-        bias.copy_(scale_bias(bias.detach(), rows).to(bias.dtype))
 
 
 class HQQBackend:
@@ -186,7 +180,7 @@ class HQQBackend:
         l = fold_vector(rows, out, "rows", "HQQLinear")
         with torch.no_grad():
             self._multiply(module, (out, in_ // group), l[:, None])
-            _scale_bias(module, l.float())
+            scale_bias_in_place(_layer(module).bias, l.float())
         return "statistic"
 
     def scale_cols(self, module: nn.Module, cols: Tensor, *, options: FoldOptions = _DEFAULT) -> str:
@@ -210,7 +204,6 @@ class HQQBackend:
                 "HQQLinear has no quant_config to quantize again with (a layer loaded without one); keep the "
                 "adapter unmerged, or fold only modules that take an exact path (exact='require' lists them)"
             )
-        out, in_ = _shape(module)
         with torch.no_grad():
             dense = self.dequantize(module)
             l = scale_dense(dense, rows, cols, "HQQLinear")
@@ -229,7 +222,7 @@ class HQQBackend:
                 layer.W_q = codes
                 raise
             if l is not None:
-                _scale_bias(module, l)
+                scale_bias_in_place(_layer(module).bias, l)
         return "requantize"
 
     def dequantize(self, module: nn.Module) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["scale_weight", "scale_bias", "fold_vector", "scale_dense"]
+__all__ = ["scale_weight", "scale_bias", "scale_bias_in_place", "fold_vector", "scale_dense"]
 
 
 def scale_weight(
@@ -60,6 +60,12 @@ def scale_weight(
 def scale_bias(bias: Tensor, rows: Tensor) -> Tensor:
     """``bias * rows`` in float32 (an output-side IA3 vector scales the bias with the rows)."""
     return bias.float() * rows.to(torch.float32)
+
+
+def scale_bias_in_place(bias: object, rows: Tensor) -> None:
+    """A layer's bias (None or absent: nothing) times ``rows``, in float32, rounded to its dtype."""
+    if isinstance(bias, Tensor):
+        bias.copy_(scale_bias(bias.detach(), rows).to(bias.dtype))
 
 
 def fold_vector(values: Tensor, n: int, what: str, layer: str, device: Optional[torch.device] = None) -> Tensor:

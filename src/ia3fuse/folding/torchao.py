@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..errors import FoldError
 from .base import FoldOptions, Snapshot, register_backend
-from .math import fold_vector, scale_bias, scale_dense
+from .math import fold_vector, scale_bias_in_place, scale_dense
 
 __all__ = ["TorchaoBackend", "TORCHAO"]
 
@@ -239,12 +239,6 @@ def _format(module: nn.Module) -> _Format:
     return fmt
 
 
-def _scale_module_bias(module: nn.Module, rows: Tensor) -> None:
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, Tensor):
-        bias.copy_(scale_bias(bias.detach(), rows).to(bias.dtype))
-
-
 class TorchaoBackend:
     """``nn.Linear`` whose weight is a torchao ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``,
     ``Float8Tensor`` or (A16W4) ``Int4OpaqueTensor``: rows fold into the per-row/per-group scale."""
@@ -317,7 +311,7 @@ class TorchaoBackend:
         shape[fmt.row_dim] = -1
         with torch.no_grad():
             stat.copy_((stat.to(torch.float64) * l.to(stat.device).reshape(shape)).to(stat.dtype))
-            _scale_module_bias(module, l.float())
+            scale_bias_in_place(getattr(module, "bias", None), l.float())
         return "statistic"
 
     def scale_cols(self, module: nn.Module, cols: Tensor, *, options: FoldOptions = _DEFAULT) -> str:
@@ -327,13 +321,12 @@ class TorchaoBackend:
         self, module: nn.Module, rows: Optional[Tensor], cols: Optional[Tensor], *, options: FoldOptions = _DEFAULT
     ) -> str:
         w, fmt = _weight(module), _format(module)
-        out, in_ = w.shape
         with torch.no_grad():
             dense = fmt.dequantize(w)
             l = scale_dense(dense, rows, cols, type(module).__name__)
             module.weight = nn.Parameter(fmt.requantize(w, dense), requires_grad=False)
             if l is not None:
-                _scale_module_bias(module, l)
+                scale_bias_in_place(getattr(module, "bias", None), l)
         return "requantize"
 
     def dequantize(self, module: nn.Module) -> Tensor:

@@ -22,6 +22,7 @@ from ..scaling import ScaleHooks, TaskStack
 from .data import Batch, make_batches, read_records
 from .objectives import resolve_objective
 from .optim import OPTIMIZERS, Trace, run_adam, run_cma
+from .._runtime import model_device
 from ..forms import MethodForm, formed_methods
 from .space import GRANULARITIES, SEARCHABLE_METHODS, WeightSpace
 
@@ -368,10 +369,7 @@ def search_weights(
         raise IncompatibleAdaptersError("no adapters given; pass at least one adapter")
     # Heads (modules_to_save) first: scoring candidates with the wrong head would waste the budget.
     trained = trained_modules(model, loaded, extras)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = model_device(model)
     stack = TaskStack(loaded, device=device)
     batches = make_batches(data, model, tokenizer=tokenizer, batch_size=batch_size, need_labels=objective == "loss")
     cost = len(batches)
