@@ -1,5 +1,5 @@
 """Tiny built-in models and random IA3 adapters for ``ia3fuse demo``, built from transformers
-configs (no downloads). The tests and benchmarks reuse them through ``tests/factories.py``.
+configs (no downloads), with a character-level tokenizer. The tests and benchmarks reuse them through ``tests/factories.py``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model", "random_ia3_adapter"]
+__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model", "tiny_tokenizer", "random_ia3_adapter"]
 
 TINY_ARCHS = ("llama", "gpt2", "t5", "bert", "opt")
 
@@ -101,6 +101,21 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> Any:
         "opt": tf.OPTForCausalLM,
     }[arch]
     return cls(cfg).eval()
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level tokenizer of 98 tokens (printable ASCII, ``<pad>`` 0, ``<eos>`` 1,
+    ``<unk>`` 2) that fits the tiny models' vocabulary of 128."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def random_ia3_adapter(

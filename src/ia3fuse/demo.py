@@ -9,10 +9,12 @@ from typing import Any
 import torch
 
 from .errors import IA3FuseError
-from ._tiny_models import TINY_ARCHS, random_ia3_adapter, tiny_model
+from ._tiny_models import TINY_ARCHS, random_ia3_adapter, tiny_model, tiny_tokenizer
 from ._text import format_table
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "build_demo_files", "DEMO_ADAPTERS"]
+
+DEMO_ADAPTERS = ("task_a", "task_b", "task_c")
 
 # Parameters for the demo rows: the defaults, with densities that keep half of 16-64 entries.
 _DEMO_PARAMS: dict[str, dict[str, Any]] = {"ties": {"density": 0.5}, "svd": {"svd_rank": 2}}
@@ -33,30 +35,28 @@ def _output(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
-def run_demo(workdir: Path, *, arch: str = "llama") -> str:
-    """Build everything under ``workdir``, fuse with every method, load each result in PEFT.
+def build_demo_files(workdir: Path, *, arch: str = "llama") -> tuple[Any, Path, list[Path]]:
+    """The tiny base model (saved with its character-level tokenizer) and three random IA3
+    adapters under ``workdir``; files already there are reused.
 
     Returns:
-        A report: one row per method with its parameters, the time the merge took, whether
-        PEFT loaded the result, and how far the fused model's outputs move from the base's.
+        (the base model in memory, its folder, the adapter folders). ``task_c`` targets only
+        the attention modules, so identity fill matters for it.
     """
     if arch not in TINY_ARCHS:
         raise IA3FuseError(f"--arch {arch!r} is not a built-in tiny model; choose one of {', '.join(TINY_ARCHS)}")
-    from peft import PeftModel
-
-    from . import merge, methods
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     base = tiny_model(arch)
     base_dir = workdir / f"tiny-{arch}"
-    if not base_dir.exists():
+    if not (base_dir / "config.json").exists():
         base.save_pretrained(str(base_dir))
+    if not (base_dir / "tokenizer.json").exists():
+        tiny_tokenizer().save_pretrained(str(base_dir))
     adapter_dirs = []
-    for i, name in enumerate(["task_a", "task_b", "task_c"]):
+    for i, name in enumerate(DEMO_ADAPTERS):
         path = workdir / "adapters" / name
         if not path.exists():
-            # task_c targets only the attention modules: identity fill matters for it.
             targets = None if i < 2 else _attention_only(base)
             random_ia3_adapter(
                 base,
@@ -67,6 +67,22 @@ def run_demo(workdir: Path, *, arch: str = "llama") -> str:
                 base_name=str(base_dir),
             )
         adapter_dirs.append(path)
+    return base, base_dir, adapter_dirs
+
+
+def run_demo(workdir: Path, *, arch: str = "llama") -> str:
+    """Build everything under ``workdir``, fuse with every method, load each result in PEFT.
+
+    Returns:
+        A report: one row per method with its parameters, the time the merge took, whether
+        PEFT loaded the result, and how far the fused model's outputs move from the base's.
+    """
+    from peft import PeftModel
+
+    from . import merge, methods
+
+    workdir = Path(workdir)
+    base, base_dir, adapter_dirs = build_demo_files(workdir, arch=arch)
     batch = _inputs(arch)
     ref = _output(base, batch)
     (workdir / "fused").mkdir(exist_ok=True)

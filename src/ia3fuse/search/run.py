@@ -301,6 +301,7 @@ def search_weights(
     allow_pickle: bool = False,
     extras: Extras = "error",
     params: Optional[Mapping[str, Any]] = None,
+    callback: Optional[Callable[[dict[str, float]], None]] = None,
     **method_params: Any,
 ) -> SearchResult:
     """Find fusion weights that minimise an objective on a few examples.
@@ -426,6 +427,9 @@ def search_weights(
     def on_step(trace: Trace) -> None:
         bar.update(trace.forwards - bar.n)
         bar.set_postfix({obj_name: f"{trace.history[-1]['objective']:.4f}", "best": f"{trace.best_value:.4f}"})
+        if callback is not None and rank == 0:
+            last = trace.history[-1]
+            callback({"forwards": float(last["forwards"]), "objective": last["objective"], "best": trace.best_value})
 
     originals = {name: t.detach().clone() for name, (t, _) in trained.items()}
     try:
