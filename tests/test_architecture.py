@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"merging", "scaling", "forms"},
     {"live", "mixture", "router", "search"},
     {"folding"},
-    {"cli", "tables", "demo", "_tiny_models", "__init__", "__main__"},
+    {"cli", "tables", "demo", "studio", "_tiny_models", "__init__", "__main__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -501,7 +501,7 @@ def test_python_m_ia3fuse_runs_the_command(tmp_path: Path) -> None:
 
     res = run("--help")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("usage: ia3fuse ") and "{merge,inspect,methods,fold,search,demo}" in res.stdout
+    assert res.stdout.startswith("usage: ia3fuse ") and "{merge,inspect,methods,fold,search,demo,studio}" in res.stdout
     res = run("methods")
     assert res.returncode == 0, res.stderr
     assert set(_method_blocks(res.stdout)) == set(METHOD_PAPERS)

@@ -226,6 +226,22 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     dp = sub.add_parser("demo", help="build a tiny model and adapters, fuse with every method, check in PEFT")
     dp.add_argument("--workdir", default="ia3fuse-demo", help="folder for the demo files (default ./ia3fuse-demo)")
     dp.add_argument("--arch", default="llama", help="tiny architecture: llama, gpt2, t5 or bert")
+
+    st = sub.add_parser(
+        "studio",
+        help="a local web app: fusion weights by eye, live outputs, search and export",
+        description="Start the studio on localhost and print its URL (Ctrl-C stops it). Needs pip install 'ia3fuse[studio]'.",
+    )
+    st.add_argument("--model", help="base model folder (with its tokenizer unless --tokenizer)")
+    st.add_argument("--adapters", nargs="+", metavar="DIR", help="IA3 adapter folders")
+    st.add_argument("--data", help="JSON-lines examples: prompts, scores (with targets or labels) and search")
+    st.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    st.add_argument("--demo", action="store_true", help="open the built-in example (tiny model, three adapters)")
+    st.add_argument("--workdir", help="folder for the --demo files (default: a new temporary folder)")
+    st.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    st.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    st.add_argument("--extras", choices=["error", "first", "drop"], default="error", help="the adapters' heads")
+    st.add_argument("--open", action="store_true", help="open the page in the default web browser")
     return parser, param_names + [p for p in search_params if p not in param_names]
 
 
@@ -415,6 +431,62 @@ def _cmd_search(args: argparse.Namespace, param_names: list[str]) -> int:
     return 0
 
 
+def _cmd_studio(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .errors import IA3FuseError
+    from .studio.server import StudioServer, require, warn_if_public
+
+    require()  # before loading anything: the one-line install hint
+    if args.demo == bool(args.model or args.adapters):
+        raise IA3FuseError("pass --demo, or --model DIR with --adapters DIR [DIR ...]")
+    if args.model and not args.adapters:
+        raise IA3FuseError("--model needs --adapters DIR [DIR ...]")
+    if args.adapters and not args.model:
+        raise IA3FuseError("--adapters needs --model DIR, the base model they were trained on")
+    if not 0 <= args.port <= 65535:
+        raise IA3FuseError(f"--port {args.port} is not a port; pass 0 to 65535 (0 picks a free one)")
+    from .studio import Studio
+
+    if args.demo:
+        from .search import read_records
+        from .studio.demo import build_studio_demo
+
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ia3fuse-studio-demo-"))
+        base, tokenizer, base_dir, adapter_dirs, data = build_studio_demo(workdir)
+        studio = Studio(
+            base,
+            adapter_dirs,
+            tokenizer=tokenizer,
+            records=read_records(data),
+            base_dir=base_dir,
+            title="demo: tiny llama",
+        )
+        print(f"demo files in {workdir}")
+    else:
+        studio = Studio.from_dirs(
+            args.model, args.adapters, data=args.data, tokenizer_dir=args.tokenizer, extras=args.extras
+        )
+    warn_if_public(args.host)
+    try:
+        server = StudioServer(studio, host=args.host, port=args.port)
+        url = server.start()
+        print(f"ia3fuse studio: {url} (Ctrl-C stops it)", flush=True)
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(url)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            print("ia3fuse studio: stopped", file=sys.stderr)
+        finally:
+            server.stop()
+    finally:
+        studio.close()
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -471,6 +543,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             return _cmd_fold(args)
         if args.command == "search":
             return _cmd_search(args, param_names)
+        if args.command == "studio":
+            return _cmd_studio(args)
         return _cmd_demo(args)
     except IA3FuseError as exc:
         if args.debug:
