@@ -27,7 +27,7 @@ from ia3fuse.studio.demo import DEMO_PROMPTS, build_studio_demo
 from ia3fuse.weights import WeightSchedule
 
 from cli_runner import run_cli
-from factories import random_ia3_adapter, tiny_model, tiny_tokenizer
+from factories import random_ia3_adapter, tiny_config, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -324,20 +324,11 @@ def test_fold_needs_the_base_folder(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- other model families
 def test_a_classifier_shows_labels_and_scores_as_peft_computes_them(tmp_path: Path) -> None:
     from peft import PeftModel
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=3,
-        id2label={0: "neg", 1: "neu", 2: "pos"},
-        label2id={"neg": 0, "neu": 1, "pos": 2},
-    )
+    labels = {0: "neg", 1: "neu", 2: "pos"}
+    cfg = tiny_config("bert", id2label=labels, label2id={v: k for k, v in labels.items()})
     base = BertForSequenceClassification(cfg).eval()
     base.save_pretrained(str(tmp_path / "base"))
     tok = tiny_tokenizer()

@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from ..errors import IA3FuseError, MissingDependencyError
 from .session import Studio
@@ -96,20 +96,34 @@ def create_app(studio: Studio) -> Any:
         except Exception as exc:  # noqa: BLE001 - every error reaches the page as one line
             return fail(exc)
 
-    async def outputs(request: Request) -> Any:
+    def threaded(work: Callable[[dict[str, Any]], Any]) -> Callable[[Request], Awaitable[Any]]:
+        """A route that runs ``work(request JSON)`` off the event loop; its errors become one line."""
         from starlette.concurrency import run_in_threadpool
 
-        try:
-            data = await body(request)
-            result = await run_in_threadpool(
-                studio.outputs,
-                data.get("fusion") or {},
-                data.get("prompts") or [],
-                max_new_tokens=data.get("max_new_tokens", 20),
-            )
-            return JSONResponse(result)
-        except Exception as exc:  # noqa: BLE001
-            return fail(exc)
+        async def route(request: Request) -> Any:
+            try:
+                return JSONResponse(await run_in_threadpool(work, await body(request)))
+            except Exception as exc:  # noqa: BLE001 - every error reaches the page as one line
+                return fail(exc)
+
+        return route
+
+    outputs = threaded(
+        lambda data: studio.outputs(
+            data.get("fusion") or {}, data.get("prompts") or [], max_new_tokens=data.get("max_new_tokens", 20)
+        )
+    )
+    export = threaded(
+        lambda data: studio.export(
+            data.get("fusion") or {},
+            data.get("folder") or "",
+            adapter=bool(data.get("adapter", True)),
+            recipe=bool(data.get("recipe", True)),
+            fold=bool(data.get("fold", False)),
+            overwrite=bool(data.get("overwrite", False)),
+            name=str(data.get("name") or "fused"),
+        )
+    )
 
     async def search_start(request: Request) -> Any:
         try:
@@ -146,25 +160,6 @@ def create_app(studio: Studio) -> Any:
 
     def search_state(request: Request) -> Any:
         return JSONResponse(job.snapshot())
-
-    async def export(request: Request) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
-        try:
-            data = await body(request)
-            result = await run_in_threadpool(
-                studio.export,
-                data.get("fusion") or {},
-                data.get("folder") or "",
-                adapter=bool(data.get("adapter", True)),
-                recipe=bool(data.get("recipe", True)),
-                fold=bool(data.get("fold", False)),
-                overwrite=bool(data.get("overwrite", False)),
-                name=str(data.get("name") or "fused"),
-            )
-            return JSONResponse(result)
-        except Exception as exc:  # noqa: BLE001
-            return fail(exc)
 
     routes = [
         Route("/", index),
