@@ -191,7 +191,18 @@ def _build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         help="one weight per adapter, per adapter and layer, or per adapter, layer and module kind",
     )
     sp_.add_argument("--optimizer", choices=["adam", "cma"], default="adam", help="adam (gradients) or cma (CMA-ES)")
-    sp_.add_argument("--method", default="task_arithmetic", help="fusion method (see 'ia3fuse methods')")
+    sp_.add_argument(
+        "--method",
+        default="task_arithmetic",
+        help="fusion method (see 'ia3fuse methods'), or 'auto': choose the method, its parameter, a scale and the "
+        "weights, with a held-out estimate",
+    )
+    sp_.add_argument(
+        "--holdout",
+        type=float,
+        default=0.25,
+        help="with --method auto: share of the examples kept for the estimate (another share chooses; default 0.25)",
+    )
     sp_.add_argument(
         "--budget", type=int, default=None, help="forward passes to spend (default 100 passes over the data)"
     )
@@ -419,15 +430,30 @@ def _cmd_search(args: argparse.Namespace, param_names: list[str]) -> int:
         progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
         extras=args.extras,
+        **({"holdout": args.holdout} if args.method == "auto" else {}),
         **params,
     )
     written = result.save(out, overwrite=args.force)
+    from .search.auto import AutoSearchResult
+
+    if isinstance(result, AutoSearchResult):
+        print(result.candidates_table())
+        print()
+        held = result.heldout
+        metric = "" if held["metric"] is None else f", metric {100 * held['metric']:.1f}%"
+        print(
+            f"chosen: {result.method} ({result.granularity}-wise); held-out {result.objective} "
+            f"{held['objective']:.6g}{metric} on {held['examples']} examples no choice used"
+        )
+        if result.layer_note:
+            print(result.layer_note)
     print(result.weights_table())
     print(
         f"{result.objective}: {result.initial_objective:.6g} -> {result.final_objective:.6g} "
         f"({result.optimizer}, {result.granularity}-wise) in {result.passes()}"
     )
-    print(f"wrote {written} (adapter/, recipe.yaml, weights.md, weights.png, objective.png, search.json)")
+    extra = ", candidates.md/json/png" if isinstance(result, AutoSearchResult) else ""
+    print(f"wrote {written} (adapter/, recipe.yaml, weights.md, weights.png, objective.png, search.json{extra})")
     return 0
 
 

@@ -77,12 +77,12 @@ def run_demo(workdir: Path, *, arch: str = "llama") -> str:
         A report: one row per method with its parameters, the time the merge took, whether
         PEFT loaded the result, and how far the fused model's outputs move from the base's.
     """
+    workdir = Path(workdir)
+    base, base_dir, adapter_dirs = build_demo_files(workdir, arch=arch)  # checks arch before PEFT's import noise
     from peft import PeftModel
 
     from . import merge, methods
 
-    workdir = Path(workdir)
-    base, base_dir, adapter_dirs = build_demo_files(workdir, arch=arch)
     batch = _inputs(arch)
     ref = _output(base, batch)
     (workdir / "fused").mkdir(exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["plot_weights", "plot_objective"]
+__all__ = ["plot_weights", "plot_objective", "plot_candidates"]
 
 
 def _pyplot() -> Any:
@@ -66,6 +66,36 @@ def plot_objective(
         ax.plot(xs, ys, label=label, drawstyle="steps-post")
     ax.set_xlabel("forward passes")
     ax.set_ylabel(f"best {objective} so far")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_candidates(
+    candidates: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any], path: Path, objective: str = "objective"
+) -> Path:
+    """The automatic search's candidates: selection objective (what chose) against held-out
+    objective (what was not used to choose), one point per candidate, the chosen one circled."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = {"screen": "o", "task-wise": "s", "layer-wise": "^"}
+    for stage, marker in markers.items():
+        pts = [c for c in candidates if c["stage"] == stage and c["heldout"] is not None]
+        if pts:
+            ax.scatter(
+                [c["selection"] for c in pts], [c["heldout"] for c in pts], marker=marker, label=stage, alpha=0.75
+            )
+            for c in pts:
+                ax.annotate(c["method"], (c["selection"], c["heldout"]), fontsize=6, alpha=0.7)
+    if chosen.get("heldout") is not None:
+        ax.scatter(
+            [chosen["selection"]], [chosen["heldout"]], s=220, facecolors="none", edgecolors="red", label="chosen"
+        )
+    ax.set_xlabel(f"selection {objective} (fit + val for the screen, val for trained)")
+    ax.set_ylabel(f"held-out {objective}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

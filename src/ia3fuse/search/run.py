@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -178,7 +179,11 @@ class SearchResult:
                 plot_objective(
                     {f"{self.optimizer}, {self.granularity}-wise": self.history}, tmp / "objective.png", self.objective
                 )
+            self._write_extra(tmp, plots)
         return out
+
+    def _write_extra(self, folder: Path, plots: bool) -> None:
+        """More files in the same atomic write (the automatic search's candidate ranking)."""
 
 
 def load_model(path: PathLike, *, classifier: bool = False, dtype: Optional[torch.dtype] = None) -> Any:
@@ -302,6 +307,9 @@ def search_weights(
     extras: Extras = "error",
     params: Optional[Mapping[str, Any]] = None,
     callback: Optional[Callable[[dict[str, float]], None]] = None,
+    metric: Optional[Callable[..., float]] = None,
+    holdout: float = 0.25,
+    methods: Optional[Sequence[str]] = None,
     **method_params: Any,
 ) -> SearchResult:
     """Find fusion weights that minimise an objective on a few examples.
@@ -335,6 +343,17 @@ def search_weights(
             ``"error"`` (default) uses them when the adapters agree and refuses up front when they
             differ, ``"first"`` scores every candidate with the first adapter's, ``"drop"`` with the
             model's own; the fused adapter gets the same (see `ia3fuse.merge`).
+        callback: called after each step with ``{"forwards", "objective", "best"}`` (cumulative
+            forward passes, the step's objective, the best so far), e.g. to draw a live curve.
+        method ``"auto"``: choose the method, its key parameter, a global scale and the weights
+            (task-wise, or layer-wise where that wins on validation), with a held-out estimate;
+            returns an `AutoSearchResult` (see `ia3fuse.search.auto`). ``optimizer`` must be
+            ``"adam"``; ``granularity`` ``"layer"`` lets layer-wise weights compete (``"task"``:
+            task-wise only); ``params``, ``l1``, ``bounds`` and ``init`` must be left out.
+            ``holdout``: the share of the examples kept for the estimate; ``methods``: the
+            methods to consider (default: every searchable one); ``metric``:
+            ``callable(model, inputs) -> float`` in [0, 1] (e.g. accuracy) scored on the
+            held-out examples next to the objective (default for labeled text: accuracy).
 
     Returns:
         A `SearchResult`; ``result.adapter`` is the fused adapter, ``result.save(dir)`` writes
@@ -350,6 +369,32 @@ def search_weights(
         ...                                 granularity="layer", budget=200)  # doctest: +SKIP
         >>> result.save("searched")  # doctest: +SKIP
     """
+    if method == "auto":
+        return _search_auto(
+            model,
+            adapters,
+            data,
+            objective=objective,
+            granularity=granularity,
+            optimizer=optimizer,
+            budget=budget,
+            l1=l1,
+            bounds=bounds,
+            init=init,
+            seed=seed,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            lr=lr,
+            name=name,
+            progress=progress,
+            allow_pickle=allow_pickle,
+            extras=extras,
+            params=join_params(params, method_params),
+            callback=callback,
+            metric=metric,
+            holdout=holdout,
+            methods=methods,
+        )
     box = _check_args(optimizer, budget, l1, bounds, lr, sigma0)
     if optimizer == "cma" and bounds is None:
         box = (-1.5, 1.5)
@@ -417,8 +462,6 @@ def search_weights(
         objective_value = float(value)
         return objective_value, objective_value + float(penalty.detach()), g
 
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
     from tqdm.auto import tqdm
 
     hooks = ScaleHooks(model, stack.segments)  # checks that the adapters fit the model; changes nothing yet
@@ -431,45 +474,31 @@ def search_weights(
             last = trace.history[-1]
             callback({"forwards": float(last["forwards"]), "objective": last["objective"], "best": trace.best_value})
 
-    originals = {name: t.detach().clone() for name, (t, _) in trained.items()}
     try:
-        with torch.no_grad():  # the chosen trained modules, restored in `finally`
-            for t, v in trained.values():
-                t.copy_(v.to(t.device, t.dtype))
-        for p, _ in saved_flags:
-            p.requires_grad_(False)
-        model.eval()
-        if optimizer == "adam":
-            trace = run_adam(evaluate, theta0, budget=total, cost=cost, lr=lr, bounds=box, on_step=on_step)
-        else:
-            trace = run_cma(
-                evaluate,
-                theta0,
-                budget=total,
-                cost=cost,
-                sigma0=sigma0,
-                popsize=popsize,
-                bounds=box,
-                seed=seed,
-                on_step=on_step,
-            )
-        best = trace.best_theta if trace.best_theta is not None else theta0
-        schedule = space.schedule(best)
-        fused = merge(loaded, schedule, method, name=name, extras=extras, **params)
-        flat = torch.cat([fused.vectors[s.path].reshape(-1).to(device, torch.float32) for s in stack.segments])
-
-        with torch.no_grad():
-            final_value = float(mean_objective(False, flat))
+        with _prepared(model, trained):
+            if optimizer == "adam":
+                trace = run_adam(evaluate, theta0, budget=total, cost=cost, lr=lr, bounds=box, on_step=on_step)
+            else:
+                trace = run_cma(
+                    evaluate,
+                    theta0,
+                    budget=total,
+                    cost=cost,
+                    sigma0=sigma0,
+                    popsize=popsize,
+                    bounds=box,
+                    seed=seed,
+                    on_step=on_step,
+                )
+            best = trace.best_theta if trace.best_theta is not None else theta0
+            schedule = space.schedule(best)
+            fused = merge(loaded, schedule, method, name=name, extras=extras, **params)
+            flat = torch.cat([fused.vectors[s.path].reshape(-1).to(device, torch.float32) for s in stack.segments])
+            with torch.no_grad():
+                final_value = float(mean_objective(False, flat))
     finally:
         bar.close()
         hooks.remove()
-        with torch.no_grad():
-            for name_, original in originals.items():
-                trained[name_][0].copy_(original)
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
     return SearchResult(
         weights=best.to(torch.float64).clone(),
         names=stack.names,
@@ -489,4 +518,248 @@ def search_weights(
         budget=total,
         stopped=trace.stopped,
         extras=extras,
+    )
+
+
+@contextlib.contextmanager
+def _prepared(model: Any, trained: Mapping[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """The model as a search runs it: eval mode, parameters frozen, the chosen trained modules
+    (heads) installed; all three put back afterwards, whatever happens."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    originals = {name: t.detach().clone() for name, (t, _) in trained.items()}
+    try:
+        with torch.no_grad():
+            for t, v in trained.values():
+                t.copy_(v.to(t.device, t.dtype))
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                trained[name][0].copy_(original)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _check_base(model: Any) -> None:
+    if type(model).__name__ == "PeftModel" or hasattr(model, "peft_config"):
+        raise IA3FuseError(
+            f"the model is a {type(model).__name__}; pass the base model (peft_model.get_base_model() with the adapters "
+            "unloaded, or the model loaded without PEFT): the search injects the adapters itself"
+        )
+
+
+def _search_auto(
+    model: Any,
+    adapters: Any,
+    data: Any,
+    *,
+    objective: Union[str, Callable[..., Tensor]],
+    granularity: str,
+    optimizer: str,
+    budget: Optional[int],
+    l1: float,
+    bounds: Any,
+    init: Any,
+    seed: int,
+    tokenizer: Any,
+    batch_size: int,
+    lr: float,
+    name: str,
+    progress: bool,
+    allow_pickle: bool,
+    extras: Extras,
+    params: Mapping[str, Any],
+    callback: Optional[Callable[[dict[str, float]], None]],
+    metric: Optional[Callable[..., float]],
+    holdout: float,
+    methods: Optional[Sequence[str]],
+) -> SearchResult:
+    """``search_weights(method="auto")``: the stages of `ia3fuse.search.auto` under one budget."""
+    from .auto import AutoRun, AutoSearchResult, auto_candidates, default_metric, separation_warning, split_examples
+    from .auto import warn
+
+    if optimizer != "adam":
+        raise InvalidParameterError(
+            f"method='auto' trains its weights with Adam; leave optimizer at 'adam', not {optimizer!r}"
+        )
+    if granularity not in ("task", "layer"):
+        raise InvalidParameterError(
+            f"granularity={granularity!r}; method='auto' takes 'task' (task-wise weights) or 'layer' (layer-wise "
+            "weights may compete, and win only on validation)"
+        )
+    if params or l1 or bounds is not None or init is not None:
+        raise InvalidParameterError(
+            "method='auto' chooses the method's parameters, the scale and the starting weights itself; leave params, "
+            "l1, bounds and init out"
+        )
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 0.5:
+        raise InvalidParameterError(
+            f"holdout={holdout!r}; pass the share of examples to hold out, above 0 and below 0.5"
+        )
+    _check_args("adam", budget, 0.0, None, lr, 0.2)
+    for m in methods or []:
+        if get_method(m).form is None:
+            raise InvalidParameterError(
+                f"method {m!r} has no differentiable form for weight search; pass methods from {', '.join(formed_methods())}"
+            )
+    obj_name, obj_fn = resolve_objective(objective)
+    _check_base(model)
+    loaded = as_adapters(adapters, allow_pickle=allow_pickle)
+    if not loaded:
+        raise IncompatibleAdaptersError("no adapters given; pass at least one adapter")
+    trained = trained_modules(model, loaded, extras)
+    device = model_device(model)
+    stack = TaskStack(loaded, device=device)
+    need_labels = obj_name == "loss"
+    batches = make_batches(data, model, tokenizer=tokenizer, batch_size=batch_size, need_labels=need_labels)
+    total = budget if budget is not None else 100 * len(batches)
+    pass_rows = sum(b.size for b in batches) / len(batches)
+    parts = split_examples(data, seed=seed, holdout=holdout, val=holdout)
+    splits = {
+        part: [
+            b.to(device)
+            for b in make_batches(p, model, tokenizer=tokenizer, batch_size=batch_size, need_labels=need_labels)
+        ]
+        for part, p in zip(("fit", "val", "holdout"), parts)
+    }
+    text = (
+        not isinstance(data, (list, tuple))
+        or not data
+        or not any(isinstance(v, Tensor) for v in dict(data[0]).values())
+    )
+    if metric is None and need_labels and text:
+        metric = default_metric(model)
+    k = len(loaded)
+    candidates = auto_candidates(k, methods)
+    screen_evals = 6
+    top = min(3, len(candidates))
+    hooks = ScaleHooks(model, stack.segments)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="search (auto)", unit="fwd", disable=not progress)
+
+    def on_step(point: dict[str, float]) -> None:
+        bar.update(min(total, int(point["forwards"])) - bar.n)
+        bar.set_postfix({obj_name: f"{point['objective']:.4f}", "best": f"{point['best']:.4f}"})
+        if callback is not None:
+            callback(point)
+
+    run = AutoRun(
+        model=model,
+        stack=stack,
+        hooks=hooks,
+        objective=obj_fn,
+        metric=metric,
+        splits=splits,
+        pass_rows=pass_rows,
+        budget=total,
+        seed=seed,
+        lr=lr,
+        device=device,
+        methods=methods,
+        on_step=on_step,
+    )
+    step = run.cost("fit") + run.cost("val")
+    screen_cost = len(candidates) * screen_evals * step
+    hold_cost = (len(candidates) + top + 2) * run.cost("holdout") * (2 if metric is not None else 1)
+    left = total - screen_cost - hold_cost - (top + 1) * run.cost("val")
+    layer_share = 0.35 if granularity == "layer" else 0.0
+    task_steps = int(left * (1 - layer_share) / top / step)
+    layer_steps = int(left * layer_share / step)
+    if task_steps < 3 or (granularity == "layer" and layer_steps < 3):
+        need = screen_cost + hold_cost + (top + 1) * run.cost("val") + step * (3 * top + (3 if layer_share else 0))
+        need = need / (1 - layer_share) if layer_share else need
+        raise InvalidParameterError(
+            f"budget={total} forward passes is too small for method='auto' ({len(candidates)} candidates to screen, "
+            f"{top} to train); pass a budget >= {math.ceil(need)}"
+        )
+    try:
+        with _prepared(model, trained):
+            screened = run.screen(screen_evals)
+            finals = [run.train(c, "task", task_steps) for c in screened[:top]]
+            best_task = min(finals, key=lambda c: c.selection)
+            if granularity == "layer":
+                groups = len(WeightSpace(stack, "layer").groups)
+                assert best_task.theta is not None
+                start = best_task.theta.expand(-1, groups).clone()
+                finals.append(run.train(best_task, "layer", layer_steps, start=start, anchor=start, rho=1.0))
+            chosen = min(finals, key=lambda c: (c.selection, c.stage == "layer-wise"))
+            with torch.no_grad():
+                for c in [*screened, *finals]:
+                    scales = run.scales_of(c)
+                    c.heldout = run.value("holdout", scales)
+                    c.heldout_metric = run.score("holdout", scales)
+                space = run.space_of(chosen)
+                assert chosen.theta is not None
+                schedule = space.schedule(chosen.theta)
+                final_params = run.final_params(chosen)
+                fused = merge(loaded, schedule, chosen.method, name=name, extras=extras, **final_params)
+                flat = torch.cat([fused.vectors[s.path].reshape(-1).to(device, torch.float32) for s in stack.segments])
+                final_value = run.value("holdout", flat)
+                final_metric = run.score("holdout", flat)
+                uniform = torch.cat(
+                    [
+                        merge(loaded, None, "task_arithmetic").vectors[s.path].reshape(-1).to(device, torch.float32)
+                        for s in stack.segments
+                    ]
+                )
+                initial_value = run.value("holdout", uniform)
+    finally:
+        bar.close()
+        hooks.remove()
+    notes = []
+    ranked = sorted(finals, key=lambda c: c.selection)
+    if len(ranked) >= 2:
+        message = separation_warning(ranked[0], ranked[1])
+        if message:
+            notes.append(message)
+    held = run.rows["holdout"]
+    if held < 30:
+        spread = 100 * math.sqrt(0.25 / held)
+        notes.append(
+            f"the held-out estimate rests on {held} examples: an accuracy measured on them is uncertain by up to "
+            f"+-{spread:.0f} points (one standard error); give more examples for a sharper estimate"
+        )
+    for message in notes:
+        warn(message)
+    layer_note = ""
+    if granularity == "layer":
+        layer = finals[-1]
+        layer_note = (
+            "layer-wise weights won on validation"
+            if chosen is layer
+            else f"layer-wise weights did not beat task-wise on validation ({layer.selection:.4g} vs {best_task.selection:.4g}); kept task-wise"
+        )
+    return AutoSearchResult(
+        weights=chosen.theta.to(torch.float64).clone(),
+        names=stack.names,
+        groups=list(space.groups),
+        granularity="layer" if chosen.stage == "layer-wise" else "task",
+        method=chosen.method,
+        params=final_params,
+        objective=obj_name,
+        optimizer="adam",
+        schedule=schedule,
+        adapter=fused,
+        history=run.history,
+        forwards=int(round(run.spent)),
+        initial_objective=initial_value,
+        final_objective=final_value,
+        sources=[a.source for a in loaded],
+        budget=total,
+        stopped="",
+        extras=extras,
+        candidates=[c.row() for c in sorted([*screened, *finals], key=lambda c: (c.stage == "screen", c.selection))],
+        chosen=chosen.row(),
+        heldout={"objective": final_value, "metric": final_metric, "examples": held},
+        split={part: run.rows[part] for part in ("fit", "val", "holdout")},
+        notes=notes,
+        layer_note=layer_note,
+        excluded=dict(run.excluded),
     )
