@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.quality.auto import SEARCH_RUNS, passes_to_reach, run_label, run_router_rows, run_search_rows
+from benchmarks.quality.auto import (
+    AUTO_RUNS,
+    SEARCH_RUNS,
+    passes_to_reach,
+    run_label,
+    run_router_rows,
+    run_search_rows,
+)
 from benchmarks.quality.causal import CausalSuite
 from benchmarks.quality.report import quality_markdown, write_quality
 
@@ -47,8 +54,17 @@ def search_rows(suite: CausalSuite):
 def test_every_search_run_spends_the_same_budget_and_is_scored(search_rows) -> None:
     rows, summary, scored = search_rows
     labels = [run_label(*r) for r in SEARCH_RUNS]
-    assert [r["name"] for r in rows] == labels and {r["group"] for r in rows} == {"automatic weights"}
-    assert len(scored) == len(SEARCH_RUNS)
+    autos = [label for label, _ in AUTO_RUNS]
+    assert [r["name"] for r in rows] == labels + autos and {r["group"] for r in rows} == {"automatic weights"}
+    assert len(scored) == len(SEARCH_RUNS) + len(AUTO_RUNS)
+    for label in autos:  # method="auto": a choice, and its held-out estimate next to the test score
+        run = summary["runs"][label]
+        assert run["forwards"] <= run["budget"]
+        assert run["heldout"]["examples"] == summary["batches"]  # 4 per task: one held out of each
+        assert 0.0 <= run["heldout"]["metric"] <= 1.0 and 0.0 <= run["test_average"] <= 1.0
+        assert run["chosen"]["stage"] in ("task-wise", "layer-wise")
+        assert run["granularity"] == ("layer" if run["chosen"]["stage"] == "layer-wise" else "task")
+    assert summary["runs"][autos[1]]["chosen"]["method"] == "task_arithmetic"
     budget = summary["budget"]
     assert budget == 12 * summary["batches"] and summary["per_task"] == 4
     for label in labels:

@@ -82,6 +82,7 @@ def test_rows_and_normalized_accuracy(result):
         "linear (tuned)",
         "task_arithmetic (tuned)",
         "ties (tuned)",
+        "ties (at task-arithmetic norm)",
         "multi-task adapter (upper bound)",
     ]
     rows = {r["name"]: r for r in result["rows"]}
@@ -94,18 +95,40 @@ def test_rows_and_normalized_accuracy(result):
         assert r["normalized"] == pytest.approx(sum(r["accuracy"].values()) / 3)  # own accuracy is 1
         assert r["average"] == pytest.approx(sum(r["accuracy"].values()) / 3)
     tuned = rows["task_arithmetic (tuned)"]["params"]
-    assert tuned["weight"] in (pytest.approx(1 / 3), 1.0) and "val_average" in tuned
+    assert 0.25 <= tuned["scale"] <= 4.5 and "val_average" in tuned
+    at_norm = rows["ties (at task-arithmetic norm)"]["params"]
+    assert at_norm["norm"] > 0 and at_norm["scale"] > 0
 
 
 def test_tuning_grid_covers_method_parameters():
-    assert tuning_grid("linear", 3, quick=False) == [
-        {"weight": pytest.approx(1 / 3)},
-        {"weight": pytest.approx(2 / 3)},
-        {"weight": 1.0},
-    ]
-    ties = tuning_grid("ties", 2, quick=False)
-    assert {(p["density"], p["lam"]) for p in ties} == {(d, l) for d in (0.2, 0.5, 0.8) for l in (1.0, 1.5)}
-    assert {p["svd_rank"] for p in tuning_grid("svd", 4, quick=False)} == {1, 2, 3, 4}
+    assert tuning_grid("linear", 3, quick=False) == [{}]
+    assert tuning_grid("ties", 2, quick=False) == [{"density": d} for d in (0.2, 0.5, 0.8)]
+    assert tuning_grid("svd", 4, quick=False) == [{"svd_rank": r} for r in (1, 2, 3, 4)]
+
+
+def test_scaled_fusions_and_the_task_arithmetic_norm(tmp_path):
+    from benchmarks.quality.runner import scale_at_norm, scaled, task_vector_norm
+    from ia3fuse import load_adapter, merge
+
+    base = tiny_model("llama")
+    adapters = [load_adapter(random_ia3_adapter(base, tmp_path / n, seed=i)) for i, n in enumerate("ab")]
+    # the scale multiplies the uniform weights of delta methods, and lam of TIES-style ones
+    ta = scaled(adapters, "task_arithmetic", {}, 1.2)
+    for p, v in merge(adapters, [0.6, 0.6], "task_arithmetic").vectors.items():
+        assert torch.equal(ta.vectors[p], v)
+    ties = scaled(adapters, "ties", {"density": 0.5}, 0.7)
+    for p, v in merge(adapters, None, "ties", density=0.5, lam=0.7).vectors.items():
+        assert torch.equal(ties.vectors[p], v)
+    # the norm of l - 1, and the scale at which another method reaches it
+    one = adapters[0]
+    assert task_vector_norm(one) == pytest.approx(
+        float(torch.cat([(v.double() - 1).reshape(-1) for v in one.vectors.values()]).norm())
+    )
+    target = task_vector_norm(ta)
+    s = scale_at_norm(adapters, "ties", {"density": 0.5}, target)
+    assert s is not None and task_vector_norm(scaled(adapters, "ties", {"density": 0.5}, s)) == pytest.approx(
+        target, rel=1e-6
+    )
 
 
 def test_report_files(result, tmp_path):

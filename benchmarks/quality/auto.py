@@ -6,18 +6,24 @@ Every run gets the same budget of forward passes and starts from uniform weights
 on entropy alone) is compared with CMA-ES (task- and layer-wise, the loss); each found adapter
 is scored on the test split like every other row, and each run's objective history is kept, so
 the report can say how many forward passes Adam needed to reach CMA-ES's final objective.
+
+The ``method="auto"`` runs (`AUTO_RUNS`) get the same data and budget; they hold a quarter of the
+examples out of every choice, and their held-out accuracy is reported next to their test score.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ia3fuse.adapter import IA3Adapter
+from ia3fuse.errors import IA3FuseWarning
+from ia3fuse.search.auto import AutoSearchResult
 
 from .suite import Suite
 
-__all__ = ["SEARCH_RUNS", "run_search_rows", "run_router_rows", "passes_to_reach", "write_search_plot"]
+__all__ = ["SEARCH_RUNS", "AUTO_RUNS", "run_search_rows", "run_router_rows", "passes_to_reach", "write_search_plot"]
 
 # (optimizer, granularity, objective)
 SEARCH_RUNS = (
@@ -26,6 +32,16 @@ SEARCH_RUNS = (
     ("adam", "layer", "entropy"),
     ("cma", "task", "loss"),
     ("cma", "layer", "loss"),
+)
+
+
+# method="auto" (method + parameter + scale + weights, held-out estimate) on the same data and
+# budget: over every searchable method, and over task arithmetic alone (so its layer-wise
+# weights, regularised towards the task-wise ones and stopped on validation, compare with the
+# plain layer-wise rows above)
+AUTO_RUNS = (
+    ("search: auto (method + scale + weights)", None),
+    ("search: adam, layer-wise regularised (task arithmetic, auto)", ["task_arithmetic"]),
 )
 
 
@@ -99,6 +115,63 @@ def run_search_rows(
             }
         )
         log(f"{suite.name}: {label}: {objective} {result.initial_objective:.4f} -> {result.final_objective:.4f}")
+    for label, methods in AUTO_RUNS:
+        if quick:  # a smoke run: two methods, and the budget auto needs for them (the quick budget is smaller)
+            methods = methods or ["task_arithmetic", "ties"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IA3FuseWarning)
+            result = search_weights(
+                suite.base_model(),
+                adapters,
+                batches,
+                objective=objectives["loss"],
+                metric=objectives["accuracy"],
+                method="auto",
+                methods=methods,
+                granularity="layer",
+                budget=None if quick else budget,
+                seed=seed,
+                progress=progress,
+                name=label,
+            )
+        assert isinstance(result, AutoSearchResult)
+        accuracy = score(result.adapter)
+        test_average = sum(accuracy.values()) / len(accuracy)
+        estimate = result.heldout["metric"]
+        runs[label] = {
+            "forwards": result.forwards,
+            "budget": result.budget,
+            "initial_objective": result.initial_objective,
+            "final_objective": result.final_objective,
+            "objective": "loss (held-out)",
+            "weights": result.weights.tolist(),
+            "groups": result.groups,
+            "history": result.history,
+            "chosen": result.chosen,
+            "granularity": result.granularity,
+            "heldout": result.heldout,
+            "split": result.split,
+            "layer_note": result.layer_note,
+            "notes": [str(w.message) for w in caught if issubclass(w.category, IA3FuseWarning)],
+            "candidates": result.candidates,
+            "test_average": test_average,
+        }
+        rows.append(
+            {
+                "name": label,
+                "group": "automatic weights",
+                "params": {
+                    "chosen": f"{result.method} {result.granularity}-wise",
+                    "scale": round(result.chosen["scale"], 3),
+                    "held-out estimate": f"{100 * estimate:.1f}% (test {100 * test_average:.1f}%)",
+                },
+                "accuracy": accuracy,
+            }
+        )
+        log(
+            f"{suite.name}: {label}: chose {result.method} ({result.granularity}-wise, scale {result.chosen['scale']:.3g}); "
+            f"held-out accuracy {100 * estimate:.1f}%, test {100 * test_average:.1f}%"
+        )
     cma_best = min(
         r["final_objective"]
         for label, r in runs.items()

@@ -1094,7 +1094,13 @@ class EncoderSuite:
             """Mean entropy of the zero-shot head's softmax over the task's labels; labels unused."""
             return mean_entropy(_search_logits(model, inputs, temperature))
 
-        return batches, {"loss": loss, "entropy": entropy}
+        def accuracy(model: nn.Module, inputs: dict[str, Any]) -> float:
+            """Share of the batch's examples the zero-shot head labels right (as the test split is scored)."""
+            with torch.no_grad():
+                pred = _search_logits(model, inputs, temperature).argmax(-1)
+            return float((pred == inputs["labels"].to(pred.device)).float().mean())
+
+        return batches, {"loss": loss, "entropy": entropy, "accuracy": accuracy}
 
     # --- helpers ---
 

@@ -91,7 +91,41 @@ def _search_markdown(result: dict[str, Any]) -> str:
         )
     return (
         f"\n### Weight search ({summary['per_task']} {summary['split']} examples per task, {summary['batches']} batches, "
-        f"budget {summary['budget']} forward passes per run)\n\n{table}\n\n{verdict}\n"
+        f"budget {summary['budget']} forward passes per run)\n\n{table}\n\n{verdict}\n" + _auto_markdown(summary)
+    )
+
+
+def _auto_markdown(summary: dict[str, Any]) -> str:
+    """The method="auto" runs: what each chose, its held-out estimate next to its test score."""
+    autos = {label: r for label, r in summary["runs"].items() if "chosen" in r}
+    if not autos:
+        return ""
+    rows = []
+    for label, r in autos.items():
+        c = r["chosen"]
+        params = ", ".join(f"{k}={_short(v)}" for k, v in c["parameters"].items() if k in ("density", "svd_rank"))
+        estimate = r["heldout"]["metric"]
+        rows.append(
+            [
+                label,
+                f"{c['method']}{f' ({params})' if params else ''}, {r['granularity']}-wise",
+                f"{c['scale']:.3g}",
+                f"{100 * estimate:.1f}" if estimate is not None else "-",
+                f"{100 * r['test_average']:.1f}",
+                f"{100 * (estimate - r['test_average']):+.1f}" if estimate is not None else "-",
+                str(r["heldout"]["examples"]),
+            ]
+        )
+    table = format_table(
+        ["run", "chosen", "scale", "held-out accuracy", "test accuracy", "estimate - test", "held-out examples"], rows
+    )
+    notes = sorted({n for r in autos.values() for n in [r.get("layer_note", ""), *r.get("notes", [])] if n})
+    listed = "".join(f"- {n}\n" for n in notes)
+    return (
+        "\n#### method='auto': the choice and its honest estimate\n\n"
+        "Each run splits the search examples into fit / val / held-out (per task); every choice uses fit and val "
+        "only, and the held-out accuracy is measured on examples no choice saw.\n\n"
+        f"{table}\n\n{listed}"
     )
 
 
@@ -119,6 +153,7 @@ def _plot(result: dict[str, Any], path: Path) -> Optional[Path]:
         "baseline": "#d62728",
         "ia3fuse default": "#1f77b4",
         "ia3fuse tuned": "#2ca02c",
+        "ia3fuse at TA norm": "#8c564b",
         "automatic weights": "#ff7f0e",
         "dynamic mixture": "#9467bd",
     }

@@ -11,6 +11,7 @@ fused accuracy / the task's own adapter's accuracy.
 from __future__ import annotations
 
 import itertools
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from ia3fuse.adapter import IA3Adapter, load_adapter
 from ia3fuse.errors import MethodInputError
 from ia3fuse.merging import merge
 from ia3fuse.fusion import get_method, method_names
+from ia3fuse.search.auto import golden_min, scale_kind, scale_range
 
 from .suite import Suite
 
@@ -29,27 +31,55 @@ __all__ = ["run_quality", "tuning_grid"]
 
 
 def tuning_grid(method: str, k: int, *, quick: bool) -> list[dict[str, Any]]:
-    """The validation grid of one method: its parameters plus a common weight per adapter.
+    """The parameter settings one method is tuned at on the validation split; each setting then
+    gets its best continuous global scale (`tune_scale`), not a few fixed weights.
 
-    ``weight`` is the weight of every adapter (1/k is the mean, 1 the plain sum of task vectors).
+    The scale is the common weight times K (1 = the mean of the task vectors, K = their sum), or
+    ``lam`` for TIES-style methods, whose weighted mean does not scale with the weights.
     """
-    scales = [1.0 / k, 2.0 / k, 1.0] if not quick else [1.0 / k, 1.0]
-    scales = sorted(set(round(s, 6) for s in scales if s <= 1.0 + 1e-9))
     params: dict[str, list[Any]] = {}
     names = {p.name for p in get_method(method).params}
     if "density" in names:
         params["density"] = [0.2, 0.5, 0.8] if not quick else [0.3, 0.7]
     if "svd_rank" in names:
         params["svd_rank"] = list(range(1, k + 1)) if not quick else [1, k]
-    if method in ("ties", "dare_ties"):
-        params["lam"] = [1.0, 1.5] if not quick else [1.0]
-        scales = [1.0 / k]  # TIES normalises by the weights: only lam scales the result
     keys = list(params)
-    grid = []
-    for values in itertools.product(*(params[k_] for k_ in keys)):
-        for w in scales:
-            grid.append({"weight": w, **dict(zip(keys, values))})
-    return grid
+    return [dict(zip(keys, values)) for values in itertools.product(*(params[k_] for k_ in keys))]
+
+
+def scaled(adapters: list[IA3Adapter], method: str, params: dict[str, Any], scale: float) -> IA3Adapter:
+    """``method`` at uniform weights with global ``scale`` (see `tuning_grid`)."""
+    k = len(adapters)
+    if scale_kind(method) == "lam":
+        return merge(adapters, None, method, **{**params, "lam": scale})
+    return merge(adapters, [scale / k] * k, method, **params)
+
+
+def tune_scale(score: Callable[[float], float], method: str, k: int, *, quick: bool) -> tuple[float, float]:
+    """The scale with the highest ``score`` (golden section in log scale over the method's range)."""
+    low, high = scale_range(method, k)
+    scale, value = golden_min(lambda s: -score(s), low, high, 5 if quick else 8)
+    return scale, -value
+
+
+def task_vector_norm(adapter: IA3Adapter) -> float:
+    """The L2 norm of ``l - 1`` over every module: how far a fusion moves the model."""
+    return math.sqrt(sum(float(((v.double() - 1) ** 2).sum()) for v in adapter.vectors.values()))
+
+
+def scale_at_norm(adapters: list[IA3Adapter], method: str, params: dict[str, Any], norm: float) -> Optional[float]:
+    """The scale at which ``method``'s fused task vector has L2 norm ``norm`` (bisection in log
+    scale; the norm grows with the scale), or None when no scale in range reaches it."""
+    lo, hi = math.log(1e-3), math.log(100.0)
+    if task_vector_norm(scaled(adapters, method, params, math.exp(hi))) < norm:
+        return None
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if task_vector_norm(scaled(adapters, method, params, math.exp(mid))) < norm:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2)
 
 
 def _peft_with(suite: Suite, adapter_dir: Path) -> Any:
@@ -151,27 +181,48 @@ def run_quality(
                 )
                 continue
             add(m, "ia3fuse default", _fused_scores(suite, fused, "test", tmp), {"weights": [round(1 / k, 6)] * k})
+        tuned: dict[str, tuple[dict[str, Any], float]] = {}
         for m in tqdm(chosen, desc=f"{suite.name}: tuning on validation", disable=not progress):
-            best: Optional[tuple[float, dict[str, Any]]] = None
-            for point in tuning_grid(m, k, quick=quick):
-                params = {p: v for p, v in point.items() if p != "weight"}
-                try:
-                    fused = merge(list(adapters.values()), [point["weight"]] * k, m, **params)
-                except MethodInputError:
-                    continue
-                val = _mean(_fused_scores(suite, fused, "val", tmp).values())
-                if best is None or val > best[0] + 1e-12:
-                    best = (val, point)
+            best: Optional[tuple[float, dict[str, Any], float]] = None
+            for params in tuning_grid(m, k, quick=quick):
+
+                def val_score(scale: float, m: str = m, params: dict[str, Any] = params) -> float:
+                    try:
+                        fused = scaled(list(adapters.values()), m, params, scale)
+                    except MethodInputError:
+                        return -math.inf
+                    return _mean(_fused_scores(suite, fused, "val", tmp).values())
+
+                scale, val = tune_scale(val_score, m, k, quick=quick)
+                if math.isfinite(val) and (best is None or val > best[0] + 1e-12):
+                    best = (val, params, scale)
             if best is None:
                 continue
-            params = {p: v for p, v in best[1].items() if p != "weight"}
-            fused = merge(list(adapters.values()), [best[1]["weight"]] * k, m, **params)
+            val, params, scale = best
+            tuned[m] = (params, scale)
+            fused = scaled(list(adapters.values()), m, params, scale)
             add(
                 f"{m} (tuned)",
                 "ia3fuse tuned",
                 _fused_scores(suite, fused, "test", tmp),
-                {**best[1], "val_average": round(best[0], 4)},
+                {**params, "scale": round(scale, 4), "val_average": round(val, 4)},
             )
+        if "task_arithmetic" in tuned:
+            # every method moved exactly as far as tuned task arithmetic: method effects apart from scale
+            norm = task_vector_norm(scaled(list(adapters.values()), "task_arithmetic", *tuned["task_arithmetic"]))
+            for m, (params, _) in tuned.items():
+                if m in ("task_arithmetic", "linear"):  # linear's norm does not grow with its scale
+                    continue
+                scale = scale_at_norm(list(adapters.values()), m, params, norm)
+                if scale is None:
+                    continue
+                fused = scaled(list(adapters.values()), m, params, scale)
+                add(
+                    f"{m} (at task-arithmetic norm)",
+                    "ia3fuse at TA norm",
+                    _fused_scores(suite, fused, "test", tmp),
+                    {**params, "scale": round(scale, 4), "norm": round(norm, 4)},
+                )
         search_summary = None
         if search and hasattr(suite, "search_problem"):
             from .auto import run_search_rows

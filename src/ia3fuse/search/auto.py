@@ -41,7 +41,18 @@ from .data import Batch, _rows, model_family, read_records
 from .run import SearchResult
 from .space import WeightSpace
 
-__all__ = ["AutoCandidate", "AutoSearchResult", "auto_candidates", "split_examples", "AutoRun", "HOLDOUT", "VAL"]
+__all__ = [
+    "AutoCandidate",
+    "AutoSearchResult",
+    "golden_min",
+    "scale_kind",
+    "scale_range",
+    "auto_candidates",
+    "split_examples",
+    "AutoRun",
+    "HOLDOUT",
+    "VAL",
+]
 
 HOLDOUT = 0.25  # share of the examples kept for the estimate
 VAL = 0.25  # share used to choose
@@ -81,14 +92,42 @@ class AutoCandidate:
         }
 
 
-def _scaled_form(method: str) -> str:
-    """How a global scale enters: ``lam`` for sign-elected forms (their weighted mean divides by
-    the weights), the weights' common factor for the others."""
+def golden_min(f: Callable[[float], float], low: float, high: float, evaluations: int) -> tuple[float, float]:
+    """The lowest of ``evaluations`` values of ``f`` seen by a golden-section search over
+    ``[low, high]`` in log scale (a scale's effect is multiplicative): ``(x, f(x))``.
+
+    Example:
+        >>> x, fx = golden_min(lambda s: (math.log(s) - math.log(3.0)) ** 2, 0.1, 30.0, 20)
+        >>> round(x, 2)
+        3.0
+    """
+    a, b = math.log(low), math.log(high)
+    x1, x2 = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+    f1, f2 = f(math.exp(x1)), f(math.exp(x2))
+    seen = {x1: f1, x2: f2}
+    for _ in range(max(0, evaluations - 2)):
+        if f1 <= f2:
+            b, x2, f2 = x2, x1, f1
+            x1 = b - GOLDEN * (b - a)
+            f1 = seen[x1] = f(math.exp(x1))
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + GOLDEN * (b - a)
+            f2 = seen[x2] = f(math.exp(x2))
+    best = min(seen, key=lambda x: seen[x])
+    return math.exp(best), seen[best]
+
+
+def scale_kind(method: str) -> str:
+    """How a global scale enters ``method``: ``"lam"`` for sign-elected forms (their weighted mean
+    divides by the weights, so only ``lam`` scales the result), ``"weights"`` (the weights' common
+    factor) for the others."""
     form = get_method(method).form
     return "lam" if form == "elected" else "weights"
 
 
-def _scale_range(method: str, k: int) -> tuple[float, float]:
+def scale_range(method: str, k: int) -> tuple[float, float]:
+    """Where the screen looks for ``method``'s global scale with ``k`` adapters."""
     form = get_method(method).form
     if form == "elected":
         return (0.1, 2.0)  # lam
@@ -190,7 +229,7 @@ class AutoRun:
         stack: TaskStack,
         hooks: ScaleHooks,
         objective: Callable[[Any, Batch], Tensor],
-        metric: Optional[Callable[[Any, Batch], float]],
+        metric: Optional[Callable[[Any, Mapping[str, Any]], float]],
         splits: dict[str, list[Batch]],
         pass_rows: float,
         budget: float,
@@ -252,7 +291,7 @@ class AutoRun:
         with torch.no_grad():
             for b in self.splits[split]:
                 self.hooks.scales = scales
-                total += float(self.metric(self.model, b)) * b.size / n
+                total += float(self.metric(self.model, b.inputs)) * b.size / n
         self.hooks.scales = None
         self.spent += self.cost(split)
         return total
@@ -266,17 +305,17 @@ class AutoRun:
     # -------------------------------------------------------------- forms
     def form(self, cand: AutoCandidate, space: WeightSpace, theta: Tensor) -> MethodForm:
         params = dict(cand.params)
-        if _scaled_form(cand.method) == "lam":
+        if scale_kind(cand.method) == "lam":
             params["lam"] = cand.scale
         return MethodForm(self.stack, cand.method, params, space.expand(theta).float(), self.device)
 
     def uniform(self, cand: AutoCandidate, groups: int) -> Tensor:
-        w = 1.0 / self.k if _scaled_form(cand.method) == "lam" else cand.scale / self.k
+        w = 1.0 / self.k if scale_kind(cand.method) == "lam" else cand.scale / self.k
         return torch.full((self.k, groups), w, dtype=torch.float64)
 
     def final_params(self, cand: AutoCandidate) -> dict[str, Any]:
         params = dict(cand.params)
-        if _scaled_form(cand.method) == "lam":
+        if scale_kind(cand.method) == "lam":
             params["lam"] = float(cand.scale)
         return get_method(cand.method).validate(params)
 
@@ -305,31 +344,16 @@ class AutoRun:
             full = get_method(method).validate(
                 {**params, **({"seed": self.seed} if get_method(method).randomized else {})}
             )
-            low, high = _scale_range(method, self.k)
+            low, high = scale_range(method, self.k)
             cand = AutoCandidate(method, full, 1.0, "screen")
 
             def at(scale: float, cand: AutoCandidate = cand) -> float:
                 return self._at(cand, task, scale)
 
-            a, b = math.log(low), math.log(high)
-            x1, x2 = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
-            f1, f2 = at(math.exp(x1)), at(math.exp(x2))
-            seen = {x1: f1, x2: f2}
-            for _ in range(max(0, evaluations - 2)):
-                if f1 <= f2:
-                    b, x2, f2 = x2, x1, f1
-                    x1 = b - GOLDEN * (b - a)
-                    f1 = at(math.exp(x1))
-                    seen[x1] = f1
-                else:
-                    a, x1, f1 = x1, x2, f2
-                    x2 = a + GOLDEN * (b - a)
-                    f2 = at(math.exp(x2))
-                    seen[x2] = f2
-            if cand.label() in self.excluded:  # no scale helps: skip the other evaluations' cost next time
+            best_scale, best_value = golden_min(at, low, high, evaluations)
+            if cand.label() in self.excluded:  # it cannot fuse these adapters at any scale (no forward was spent)
                 continue
-            best_x = min(seen, key=lambda x: seen[x])
-            cand.scale, cand.selection = math.exp(best_x), seen[best_x]
+            cand.scale, cand.selection = best_scale, best_value
             if math.isfinite(cand.selection):
                 out.append(cand)
         if not out:
@@ -410,14 +434,14 @@ def warn(message: str) -> None:
     warnings.warn(message, IA3FuseWarning, stacklevel=4)
 
 
-def default_metric(model: Any) -> Optional[Callable[[Any, Batch], float]]:
+def default_metric(model: Any) -> Optional[Callable[[Any, Mapping[str, Any]], float]]:
     """Accuracy on labeled text batches: the class for classifiers, the target tokens for LMs."""
     family = model_family(model)
     if family not in ("classifier", "causal", "seq2seq"):
         return None
 
-    def accuracy(m: Any, batch: Batch) -> float:
-        inputs = batch.model_inputs
+    def accuracy(m: Any, batch: Mapping[str, Any]) -> float:
+        inputs = {k: v for k, v in batch.items() if k != "prompt_end"}
         labels = inputs.get("labels")
         if labels is None:
             return math.nan
