@@ -3,12 +3,14 @@ never sees the held-out examples), reproducibility, budgets and errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -298,3 +300,80 @@ def test_the_command_runs_auto_and_prints_the_ranking(problem: Any, tmp_path: Pa
     assert "candidates.md/json/png" in res.stdout
     assert "ia3fuse: warning: the held-out estimate rests on 6 examples" in res.stderr
     assert (tmp_path / "out" / "candidates.png").exists()
+
+
+# ---------------------------------------------------------------------- entropy collapse
+def test_collapse_notes_flag_a_task_that_falls_onto_one_answer() -> None:
+    from ia3fuse.search.objectives import collapse_notes
+
+    before = {"a": [0, 1, 0, 1, 2], "b": [1, 1, 1, 1, 1], "c": [0, 1]}
+    after = {"a": [1, 1, 1, 1, 1], "b": [1, 1, 1, 1, 1], "c": [1, 1]}
+    assert collapse_notes(before, after) == [
+        "task 'a': 5 of 5 predictions are the same answer after the search (at most 2 of 5 before): the entropy "
+        "objective may have collapsed this task onto one answer; check it with a few labels, or use the loss objective"
+    ]  # b predicted one answer before the search too (not its doing); c has too few examples to tell
+
+
+def test_an_entropy_search_reports_the_tasks_it_collapsed_as_peft_predicts_them(problem: Any, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+
+    from ia3fuse.search.objectives import collapse_notes
+
+    base, tok, dirs, records, _, root = problem
+    unlabeled = [{"input": r["input"], "task": r["task"]} for r in records]
+    with warnings_kept() as caught:
+        result = search_weights(base, dirs, unlabeled, tokenizer=tok, objective="entropy", budget=60, lr=0.5)
+    result.adapter.save(tmp_path / "found")
+    fused = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(str(root / "base")), str(tmp_path / "found")
+    )
+    plain = BertForSequenceClassification.from_pretrained(str(root / "base"))
+    preds: dict[str, dict[str, list[int]]] = {"before": {}, "after": {}}
+    for key, model in (("before", plain), ("after", fused)):
+        with torch.no_grad():
+            logits = model.eval()(**tok([r["input"] for r in records], return_tensors="pt", padding=True)).logits
+        for r, p in zip(records, logits.argmax(-1).tolist()):
+            preds[key].setdefault(r["task"], []).append(p)
+    want = collapse_notes(preds["before"], preds["after"])
+    assert result.notes == want
+    assert [str(w.message) for w in caught if issubclass(w.category, IA3FuseWarning)] == want
+
+
+def test_collapse_is_measured_per_task_before_and_after(problem: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check's wiring: the base model's predictions (hooks off) against the fusion's, grouped
+    by each record's task. Predictions are stubbed: varied for the base, one answer for the fusion."""
+    from ia3fuse.scaling import ScaleHooks, TaskStack
+    from ia3fuse.search import run
+    from ia3fuse.search.data import make_batches
+
+    base, tok, dirs, records, _, _ = problem
+    stack = TaskStack([ia3fuse.load_adapter(d) for d in dirs])
+    batches = make_batches(records, base, tokenizer=tok, batch_size=8, need_labels=False)
+    hooks = ScaleHooks(base, stack.segments)
+    seen = []
+
+    def stub(model: Any, batch: Any) -> torch.Tensor:
+        seen.append(hooks.scales is None)
+        rows = torch.arange(batch.size)
+        if hooks.scales is None:
+            return torch.nn.functional.one_hot((rows // 2) % 2, 2).float()  # half of each task answers 0
+        return torch.nn.functional.one_hot(torch.zeros_like(rows), 2).float()  # all answer 0
+
+    monkeypatch.setattr(run, "prediction_logits", stub)
+    try:
+        flat = torch.ones(stack.vectors.shape[1])
+        notes = run._collapse(base, hooks, batches, records, "entropy", 8, flat)
+        assert run._collapse(base, hooks, batches, records, "loss", 8, flat) == []  # entropy only
+    finally:
+        hooks.remove()
+    assert seen == [True, False] * len(batches)
+    assert [n.split(":")[0] for n in notes] == ["task 'two'", "task 'one'"]
+    assert all("12 of 12 predictions are the same answer after the search (at most " in n for n in notes)
+
+
+@contextlib.contextmanager
+def warnings_kept() -> Iterator[list[Any]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught

@@ -477,8 +477,8 @@ class AutoSearchResult(SearchResult):
         heldout: ``{"objective", "metric", "examples"}`` of the returned adapter on examples no
             choice used: the honest estimate.
         split: examples per part (``fit``, ``val``, ``holdout``).
-        notes: warnings raised (too few examples to separate the best candidates, a small
-            held-out part).
+        notes (inherited): warnings raised (too few examples to separate the best candidates, a
+            small held-out part, a task collapsed by the entropy objective).
         excluded: candidates that cannot fuse these adapters, with the reason (geometric
             fusion of vectors with entries <= 0).
         layer_note: with ``granularity="layer"``, whether layer-wise weights won.
@@ -488,7 +488,6 @@ class AutoSearchResult(SearchResult):
     chosen: dict[str, Any] = field(default_factory=dict)
     heldout: dict[str, Any] = field(default_factory=dict)
     split: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
     layer_note: str = ""
     excluded: dict[str, str] = field(default_factory=dict)
 
@@ -514,7 +513,6 @@ class AutoSearchResult(SearchResult):
             "chosen": self.chosen,
             "heldout": self.heldout,
             "split": self.split,
-            "notes": self.notes,
             "layer_note": self.layer_note,
             "excluded": self.excluded,
             "candidates": self.candidates,

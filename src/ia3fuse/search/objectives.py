@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import DataError, InvalidParameterError
 from .data import Batch, model_family
 
-__all__ = ["OBJECTIVES", "resolve_objective", "ObjectiveFn"]
+__all__ = ["OBJECTIVES", "resolve_objective", "ObjectiveFn", "prediction_logits", "collapse_notes"]
 
 ObjectiveFn = Callable[[Any, Batch], Tensor]
 OBJECTIVES = ("loss", "entropy")
@@ -38,12 +38,10 @@ def mean_loss(model: Any, batch: Batch) -> Tensor:
     return loss
 
 
-def prediction_entropy(model: Any, batch: Batch) -> Tensor:
-    """Mean entropy of the model's prediction (AdaMerging's unlabeled objective).
-
-    Classifiers: the class distribution. Causal LMs: the next-token distribution after each
-    prompt (the first answer token). Seq2seq: the decoder's first token. Labels are ignored.
-    """
+def prediction_logits(model: Any, batch: Batch) -> Tensor:
+    """The logits the entropy objective scores, one row per example: the class distribution
+    (classifiers), the next token after each prompt (causal LMs: the first answer token), the
+    decoder's first token (seq2seq). Labels are ignored."""
     family = model_family(model)
     inputs = {k: v for k, v in batch.model_inputs.items() if k != "labels"}
     if family == "seq2seq" and "decoder_input_ids" not in inputs:
@@ -61,6 +59,13 @@ def prediction_entropy(model: Any, batch: Batch) -> Tensor:
         logits = logits[torch.arange(logits.shape[0], device=logits.device), batch.prompt_end]
     elif family == "seq2seq":
         logits = logits[:, 0]
+    return logits
+
+
+def prediction_entropy(model: Any, batch: Batch) -> Tensor:
+    """Mean entropy of the model's prediction (AdaMerging's unlabeled objective), on
+    `prediction_logits`."""
+    logits = prediction_logits(model, batch)
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1).mean()
 
@@ -81,3 +86,32 @@ def resolve_objective(objective: Union[str, Callable[..., Tensor]]) -> tuple[str
     raise InvalidParameterError(
         f"objective={objective!r} is not an objective; pass one of {', '.join(OBJECTIVES)} or a callable(model, inputs) -> tensor"
     )
+
+
+def collapse_notes(before: dict[str, list[int]], after: dict[str, list[int]], *, share: float = 0.9) -> list[str]:
+    """Groups (tasks) whose predictions collapsed onto one answer: after the search, one answer
+    takes at least ``share`` of the group's predictions where before (the base model) none did.
+    Minimising entropy rewards confident predictions, and predicting one class for every input is
+    the most confident of all; this is how that failure shows without labels.
+
+    Args:
+        before, after: group -> the predicted answer (argmax) of each of its examples.
+
+    Example:
+        >>> collapse_notes({"t": [0, 1, 2, 1]}, {"t": [1, 1, 1, 1]})  # doctest: +ELLIPSIS
+        ["task 't': 4 of 4 predictions are the same answer after the search (at most 2 of 4 before)..."]
+    """
+    notes = []
+    for group, preds in after.items():
+        if len(preds) < 3:
+            continue
+        top = max(preds.count(p) for p in set(preds))
+        old = before.get(group, [])
+        old_top = max((old.count(p) for p in set(old)), default=0)
+        if top >= share * len(preds) and old_top < share * len(old):
+            notes.append(
+                f"task {group!r}: {top} of {len(preds)} predictions are the same answer after the search (at most "
+                f"{old_top} of {len(old)} before): the entropy objective may have collapsed this task onto one answer; "
+                "check it with a few labels, or use the loss objective"
+            )
+    return notes

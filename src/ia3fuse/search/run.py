@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -14,14 +15,14 @@ from torch import Tensor
 
 from .._io import atomic_output_dir, check_output_path
 from ..adapter import IA3Adapter, PathLike, as_adapters
-from ..errors import DataError, IA3FuseError, IncompatibleAdaptersError, InvalidParameterError
+from ..errors import DataError, IA3FuseError, IA3FuseWarning, IncompatibleAdaptersError, InvalidParameterError
 from ..merging import Extras, merge, trained_modules, weights_to_plain
 from ..recipe import AdapterRef, Recipe
 from ..fusion import get_method, join_params
 from .._text import count
 from ..scaling import ScaleHooks, TaskStack
 from .data import Batch, make_batches, read_records
-from .objectives import resolve_objective
+from .objectives import collapse_notes, prediction_logits, resolve_objective
 from .optim import OPTIMIZERS, Trace, run_adam, run_cma
 from .._runtime import model_device
 from ..forms import MethodForm, formed_methods
@@ -58,6 +59,8 @@ class SearchResult:
         final_objective: the objective of ``adapter`` itself (the merged vectors, exactly).
         budget: the budget in forward passes. stopped: why the search ended before spending
             it ("" when it did not).
+        notes: the warnings the search raised, e.g. a task whose predictions the entropy
+            objective collapsed onto one answer (`ia3fuse.search.objectives.collapse_notes`).
     """
 
     weights: Tensor
@@ -78,6 +81,7 @@ class SearchResult:
     budget: Optional[int] = None
     stopped: str = ""
     extras: Extras = "error"  # the policy for the adapters' trained modules (see ia3fuse.merge)
+    notes: list[str] = field(default_factory=list)  # warnings raised (e.g. a task collapsed by entropy)
 
     def passes(self) -> str:
         """The forward passes spent of the budget, e.g. ``"39 of 40 forward passes (3 per
@@ -145,6 +149,7 @@ class SearchResult:
             "stopped": self.stopped,
             "initial_objective": self.initial_objective,
             "final_objective": self.final_objective,
+            "notes": self.notes,
             "names": self.names,
             "groups": self.groups,
             "weights": self.weights.tolist(),
@@ -496,9 +501,16 @@ def search_weights(
             flat = torch.cat([fused.vectors[s.path].reshape(-1).to(device, torch.float32) for s in stack.segments])
             with torch.no_grad():
                 final_value = float(mean_objective(False, flat))
+                notes = (
+                    _collapse(model, hooks, [b.to(device) for b in batches], data, objective, batch_size, flat)
+                    if rank == 0
+                    else []
+                )
     finally:
         bar.close()
         hooks.remove()
+    for message in notes:
+        warnings.warn(message, IA3FuseWarning, stacklevel=2)
     return SearchResult(
         weights=best.to(torch.float64).clone(),
         names=stack.names,
@@ -518,7 +530,36 @@ def search_weights(
         budget=total,
         stopped=trace.stopped,
         extras=extras,
+        notes=notes,
     )
+
+
+def _collapse(
+    model: Any, hooks: ScaleHooks, batches: Sequence[Batch], data: Any, objective: Any, batch_size: int, flat: Tensor
+) -> list[str]:
+    """With the built-in entropy objective: the tasks whose predictions the found fusion collapsed
+    onto one answer (two more passes over the data: the base model's predictions and the fusion's).
+    A task is a record's ``task`` field, or a ready batch's ``task`` entry; otherwise all examples."""
+    if objective != "entropy":
+        return []
+    records = read_records(data) if isinstance(data, (str, Path)) else list(data)
+    ready = bool(records) and all(
+        isinstance(r, Mapping) and any(isinstance(v, Tensor) for v in r.values()) for r in records
+    )
+    before: dict[str, list[int]] = {}
+    after: dict[str, list[int]] = {}
+    for i, b in enumerate(batches):
+        if ready:
+            names = [str(records[i].get("task", "all"))] * b.size
+        else:
+            names = [str(r.get("task", "all")) for r in records[i * batch_size : i * batch_size + b.size]]
+        for scales, into in ((None, before), (flat, after)):
+            hooks.scales = scales
+            preds = prediction_logits(model, b).argmax(-1).tolist()
+            for name, p in zip(names, preds):
+                into.setdefault(name, []).append(int(p))
+    hooks.scales = None
+    return collapse_notes(before, after)
 
 
 @contextlib.contextmanager
@@ -710,10 +751,11 @@ def _search_auto(
                     ]
                 )
                 initial_value = run.value("holdout", uniform)
+                collapsed = _collapse(model, hooks, [b.to(device) for b in batches], data, objective, batch_size, flat)
     finally:
         bar.close()
         hooks.remove()
-    notes = []
+    notes = list(collapsed)
     ranked = sorted(finals, key=lambda c: c.selection)
     if len(ranked) >= 2:
         message = separation_warning(ranked[0], ranked[1])
