@@ -452,3 +452,16 @@ def test_search_problem_refuses_bad_split_and_counts(prepared: tuple[CausalSuite
         suite.search_problem("val", n + 1, seed=0)
     with pytest.raises(IA3FuseError, match="not prepared; call prepare"):
         CausalSuite().search_problem("val", 4, seed=0)
+
+
+def test_search_accuracy_scores_a_batch_as_the_split_is_scored(prepared: tuple[CausalSuite, Path]) -> None:
+    """The held-out metric of method='auto': exact match of greedy decoding, as `evaluate` scores a
+    split. Over every val example of a task it equals `evaluate` on that task's val split."""
+    suite, _ = prepared
+    model = suite.base_model()
+    for task in TASK_NAMES[:2]:
+        n = len(suite.examples(task, "val"))
+        batches, _ = suite.search_problem("val", n, seed=0)
+        own = [b for b in batches if b["task"] == task]
+        total = sum(suite.search_accuracy(model, b) * len(b["examples"]) for b in own) / n
+        assert total == pytest.approx(suite.evaluate(model, task, "val"))

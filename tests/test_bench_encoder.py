@@ -346,3 +346,15 @@ def test_search_problem_refuses_bad_split_and_counts(suite: enc.EncoderSuite) ->
         suite.search_problem("val", n + 1, seed=0)
     with pytest.raises(IA3FuseError, match=r"not prepared; call prepare\("):
         enc.EncoderSuite().search_problem("val", 4, seed=0)
+
+
+def test_search_accuracy_scores_a_batch_as_the_split_is_scored(suite: enc.EncoderSuite) -> None:
+    """The held-out metric of method='auto': the zero-shot head's accuracy, as `evaluate` scores
+    a split. Over every val example of a task it equals `evaluate` on that task's val split."""
+    model = suite.base_model()
+    task = suite.tasks[0]
+    n = len(suite._data[task]["val"])
+    batches, _ = suite.search_problem("val", n, seed=0)
+    own = [b for b in batches if b["task"] == task]
+    total = sum(suite.search_accuracy(model, b) * len(b["examples"]) for b in own) / n
+    assert total == pytest.approx(suite.evaluate(model, task, "val"))

@@ -125,7 +125,7 @@ def run_search_rows(
                 adapters,
                 batches,
                 objective=objectives["loss"],
-                metric=objectives["accuracy"],
+                metric=getattr(suite, "search_accuracy", None) or objectives["accuracy"],  # TEMP: running benchmark
                 method="auto",
                 methods=methods,
                 granularity="layer",

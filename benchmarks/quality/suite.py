@@ -77,13 +77,15 @@ class Suite(Protocol):
         """Few-shot data for a weight search: ``per_task`` examples of every task from ``split``
         (a deterministic pick from ``seed``), as ready batches, and the objectives by name:
         ``"loss"`` (mean training loss on the labeled examples, the loss the suite's adapters were
-        trained with) and ``"entropy"`` (mean prediction entropy, labels unused, as AdaMerging),
-        plus ``"accuracy"``: a float in [0, 1] scored as the test split is (not differentiable:
-        the automatic search's ``metric`` on its held-out examples).
+        trained with) and ``"entropy"`` (mean prediction entropy, labels unused, as AdaMerging).
 
         Each batch holds the examples of one task; the objectives take the suite's base model
         (as `ia3fuse.search.search_weights` hooks it) or a PeftModel around it.
         """
+
+    def search_accuracy(self, model: nn.Module, inputs: dict[str, Any]) -> float:
+        """Accuracy in [0, 1] on one `search_problem` batch, scored as the test split is (the
+        held-out metric of ``method="auto"``; not differentiable)."""
 
 
 # ---------------------------------------------------------------------------------------------

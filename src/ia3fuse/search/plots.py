@@ -21,6 +21,18 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str) -> Path:
+    """Labels, grid and legend of a line or scatter plot; write it and close the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_weights(result: Any, path: Path) -> Path:
     """Heatmap of ``result.weights``: adapters (rows) x groups of modules (columns)."""
     plt = _pyplot()
@@ -64,14 +76,7 @@ def plot_objective(
             best = min(best, h["objective"])
             ys.append(best)
         ax.plot(xs, ys, label=label, drawstyle="steps-post")
-    ax.set_xlabel("forward passes")
-    ax.set_ylabel(f"best {objective} so far")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, path, "forward passes", f"best {objective} so far")
 
 
 def plot_candidates(
@@ -94,11 +99,11 @@ def plot_candidates(
         ax.scatter(
             [chosen["selection"]], [chosen["heldout"]], s=220, facecolors="none", edgecolors="red", label="chosen"
         )
-    ax.set_xlabel(f"selection {objective} (fit + val for the screen, val for trained)")
-    ax.set_ylabel(f"held-out {objective}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(
+        plt,
+        fig,
+        ax,
+        path,
+        f"selection {objective} (fit + val for the screen, val for trained)",
+        f"held-out {objective}",
+    )

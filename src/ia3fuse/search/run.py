@@ -410,18 +410,7 @@ def search_weights(
             f"method {method!r} has no differentiable form for weight search; pass one of {', '.join(formed_methods())}"
         )
     obj_name, obj_fn = resolve_objective(objective)
-    if type(model).__name__ == "PeftModel" or hasattr(model, "peft_config"):
-        raise IA3FuseError(
-            f"the model is a {type(model).__name__}; pass the base model (peft_model.get_base_model() with the adapters "
-            "unloaded, or the model loaded without PEFT): the search injects the adapters itself"
-        )
-    loaded = as_adapters(adapters, allow_pickle=allow_pickle)
-    if not loaded:
-        raise IncompatibleAdaptersError("no adapters given; pass at least one adapter")
-    # Heads (modules_to_save) first: scoring candidates with the wrong head would waste the budget.
-    trained = trained_modules(model, loaded, extras)
-    device = model_device(model)
-    stack = TaskStack(loaded, device=device)
+    loaded, trained, device, stack = _inputs(model, adapters, allow_pickle, extras)
     batches = make_batches(data, model, tokenizer=tokenizer, batch_size=batch_size, need_labels=objective == "loss")
     cost = len(batches)
     total = budget if budget is not None else 100 * cost
@@ -587,12 +576,22 @@ def _prepared(model: Any, trained: Mapping[str, tuple[Tensor, Tensor]]) -> Itera
             m.training = mode
 
 
-def _check_base(model: Any) -> None:
+def _inputs(
+    model: Any, adapters: Any, allow_pickle: bool, extras: Extras
+) -> tuple[list[IA3Adapter], dict[str, tuple[Tensor, Tensor]], Any, TaskStack]:
+    """The adapters, the heads they bring (checked first: scoring candidates with the wrong head
+    would waste the budget), the model's device and the stack, for a search on ``model``."""
     if type(model).__name__ == "PeftModel" or hasattr(model, "peft_config"):
         raise IA3FuseError(
             f"the model is a {type(model).__name__}; pass the base model (peft_model.get_base_model() with the adapters "
             "unloaded, or the model loaded without PEFT): the search injects the adapters itself"
         )
+    loaded = as_adapters(adapters, allow_pickle=allow_pickle)
+    if not loaded:
+        raise IncompatibleAdaptersError("no adapters given; pass at least one adapter")
+    trained = trained_modules(model, loaded, extras)
+    device = model_device(model)
+    return loaded, trained, device, TaskStack(loaded, device=device)
 
 
 def _search_auto(
@@ -650,13 +649,7 @@ def _search_auto(
                 f"method {m!r} has no differentiable form for weight search; pass methods from {', '.join(formed_methods())}"
             )
     obj_name, obj_fn = resolve_objective(objective)
-    _check_base(model)
-    loaded = as_adapters(adapters, allow_pickle=allow_pickle)
-    if not loaded:
-        raise IncompatibleAdaptersError("no adapters given; pass at least one adapter")
-    trained = trained_modules(model, loaded, extras)
-    device = model_device(model)
-    stack = TaskStack(loaded, device=device)
+    loaded, trained, device, stack = _inputs(model, adapters, allow_pickle, extras)
     need_labels = obj_name == "loss"
     batches = make_batches(data, model, tokenizer=tokenizer, batch_size=batch_size, need_labels=need_labels)
     total = budget if budget is not None else 100 * len(batches)
