@@ -274,6 +274,9 @@ def test_bad_arguments(problem: Any, kwargs: dict[str, Any], message: str) -> No
     with pytest.raises((InvalidParameterError, ia3fuse.UnknownMethodError)) as info:
         search_weights(base, dirs, records, tokenizer=tok, method="auto", **args)
     assert message in str(info.value)
+    # refused before anything touched the model: no hook left on it, nothing frozen
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in base.modules())
+    assert all(p.requires_grad for p in base.parameters())
 
 
 @pytest.mark.slow

@@ -673,6 +673,25 @@ def _search_auto(
     candidates = auto_candidates(k, methods)
     screen_evals = 6
     top = min(3, len(candidates))
+    rows = {part: sum(b.size for b in bs) for part, bs in splits.items()}
+
+    def cost(part: str) -> float:  # as AutoRun counts: a pass over part of a batch is that part of a pass
+        return rows[part] / pass_rows
+
+    step = cost("fit") + cost("val")
+    screen_cost = len(candidates) * screen_evals * step
+    hold_cost = (len(candidates) + top + 2) * cost("holdout") * (2 if metric is not None else 1)
+    left = total - screen_cost - hold_cost - (top + 1) * cost("val")
+    layer_share = 0.35 if granularity == "layer" else 0.0
+    task_steps = int(left * (1 - layer_share) / top / step)
+    layer_steps = int(left * layer_share / step)
+    if task_steps < 3 or (granularity == "layer" and layer_steps < 3):
+        need = screen_cost + hold_cost + (top + 1) * cost("val") + step * (3 * top + (3 if layer_share else 0))
+        need = need / (1 - layer_share) if layer_share else need
+        raise InvalidParameterError(
+            f"budget={total} forward passes is too small for method='auto' ({len(candidates)} candidates to screen, "
+            f"{top} to train); pass a budget >= {math.ceil(need)}"
+        )
     hooks = ScaleHooks(model, stack.segments)
     from tqdm.auto import tqdm
 
@@ -699,20 +718,6 @@ def _search_auto(
         methods=methods,
         on_step=on_step,
     )
-    step = run.cost("fit") + run.cost("val")
-    screen_cost = len(candidates) * screen_evals * step
-    hold_cost = (len(candidates) + top + 2) * run.cost("holdout") * (2 if metric is not None else 1)
-    left = total - screen_cost - hold_cost - (top + 1) * run.cost("val")
-    layer_share = 0.35 if granularity == "layer" else 0.0
-    task_steps = int(left * (1 - layer_share) / top / step)
-    layer_steps = int(left * layer_share / step)
-    if task_steps < 3 or (granularity == "layer" and layer_steps < 3):
-        need = screen_cost + hold_cost + (top + 1) * run.cost("val") + step * (3 * top + (3 if layer_share else 0))
-        need = need / (1 - layer_share) if layer_share else need
-        raise InvalidParameterError(
-            f"budget={total} forward passes is too small for method='auto' ({len(candidates)} candidates to screen, "
-            f"{top} to train); pass a budget >= {math.ceil(need)}"
-        )
     try:
         with _prepared(model, trained):
             screened = run.screen(screen_evals)
