@@ -375,6 +375,34 @@ def test_collapse_is_measured_per_task_before_and_after(problem: Any, monkeypatc
     assert all("12 of 12 predictions are the same answer after the search (at most " in n for n in notes)
 
 
+def test_a_user_entropy_objective_is_checked_through_predict(problem: Any) -> None:
+    """A user objective cannot show its predictions: ``predict=`` gives them (one answer per
+    example, any hashable: a benchmark suite's decoded strings); without it there is no check."""
+    from ia3fuse.scaling import ScaleHooks, TaskStack
+    from ia3fuse.search import run
+    from ia3fuse.search.data import make_batches
+
+    base, tok, dirs, records, _, _ = problem
+    stack = TaskStack([ia3fuse.load_adapter(d) for d in dirs])
+    batches = make_batches(records, base, tokenizer=tok, batch_size=8, need_labels=False)
+    hooks = ScaleHooks(base, stack.segments)
+
+    def entropy(model: Any, inputs: Any) -> torch.Tensor:  # a user objective, named as the built-in one
+        raise AssertionError("the check does not call the objective")
+
+    def predict(model: Any, inputs: dict[str, Any]) -> list[str]:
+        n = inputs["input_ids"].shape[0]
+        return ["same"] * n if hooks.scales is not None else [f"answer {i % 3}" for i in range(n)]
+
+    flat = torch.ones(stack.vectors.shape[1])
+    try:
+        notes = run._collapse(base, hooks, batches, records, entropy, 8, flat, predict)
+        assert run._collapse(base, hooks, batches, records, entropy, 8, flat) == []  # no predictions: no check
+    finally:
+        hooks.remove()
+    assert len(notes) == 2 and all("12 of 12 predictions are the same answer" in n for n in notes)
+
+
 @contextlib.contextmanager
 def warnings_kept() -> Iterator[list[Any]]:
     with warnings.catch_warnings(record=True) as caught:

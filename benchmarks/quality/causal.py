@@ -731,14 +731,17 @@ class CausalSuite:
 
         return batches, {"loss": loss, "entropy": entropy}
 
-    def search_accuracy(self, model: nn.Module, inputs: dict[str, Any]) -> float:
-        """Exact match of greedy decoding on a `search_problem` batch's examples, as the test split
-        is scored (the held-out metric of ``method="auto"``)."""
+    def search_predictions(self, model: nn.Module, inputs: dict[str, Any]) -> list[str]:
+        """Greedy answers to the prompts of a `search_problem` batch, decoded as `evaluate` decodes."""
         pairs = inputs["examples"]
         longest = max(len(self._tok.encode(a)) for _, a in pairs)
         with torch.no_grad():
-            predictions = self.predict(model, [p for p, _ in pairs], max_new_tokens=longest + 1)
-        return exact_match(predictions, [a for _, a in pairs])
+            return self.predict(model, [p for p, _ in pairs], max_new_tokens=longest + 1)
+
+    def search_accuracy(self, model: nn.Module, inputs: dict[str, Any]) -> float:
+        """Exact match of greedy decoding on a `search_problem` batch's examples, as the test split
+        is scored (the held-out metric of ``method="auto"``)."""
+        return exact_match(self.search_predictions(model, inputs), [a for _, a in inputs["examples"]])
 
     # -- helpers beyond the protocol ----------------------------------------------------
 

@@ -1096,12 +1096,16 @@ class EncoderSuite:
 
         return batches, {"loss": loss, "entropy": entropy}
 
+    def search_predictions(self, model: nn.Module, inputs: dict[str, Any]) -> list[int]:
+        """The zero-shot head's label index for each example of a `search_problem` batch."""
+        with torch.no_grad():
+            return _search_logits(model, inputs, 1.0).argmax(-1).tolist()  # the temperature does not move the argmax
+
     def search_accuracy(self, model: nn.Module, inputs: dict[str, Any]) -> float:
         """Share of a `search_problem` batch's examples the zero-shot head labels right, as the
         test split is scored (the held-out metric of ``method="auto"``)."""
-        with torch.no_grad():
-            pred = _search_logits(model, inputs, 1.0).argmax(-1)  # the temperature does not move the argmax
-        return float((pred == inputs["labels"].to(pred.device)).float().mean())
+        gold = inputs["labels"].tolist()
+        return sum(p == g for p, g in zip(self.search_predictions(model, inputs), gold)) / len(gold)
 
     # --- helpers ---
 

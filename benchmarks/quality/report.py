@@ -89,9 +89,21 @@ def _search_markdown(result: dict[str, Any]) -> str:
             f"Adam (layer-wise, loss) reached CMA-ES's best final loss ({summary['cma_best_final_loss']:.4f}) after "
             f"{reach} forward passes; CMA-ES used {summary['cma_forwards']} ({summary['cma_forwards'] / reach:.1f}x more)."
         )
+    collapsed = [
+        f"- {label}: {note}\n"
+        for label, run in summary["runs"].items()
+        if "chosen" not in run
+        for note in run.get("notes", [])
+    ]
+    checks = "\nCollapse check of the entropy run (per task, the suite's answers before and after):\n\n" + (
+        "".join(collapsed) if collapsed else "- no task collapsed onto one answer\n"
+    )
+    entropy_runs = [label for label in summary["runs"] if "(entropy)" in label]
     return (
         f"\n### Weight search ({summary['per_task']} {summary['split']} examples per task, {summary['batches']} batches, "
-        f"budget {summary['budget']} forward passes per run)\n\n{table}\n\n{verdict}\n" + _auto_markdown(summary)
+        f"budget {summary['budget']} forward passes per run)\n\n{table}\n\n{verdict}\n"
+        + (checks if entropy_runs and any("notes" in summary["runs"][r] for r in entropy_runs) else "")
+        + _auto_markdown(summary)
     )
 
 

@@ -83,6 +83,10 @@ class Suite(Protocol):
         (as `ia3fuse.search.search_weights` hooks it) or a PeftModel around it.
         """
 
+    def search_predictions(self, model: nn.Module, inputs: dict[str, Any]) -> list[Any]:
+        """One answer per example of a `search_problem` batch (a label index, a decoded string):
+        what the entropy search's collapse check compares before and after."""
+
     def search_accuracy(self, model: nn.Module, inputs: dict[str, Any]) -> float:
         """Accuracy in [0, 1] on one `search_problem` batch, scored as the test split is (the
         held-out metric of ``method="auto"``; not differentiable)."""

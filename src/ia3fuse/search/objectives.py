@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -88,7 +88,9 @@ def resolve_objective(objective: Union[str, Callable[..., Tensor]]) -> tuple[str
     )
 
 
-def collapse_notes(before: dict[str, list[int]], after: dict[str, list[int]], *, share: float = 0.9) -> list[str]:
+def collapse_notes(
+    before: Mapping[str, Sequence[Any]], after: Mapping[str, Sequence[Any]], *, share: float = 0.9
+) -> list[str]:
     """Groups (tasks) whose predictions collapsed onto one answer: after the search, one answer
     takes at least ``share`` of the group's predictions where before (the base model) none did.
     Minimising entropy rewards confident predictions, and predicting one class for every input is
@@ -102,11 +104,11 @@ def collapse_notes(before: dict[str, list[int]], after: dict[str, list[int]], *,
         ["task 't': 4 of 4 predictions are the same answer after the search (at most 2 of 4 before)..."]
     """
     notes = []
-    for group, preds in after.items():
+    for group, answers in after.items():
+        preds, old = list(answers), list(before.get(group, []))
         if len(preds) < 3:
             continue
         top = max(preds.count(p) for p in set(preds))
-        old = before.get(group, [])
         old_top = max((old.count(p) for p in set(old)), default=0)
         if top >= share * len(preds) and old_top < share * len(old):
             notes.append(

@@ -315,6 +315,7 @@ def search_weights(
     metric: Optional[Callable[..., float]] = None,
     holdout: float = 0.25,
     methods: Optional[Sequence[str]] = None,
+    predict: Optional[Callable[[Any, dict[str, Any]], Sequence[Any]]] = None,
     **method_params: Any,
 ) -> SearchResult:
     """Find fusion weights that minimise an objective on a few examples.
@@ -359,6 +360,9 @@ def search_weights(
             methods to consider (default: every searchable one); ``metric``:
             ``callable(model, inputs) -> float`` in [0, 1] (e.g. accuracy) scored on the
             held-out examples next to the objective (default for labeled text: accuracy).
+        predict: ``callable(model, inputs) -> one answer per example``, for the entropy
+            objective's collapse check with a user objective (the built-in one reads its own
+            logits): a task whose answers fall onto one is named in ``result.notes``.
 
     Returns:
         A `SearchResult`; ``result.adapter`` is the fused adapter, ``result.save(dir)`` writes
@@ -399,6 +403,7 @@ def search_weights(
             metric=metric,
             holdout=holdout,
             methods=methods,
+            predict=predict,
         )
     box = _check_args(optimizer, budget, l1, bounds, lr, sigma0)
     if optimizer == "cma" and bounds is None:
@@ -491,7 +496,7 @@ def search_weights(
             with torch.no_grad():
                 final_value = float(mean_objective(False, flat))
                 notes = (
-                    _collapse(model, hooks, [b.to(device) for b in batches], data, objective, batch_size, flat)
+                    _collapse(model, hooks, [b.to(device) for b in batches], data, objective, batch_size, flat, predict)
                     if rank == 0
                     else []
                 )
@@ -524,19 +529,30 @@ def search_weights(
 
 
 def _collapse(
-    model: Any, hooks: ScaleHooks, batches: Sequence[Batch], data: Any, objective: Any, batch_size: int, flat: Tensor
+    model: Any,
+    hooks: ScaleHooks,
+    batches: Sequence[Batch],
+    data: Any,
+    objective: Any,
+    batch_size: int,
+    flat: Tensor,
+    predict: Optional[Callable[[Any, dict[str, Any]], Sequence[Any]]] = None,
 ) -> list[str]:
-    """With the built-in entropy objective: the tasks whose predictions the found fusion collapsed
-    onto one answer (two more passes over the data: the base model's predictions and the fusion's).
-    A task is a record's ``task`` field, or a ready batch's ``task`` entry; otherwise all examples."""
-    if objective != "entropy":
+    """With an entropy objective: the tasks whose predictions the found fusion collapsed onto one
+    answer (two more passes over the data: the base model's predictions and the fusion's).
+
+    Predictions come from ``predict(model, inputs)`` (one answer per example) when given (what a
+    user objective needs), else from the built-in entropy objective's logits (argmax). A task is a
+    record's ``task`` field, or a ready batch's ``task`` entry; otherwise all examples."""
+    name = objective if isinstance(objective, str) else getattr(objective, "__name__", "")
+    if name != "entropy" or (predict is None and objective != "entropy"):
         return []
     records = read_records(data) if isinstance(data, (str, Path)) else list(data)
     ready = bool(records) and all(
         isinstance(r, Mapping) and any(isinstance(v, Tensor) for v in r.values()) for r in records
     )
-    before: dict[str, list[int]] = {}
-    after: dict[str, list[int]] = {}
+    before: dict[str, list[Any]] = {}
+    after: dict[str, list[Any]] = {}
     for i, b in enumerate(batches):
         if ready:
             names = [str(records[i].get("task", "all"))] * b.size
@@ -544,9 +560,10 @@ def _collapse(
             names = [str(r.get("task", "all")) for r in records[i * batch_size : i * batch_size + b.size]]
         for scales, into in ((None, before), (flat, after)):
             hooks.scales = scales
-            preds = prediction_logits(model, b).argmax(-1).tolist()
-            for name, p in zip(names, preds):
-                into.setdefault(name, []).append(int(p))
+            with torch.no_grad():
+                preds = list(predict(model, b.inputs)) if predict else prediction_logits(model, b).argmax(-1).tolist()
+            for task, p in zip(names, preds):
+                into.setdefault(task, []).append(p)
     hooks.scales = None
     return collapse_notes(before, after)
 
@@ -619,6 +636,7 @@ def _search_auto(
     metric: Optional[Callable[..., float]],
     holdout: float,
     methods: Optional[Sequence[str]],
+    predict: Optional[Callable[[Any, dict[str, Any]], Sequence[Any]]],
 ) -> SearchResult:
     """``search_weights(method="auto")``: the stages of `ia3fuse.search.auto` under one budget."""
     from .auto import AutoRun, AutoSearchResult, auto_candidates, default_metric, separation_warning, split_examples
@@ -749,7 +767,9 @@ def _search_auto(
                     ]
                 )
                 initial_value = run.value("holdout", uniform)
-                collapsed = _collapse(model, hooks, [b.to(device) for b in batches], data, objective, batch_size, flat)
+                collapsed = _collapse(
+                    model, hooks, [b.to(device) for b in batches], data, objective, batch_size, flat, predict
+                )
     finally:
         bar.close()
         hooks.remove()
