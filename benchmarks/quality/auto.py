@@ -85,7 +85,7 @@ def run_search_rows(
     for optimizer, granularity, objective in SEARCH_RUNS:
         label = run_label(optimizer, granularity, objective)
         # the entropy run's collapse check reads the suite's own answers (its objective is the suite's)
-        predict = getattr(suite, "search_predictions", None) if objective == "entropy" else None
+        predict = suite.search_predictions if objective == "entropy" else None
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always", IA3FuseWarning)
             result = search_weights(
@@ -110,7 +110,7 @@ def run_search_rows(
             "weights": result.weights.tolist(),
             "groups": result.groups,
             "history": result.history,
-            "notes": list(getattr(result, "notes", [])),  # TEMP: a benchmark started before notes existed
+            "notes": list(result.notes),
         }
         rows.append(
             {
@@ -131,7 +131,7 @@ def run_search_rows(
                 adapters,
                 batches,
                 objective=objectives["loss"],
-                metric=getattr(suite, "search_accuracy", None) or objectives["accuracy"],  # TEMP: running benchmark
+                metric=suite.search_accuracy,
                 method="auto",
                 methods=methods,
                 granularity="layer",
