@@ -366,13 +366,28 @@ def test_collapse_is_measured_per_task_before_and_after(problem: Any, monkeypatc
     monkeypatch.setattr(run, "prediction_logits", stub)
     try:
         flat = torch.ones(stack.vectors.shape[1])
-        notes = run._collapse(base, hooks, batches, records, "entropy", 8, flat)
+        experts = dict(zip(stack.names, stack.vectors))
+        notes = run._collapse(base, hooks, batches, records, "entropy", 8, flat, None, experts)
         assert run._collapse(base, hooks, batches, records, "loss", 8, flat) == []  # entropy only
     finally:
         hooks.remove()
-    assert seen == [True, False] * len(batches)
+    # per batch: the base (hooks off), the fusion, then each adapter alone (which answer as the fusion here)
+    assert seen == [True, False, False, False] * len(batches)
     assert [n.split(":")[0] for n in notes] == ["task 'two'", "task 'one'"]
     assert all("12 of 12 predictions are the same answer after the search (at most " in n for n in notes)
+
+
+def test_agreement_notes_flag_a_task_no_adapter_answers_as_the_fusion_does() -> None:
+    from ia3fuse.search.objectives import agreement_notes
+
+    experts = {"a": {"t": ["x", "y", "z", "w"], "u": [1, 2, 3]}, "b": {"t": ["q", "q", "q", "q"], "u": [1, 2, 0]}}
+    after = {"t": ["x", "q", "k", "k"], "u": [1, 2, 3]}
+    assert agreement_notes(experts, after) == [
+        "task 't': the fusion's answers agree with no single adapter on more than 25% of its 4 examples (closest: a): "
+        "the entropy objective may have made it confident in answers no adapter gives; check it with a few labels, or "
+        "use the loss objective"
+    ]  # u agrees with adapter a on every example
+    assert agreement_notes({}, after) == []
 
 
 def test_a_user_entropy_objective_is_checked_through_predict(problem: Any) -> None:

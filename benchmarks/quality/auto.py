@@ -99,7 +99,7 @@ def run_search_rows(
                 seed=seed,
                 progress=progress,
                 name=label,
-                **({"predict": predict} if predict is not None else {}),
+                predict=predict,
             )
         accuracy = score(result.adapter)
         runs[label] = {
@@ -111,6 +111,7 @@ def run_search_rows(
             "groups": result.groups,
             "history": result.history,
             "notes": list(result.notes),
+            "collapse_checked": predict is not None,
         }
         rows.append(
             {

@@ -89,20 +89,18 @@ def _search_markdown(result: dict[str, Any]) -> str:
             f"Adam (layer-wise, loss) reached CMA-ES's best final loss ({summary['cma_best_final_loss']:.4f}) after "
             f"{reach} forward passes; CMA-ES used {summary['cma_forwards']} ({summary['cma_forwards'] / reach:.1f}x more)."
         )
-    collapsed = [
-        f"- {label}: {note}\n"
-        for label, run in summary["runs"].items()
-        if "chosen" not in run
-        for note in run.get("notes", [])
-    ]
-    checks = "\nCollapse check of the entropy run (per task, the suite's answers before and after):\n\n" + (
-        "".join(collapsed) if collapsed else "- no task collapsed onto one answer\n"
+    checked = [label for label, run in summary["runs"].items() if run.get("collapse_checked")]
+    flagged = [f"- {label}: {note}\n" for label in checked for note in summary["runs"][label]["notes"]]
+    checks = (
+        "\nLabel-free checks of the entropy run (per task, the suite's answers: the base model's and each adapter's "
+        "against the fusion's):\n\n" + ("".join(flagged) or "- no task collapsed or left every adapter\n")
+        if checked
+        else ""
     )
-    entropy_runs = [label for label in summary["runs"] if "(entropy)" in label]
     return (
         f"\n### Weight search ({summary['per_task']} {summary['split']} examples per task, {summary['batches']} batches, "
         f"budget {summary['budget']} forward passes per run)\n\n{table}\n\n{verdict}\n"
-        + (checks if entropy_runs and any("notes" in summary["runs"][r] for r in entropy_runs) else "")
+        + checks
         + _auto_markdown(summary)
     )
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import DataError, InvalidParameterError
 from .data import Batch, model_family
 
-__all__ = ["OBJECTIVES", "resolve_objective", "ObjectiveFn", "prediction_logits", "collapse_notes"]
+__all__ = ["OBJECTIVES", "resolve_objective", "ObjectiveFn", "prediction_logits", "collapse_notes", "agreement_notes"]
 
 ObjectiveFn = Callable[[Any, Batch], Tensor]
 OBJECTIVES = ("loss", "entropy")
@@ -115,5 +115,39 @@ def collapse_notes(
                 f"task {group!r}: {top} of {len(preds)} predictions are the same answer after the search (at most "
                 f"{old_top} of {len(old)} before): the entropy objective may have collapsed this task onto one answer; "
                 "check it with a few labels, or use the loss objective"
+            )
+    return notes
+
+
+def agreement_notes(
+    experts: Mapping[str, Mapping[str, Sequence[Any]]], after: Mapping[str, Sequence[Any]], *, least: float = 0.5
+) -> list[str]:
+    """Groups (tasks) whose answers after the search agree with no single adapter on at least
+    ``least`` of the examples. A fusion is meant to answer a task as the adapter trained for it
+    does; when it agrees with none of them, the entropy objective has made it confident in
+    something else (wrong answers need not be one answer, so `collapse_notes` cannot see this).
+
+    Args:
+        experts: adapter name -> group -> that adapter's answer for each example.
+        after: group -> the fusion's answer for each example.
+
+    Example:
+        >>> agreement_notes({"a": {"t": [1, 2, 3, 4]}, "b": {"t": [4, 3, 2, 1]}}, {"t": [0, 0, 3, 0]})  # doctest: +ELLIPSIS
+        ["task 't': the fusion's answers agree with no single adapter on more than 25% of its 4 examples..."]
+    """
+    notes = []
+    for group, answers in after.items():
+        preds = list(answers)
+        if len(preds) < 3 or not experts:
+            continue
+        rates = {
+            name: sum(p == q for p, q in zip(preds, own.get(group, []))) / len(preds) for name, own in experts.items()
+        }
+        closest = max(rates, key=lambda n: rates[n])
+        if rates[closest] < least:
+            notes.append(
+                f"task {group!r}: the fusion's answers agree with no single adapter on more than {rates[closest]:.0%} of "
+                f"its {len(preds)} examples (closest: {closest}): the entropy objective may have made it confident in "
+                "answers no adapter gives; check it with a few labels, or use the loss objective"
             )
     return notes

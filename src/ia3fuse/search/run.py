@@ -22,7 +22,7 @@ from ..fusion import get_method, join_params
 from .._text import count
 from ..scaling import ScaleHooks, TaskStack
 from .data import Batch, make_batches, read_records
-from .objectives import collapse_notes, prediction_logits, resolve_objective
+from .objectives import agreement_notes, collapse_notes, prediction_logits, resolve_objective
 from .optim import OPTIMIZERS, Trace, run_adam, run_cma
 from .._runtime import model_device
 from ..forms import MethodForm, formed_methods
@@ -496,7 +496,17 @@ def search_weights(
             with torch.no_grad():
                 final_value = float(mean_objective(False, flat))
                 notes = (
-                    _collapse(model, hooks, [b.to(device) for b in batches], data, objective, batch_size, flat, predict)
+                    _collapse(
+                        model,
+                        hooks,
+                        [b.to(device) for b in batches],
+                        data,
+                        objective,
+                        batch_size,
+                        flat,
+                        predict,
+                        dict(zip(stack.names, stack.vectors.to(device, torch.float32))),
+                    )
                     if rank == 0
                     else []
                 )
@@ -537,12 +547,15 @@ def _collapse(
     batch_size: int,
     flat: Tensor,
     predict: Optional[Callable[[Any, dict[str, Any]], Sequence[Any]]] = None,
+    experts: Optional[Mapping[str, Tensor]] = None,
 ) -> list[str]:
-    """With an entropy objective: the tasks whose predictions the found fusion collapsed onto one
-    answer (two more passes over the data: the base model's predictions and the fusion's).
+    """With an entropy objective, what went wrong per task, without labels: answers collapsed onto
+    one (`collapse_notes`: the base model's answers against the fusion's) and answers no adapter
+    gives (`agreement_notes`: each adapter's own answers, ``experts`` name -> flat vector, against
+    the fusion's). Costs one pass over the data per answer set, outside the budget.
 
-    Predictions come from ``predict(model, inputs)`` (one answer per example) when given (what a
-    user objective needs), else from the built-in entropy objective's logits (argmax). A task is a
+    Answers come from ``predict(model, inputs)`` (one per example) when given (what a user
+    objective needs), else from the built-in entropy objective's logits (argmax). A task is a
     record's ``task`` field, or a ready batch's ``task`` entry; otherwise all examples."""
     name = objective if isinstance(objective, str) else getattr(objective, "__name__", "")
     if name != "entropy" or (predict is None and objective != "entropy"):
@@ -551,21 +564,22 @@ def _collapse(
     ready = bool(records) and all(
         isinstance(r, Mapping) and any(isinstance(v, Tensor) for v in r.values()) for r in records
     )
-    before: dict[str, list[Any]] = {}
-    after: dict[str, list[Any]] = {}
+    sets: dict[str, Optional[Tensor]] = {"base": None, "fusion": flat, **(experts or {})}
+    answers: dict[str, dict[str, list[Any]]] = {key: {} for key in sets}
     for i, b in enumerate(batches):
         if ready:
             names = [str(records[i].get("task", "all"))] * b.size
         else:
             names = [str(r.get("task", "all")) for r in records[i * batch_size : i * batch_size + b.size]]
-        for scales, into in ((None, before), (flat, after)):
+        for key, scales in sets.items():
             hooks.scales = scales
             with torch.no_grad():
                 preds = list(predict(model, b.inputs)) if predict else prediction_logits(model, b).argmax(-1).tolist()
             for task, p in zip(names, preds):
-                into.setdefault(task, []).append(p)
+                answers[key].setdefault(task, []).append(p)
     hooks.scales = None
-    return collapse_notes(before, after)
+    own = {key: answers[key] for key in (experts or {})}
+    return collapse_notes(answers["base"], answers["fusion"]) + agreement_notes(own, answers["fusion"])
 
 
 @contextlib.contextmanager
@@ -768,7 +782,15 @@ def _search_auto(
                 )
                 initial_value = run.value("holdout", uniform)
                 collapsed = _collapse(
-                    model, hooks, [b.to(device) for b in batches], data, objective, batch_size, flat, predict
+                    model,
+                    hooks,
+                    [b.to(device) for b in batches],
+                    data,
+                    objective,
+                    batch_size,
+                    flat,
+                    predict,
+                    dict(zip(stack.names, stack.vectors.to(device, torch.float32))),
                 )
     finally:
         bar.close()
