@@ -321,7 +321,7 @@ def test_an_entropy_search_reports_the_tasks_it_collapsed_as_peft_predicts_them(
     from peft import PeftModel
     from transformers import BertForSequenceClassification
 
-    from ia3fuse.search.objectives import collapse_notes
+    from ia3fuse.search.objectives import agreement_notes, collapse_notes
 
     base, tok, dirs, records, _, root = problem
     unlabeled = [{"input": r["input"], "task": r["task"]} for r in records]
@@ -332,13 +332,21 @@ def test_an_entropy_search_reports_the_tasks_it_collapsed_as_peft_predicts_them(
         BertForSequenceClassification.from_pretrained(str(root / "base")), str(tmp_path / "found")
     )
     plain = BertForSequenceClassification.from_pretrained(str(root / "base"))
-    preds: dict[str, dict[str, list[int]]] = {"before": {}, "after": {}}
-    for key, model in (("before", plain), ("after", fused)):
+    alone = {
+        Path(d).name: PeftModel.from_pretrained(
+            BertForSequenceClassification.from_pretrained(str(root / "base")), str(d)
+        )
+        for d in dirs
+    }
+    preds: dict[str, dict[str, list[int]]] = {"before": {}, "after": {}, **{n: {} for n in alone}}
+    for key, model in (("before", plain), ("after", fused), *alone.items()):
         with torch.no_grad():
             logits = model.eval()(**tok([r["input"] for r in records], return_tensors="pt", padding=True)).logits
         for r, p in zip(records, logits.argmax(-1).tolist()):
             preds[key].setdefault(r["task"], []).append(p)
-    want = collapse_notes(preds["before"], preds["after"])
+    want = collapse_notes(preds["before"], preds["after"]) + agreement_notes(
+        {n: preds[n] for n in alone}, preds["after"]
+    )
     assert result.notes == want
     assert [str(w.message) for w in caught if issubclass(w.category, IA3FuseWarning)] == want
 
@@ -366,8 +374,7 @@ def test_collapse_is_measured_per_task_before_and_after(problem: Any, monkeypatc
     monkeypatch.setattr(run, "prediction_logits", stub)
     try:
         flat = torch.ones(stack.vectors.shape[1])
-        experts = dict(zip(stack.names, stack.vectors))
-        notes = run._collapse(base, hooks, batches, records, "entropy", 8, flat, None, experts)
+        notes = run._collapse(base, hooks, batches, records, "entropy", 8, flat, None, stack)
         assert run._collapse(base, hooks, batches, records, "loss", 8, flat) == []  # entropy only
     finally:
         hooks.remove()

@@ -496,17 +496,7 @@ def search_weights(
             with torch.no_grad():
                 final_value = float(mean_objective(False, flat))
                 notes = (
-                    _collapse(
-                        model,
-                        hooks,
-                        [b.to(device) for b in batches],
-                        data,
-                        objective,
-                        batch_size,
-                        flat,
-                        predict,
-                        dict(zip(stack.names, stack.vectors.to(device, torch.float32))),
-                    )
+                    _collapse(model, hooks, batches, data, objective, batch_size, flat, predict, stack)
                     if rank == 0
                     else []
                 )
@@ -547,12 +537,12 @@ def _collapse(
     batch_size: int,
     flat: Tensor,
     predict: Optional[Callable[[Any, dict[str, Any]], Sequence[Any]]] = None,
-    experts: Optional[Mapping[str, Tensor]] = None,
+    stack: Optional[TaskStack] = None,
 ) -> list[str]:
     """With an entropy objective, what went wrong per task, without labels: answers collapsed onto
     one (`collapse_notes`: the base model's answers against the fusion's) and answers no adapter
-    gives (`agreement_notes`: each adapter's own answers, ``experts`` name -> flat vector, against
-    the fusion's). Costs one pass over the data per answer set, outside the budget.
+    gives (`agreement_notes`: each adapter of ``stack`` alone against the fusion). Costs one pass
+    over the data per answer set (base, fusion, each adapter), outside the budget.
 
     Answers come from ``predict(model, inputs)`` (one per example) when given (what a user
     objective needs), else from the built-in entropy objective's logits (argmax). A task is a
@@ -564,9 +554,11 @@ def _collapse(
     ready = bool(records) and all(
         isinstance(r, Mapping) and any(isinstance(v, Tensor) for v in r.values()) for r in records
     )
-    sets: dict[str, Optional[Tensor]] = {"base": None, "fusion": flat, **(experts or {})}
+    experts = {} if stack is None else dict(zip(stack.names, stack.vectors.to(flat.device, torch.float32)))
+    sets: dict[str, Optional[Tensor]] = {"base": None, "fusion": flat, **experts}
     answers: dict[str, dict[str, list[Any]]] = {key: {} for key in sets}
     for i, b in enumerate(batches):
+        b = b.to(flat.device)
         if ready:
             names = [str(records[i].get("task", "all"))] * b.size
         else:
@@ -578,7 +570,7 @@ def _collapse(
             for task, p in zip(names, preds):
                 answers[key].setdefault(task, []).append(p)
     hooks.scales = None
-    own = {key: answers[key] for key in (experts or {})}
+    own = {key: answers[key] for key in experts}
     return collapse_notes(answers["base"], answers["fusion"]) + agreement_notes(own, answers["fusion"])
 
 
@@ -781,17 +773,7 @@ def _search_auto(
                     ]
                 )
                 initial_value = run.value("holdout", uniform)
-                collapsed = _collapse(
-                    model,
-                    hooks,
-                    [b.to(device) for b in batches],
-                    data,
-                    objective,
-                    batch_size,
-                    flat,
-                    predict,
-                    dict(zip(stack.names, stack.vectors.to(device, torch.float32))),
-                )
+                collapsed = _collapse(model, hooks, batches, data, objective, batch_size, flat, predict, stack)
     finally:
         bar.close()
         hooks.remove()
